@@ -1,0 +1,18 @@
+"""Input validation shared by the public functions: clear errors instead of tracebacks from deep in torch."""
+from __future__ import annotations
+
+import torch
+
+
+def as_tensor(value, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def check_finite(value: torch.Tensor, name: str) -> None:
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"{name} contains {bad} NaN or infinite entries")

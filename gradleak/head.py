@@ -1,0 +1,203 @@
+"""The head ``z = W h + b`` of a classifier and what its single-example gradient pins down.
+
+For soft-target cross-entropy the head's weight gradient is ``G = (p - y) h^T``: rank one. We factor it as
+``G = sigma * c v^T`` with unit vectors ``c`` (C,) and ``v`` (d,), and describe every candidate answer by one
+scalar ``t``::
+
+    h(t) = t * sigma * v           p(t) = softmax(t * a + b)    with a = sigma * W v
+    y(t) = p(t) - c / t            (so that (p(t) - y(t)) h(t)^T == G for every t)
+
+With a bias gradient ``t`` is closed form (``p - y = dL/db``); without one it is the single unknown that the
+label's structure has to determine (see :mod:`gradleak.recovery`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ._checks import as_tensor, check_finite
+
+GradientsLike = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class HeadProblem:
+    """The attacker's view of one head gradient, in float64.
+
+    Attributes:
+        weight: ``(C, d)`` head weight W.
+        weight_grad: ``(C, d)`` observed dL/dW.
+        bias: ``(C,)`` head bias or None.
+        bias_grad: ``(C,)`` observed dL/db or None.
+        sigma: largest singular value of ``weight_grad``.
+        c: ``(C,)`` unit left factor (direction of ``p - y``).
+        v: ``(d,)`` unit right factor (direction of ``h``).
+        a: ``(C,)`` ``sigma * W v``: the logits are ``t * a + b``.
+        rank_one_ratio: ``||G - sigma c v^T||_F / ||G||_F``; float rounding gives ~1e-7 (float32), a batch O(1).
+        row_sum_error: ``|sum_i c_i|``; Theorem 1 makes it 0 when the label sums to one.
+        dtype: dtype of the observed gradient (results are returned in it).
+    """
+
+    weight: torch.Tensor
+    weight_grad: torch.Tensor
+    bias: Optional[torch.Tensor]
+    bias_grad: Optional[torch.Tensor]
+    sigma: float
+    c: torch.Tensor
+    v: torch.Tensor
+    a: torch.Tensor
+    rank_one_ratio: float
+    row_sum_error: float
+    dtype: torch.dtype
+
+    @property
+    def num_classes(self) -> int:
+        return self.c.shape[0]
+
+    @property
+    def t_min(self) -> float:
+        """Smallest admissible ``|t|``: ``|p_i - y_i| <= 1`` and ``sum_i |p_i - y_i| <= 2``."""
+        return float(max(self.c.abs().max(), self.c.abs().sum() / 2))
+
+    def logits(self, t: torch.Tensor) -> torch.Tensor:
+        """Candidate logits ``(..., C)`` for scalars ``t`` of shape ``(...)``."""
+        z = t.unsqueeze(-1) * self.a
+        return z if self.bias is None else z + self.bias
+
+    def label(self, t: torch.Tensor) -> torch.Tensor:
+        """Candidate labels ``y(t)``, shape ``(..., C)``; each sums to one (Theorem 1)."""
+        return torch.softmax(self.logits(t), dim=-1) - self.c / t.unsqueeze(-1)
+
+    def feature(self, t: torch.Tensor) -> torch.Tensor:
+        """Candidate head inputs ``h(t)``, shape ``(..., d)``."""
+        return t.unsqueeze(-1) * self.sigma * self.v
+
+    def closed_form_t(self) -> Optional[float]:
+        """``t`` from the bias gradient (``p - y = dL/db = c / t``), or None without one."""
+        if self.bias_grad is None:
+            return None
+        mu = float(self.c @ self.bias_grad)
+        if mu == 0.0:
+            raise ValueError("bias_grad is orthogonal to the weight gradient: the gradients are inconsistent")
+        return 1.0 / mu
+
+
+def factor_head(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                bias_grad: Optional[torch.Tensor] = None, *, rank_one_tol: Optional[float] = 1e-2) -> HeadProblem:
+    """Validate one head gradient and factor it as ``sigma * c v^T`` (float64).
+
+    Args:
+        weight_grad: ``(C, d)`` dL/dW of one example.
+        weight: ``(C, d)`` W.
+        bias, bias_grad: ``(C,)`` each, or None (a bias-free head).
+        rank_one_tol: raise if ``rank_one_ratio`` exceeds it (a batch passed as one example);
+            None disables the check (e.g. for gradients with added noise).
+    """
+    weight_grad = as_tensor(weight_grad, "weight_grad")
+    weight = as_tensor(weight, "weight")
+    if weight_grad.dim() != 2:
+        raise ValueError(f"weight_grad must be a (C, d) matrix, got shape {tuple(weight_grad.shape)}")
+    if weight.shape != weight_grad.shape:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but weight_grad has {tuple(weight_grad.shape)}")
+    num_classes = weight.shape[0]
+    if num_classes < 2:
+        raise ValueError(f"the head must have at least 2 classes, got {num_classes}")
+    for name, value in (("bias", bias), ("bias_grad", bias_grad)):
+        if value is not None:
+            as_tensor(value, name)
+            if value.shape != (num_classes,):
+                raise ValueError(f"{name} must have shape ({num_classes},), got {tuple(value.shape)}")
+    if bias_grad is not None and bias is None:
+        raise ValueError("bias_grad was given without bias: pass the head's bias too")
+    for name, value in (("weight_grad", weight_grad), ("weight", weight), ("bias", bias), ("bias_grad", bias_grad)):
+        if value is not None:
+            check_finite(value, name)
+    dtype = weight_grad.dtype
+    grad = weight_grad.detach().to(torch.float64)
+    norm = float(torch.linalg.matrix_norm(grad))
+    if norm == 0.0:
+        raise ValueError("weight_grad is all zeros: the example's loss gradient vanished, nothing to recover")
+    # Power iteration from the largest row: G is rank one up to rounding, so two steps reach the top pair.
+    v = grad[grad.norm(dim=1).argmax()]
+    for _ in range(2):
+        c = grad @ (v / v.norm())
+        v = grad.T @ (c / c.norm())
+    sigma = float(v.norm())
+    v = v / sigma
+    c = grad @ v / sigma
+    c = c / c.norm()
+    residual = torch.linalg.matrix_norm(grad - sigma * torch.outer(c, v))
+    rank_one_ratio = float(residual) / norm
+    if rank_one_tol is not None and rank_one_ratio > rank_one_tol:
+        raise ValueError(
+            f"weight_grad is not rank one (relative residual {rank_one_ratio:.3g} > {rank_one_tol:g}): "
+            "it looks like the gradient of a batch, not of one example")
+    w64 = weight.detach().to(torch.float64)
+    a = sigma * (w64 @ v)
+    return HeadProblem(
+        weight=w64, weight_grad=grad,
+        bias=None if bias is None else bias.detach().to(torch.float64),
+        bias_grad=None if bias_grad is None else bias_grad.detach().to(torch.float64),
+        sigma=sigma, c=c, v=v, a=a, rank_one_ratio=rank_one_ratio,
+        row_sum_error=float(c.sum().abs()), dtype=dtype)
+
+
+def find_head(model: nn.Module, head: Union[str, nn.Linear, None] = None) -> Tuple[str, nn.Linear]:
+    """The classifier head: ``head`` if given (a module name or the module), else the last ``nn.Linear``.
+
+    Returns ``(qualified module name, module)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    modules = dict(model.named_modules())
+    if isinstance(head, str):
+        if head not in modules:
+            raise ValueError(f"model has no module named {head!r}")
+        found = [(head, modules[head])]
+    elif isinstance(head, nn.Module):
+        found = [(name, m) for name, m in modules.items() if m is head]
+        if not found:
+            raise ValueError("the given head module is not part of the model")
+    else:
+        found = [(name, m) for name, m in modules.items() if isinstance(m, nn.Linear)][-1:]
+        if not found:
+            raise TypeError(f"{type(model).__name__} has no nn.Linear layer: gradleak needs a fully connected head")
+    name, module = found[0]
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"the head {name!r} is a {type(module).__name__}, not an nn.Linear")
+    return name, module
+
+
+def head_gradients(model: nn.Module, gradients: GradientsLike, head: Union[str, nn.Linear, None] = None
+                   ) -> Dict[str, Optional[torch.Tensor]]:
+    """Pick the head's parameters and their gradients out of a model's gradients.
+
+    Args:
+        gradients: ``{parameter name: gradient}`` or a sequence aligned with ``model.parameters()``.
+
+    Returns:
+        ``dict(weight=, weight_grad=, bias=, bias_grad=)`` (bias entries None for a bias-free head).
+    """
+    name, module = find_head(model, head)
+    params = dict(model.named_parameters())
+    if isinstance(gradients, Mapping):
+        named = dict(gradients)
+    elif isinstance(gradients, Sequence) and not isinstance(gradients, torch.Tensor):
+        names = list(params)
+        if len(gradients) != len(names):
+            raise ValueError(f"got {len(gradients)} gradients for a model with {len(names)} parameters")
+        named = dict(zip(names, gradients))
+    else:
+        raise TypeError("gradients must be a dict name -> tensor or a sequence aligned with model.parameters()")
+    prefix = f"{name}." if name else ""
+    if prefix + "weight" not in named:
+        raise ValueError(f"gradients have no entry for the head weight {prefix + 'weight'!r}")
+    has_bias = module.bias is not None
+    bias_grad = named.get(prefix + "bias") if has_bias else None
+    if has_bias and bias_grad is None:
+        raise ValueError(f"the head has a bias but gradients have no entry {prefix + 'bias'!r}")
+    return dict(weight=module.weight, weight_grad=named[prefix + "weight"],
+                bias=module.bias if has_bias else None, bias_grad=bias_grad)
