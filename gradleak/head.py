@@ -12,6 +12,7 @@ label's structure has to determine (see :mod:`gradleak.recovery`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -117,20 +118,20 @@ def factor_head(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optional[
             check_finite(value, name)
     dtype = weight_grad.dtype
     grad = weight_grad.detach().to(torch.float64)
-    norm = float(torch.linalg.matrix_norm(grad))
+    norm = float(torch.linalg.vector_norm(grad))
     if norm == 0.0:
         raise ValueError("weight_grad is all zeros: the example's loss gradient vanished, nothing to recover")
     # Power iteration from the largest row: G is rank one up to rounding, so two steps reach the top pair.
-    v = grad[grad.norm(dim=1).argmax()]
+    v = grad[torch.linalg.vector_norm(grad, dim=1).argmax()]
     for _ in range(2):
-        c = grad @ (v / v.norm())
-        v = grad.T @ (c / c.norm())
-    sigma = float(v.norm())
-    v = v / sigma
-    c = grad @ v / sigma
-    c = c / c.norm()
-    residual = torch.linalg.matrix_norm(grad - sigma * torch.outer(c, v))
-    rank_one_ratio = float(residual) / norm
+        c = grad @ (v / torch.linalg.vector_norm(v))
+        v = c @ grad
+    v = v / torch.linalg.vector_norm(v)
+    c = grad @ v
+    sigma = float(torch.linalg.vector_norm(c))
+    c = c / sigma
+    # ||G - sigma c v^T||^2 = ||G||^2 - sigma^2 because sigma c = G v with v a unit vector.
+    rank_one_ratio = math.sqrt(max(1.0 - (sigma / norm) ** 2, 0.0))
     if rank_one_tol is not None and rank_one_ratio > rank_one_tol:
         raise ValueError(
             f"weight_grad is not rank one (relative residual {rank_one_ratio:.3g} > {rank_one_tol:g}): "

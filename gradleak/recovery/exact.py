@@ -15,7 +15,7 @@ import torch
 
 from ..head import HeadProblem
 from .base import SearchOutcome, register_search
-from .structure import STRUCTURES, FORMAT_STRUCTURES, Structure, gauss_newton, residuals_of_labels
+from .structure import FORMAT_STRUCTURES, STRUCTURES, Structure, gauss_newton, grid_residuals
 
 
 @dataclass(frozen=True)
@@ -49,21 +49,18 @@ def _grid_minima(r: torch.Tensor, max_starts: int) -> torch.Tensor:
     return torch.cat(starts)
 
 
-def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points_per_decade: int = 48,
-                decades: float = 9.0, max_starts: int = 4, refine_steps: int = 30) -> Dict[str, Minima]:
+def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points_per_decade: int = 32,
+                decades: float = 8.0, max_starts: int = 4, refine_steps: int = 30) -> Dict[str, Minima]:
     """Every refined local minimum of each hypothesis' residual, with duplicates merged.
 
     Cost: one ``(2 * points_per_decade * decades, C)`` softmax, then ``refine_steps`` Gauss-Newton steps on at
     most ``2 * max_starts * len(structures)`` candidates at once.
     """
     grid = log_grid(problem, points_per_decade, decades)
-    labels = problem.label(grid)
+    curves = grid_residuals(problem, grid, tuple(structures))
     start_t, start_structure = [], []
-    for index, structure in enumerate(structures):
-        free = torch.full_like(grid, structure.free_entries, dtype=torch.long)
-        offset = torch.full_like(grid, structure.offset_free, dtype=torch.bool)
-        r = residuals_of_labels(problem, grid, labels, free, offset)
-        chosen = _grid_minima(r, max_starts)
+    for index in range(len(structures)):
+        chosen = _grid_minima(curves[:, index], max_starts)
         start_t.append(grid[chosen])
         start_structure.append(torch.full_like(chosen, index))
     t0 = torch.cat(start_t)
@@ -85,7 +82,7 @@ def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points
 
 
 @register_search("exact")
-def exact_search(problem: HeadProblem, label_format: str, *, points_per_decade: int = 48, decades: float = 9.0,
+def exact_search(problem: HeadProblem, label_format: str, *, points_per_decade: int = 32, decades: float = 8.0,
                  max_starts: int = 4, refine_steps: int = 30) -> SearchOutcome:
     """The best refined minimum over the hypotheses of ``label_format``; ``info["minima"]`` holds them all."""
     structures = [STRUCTURES[name] for name in FORMAT_STRUCTURES[label_format]]

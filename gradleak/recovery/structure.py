@@ -50,6 +50,32 @@ FORMAT_STRUCTURES: Dict[str, Tuple[str, ...]] = {
 }
 
 
+def grid_residuals(problem: HeadProblem, t: torch.Tensor, structures: Tuple[Structure, ...]) -> torch.Tensor:
+    """Residuals ``(K, len(structures))`` of many candidates ``t`` (K,) at once, for locating basins.
+
+    One pass over the ``(K, C)`` softmax: the largest entries are zeroed in place and the centring uses sums,
+    which loses precision for residuals far below 1e-8; refinement uses :func:`residuals`, which does not.
+    """
+    error = t.unsqueeze(-1) * torch.softmax(problem.logits(t), dim=-1) - problem.c
+    # positions of the largest entries of y = error / t
+    top_index = (error * t.sign().unsqueeze(-1)).topk(2, dim=-1).indices
+    top_c = problem.c[top_index]
+    sums = {}
+    for m in (1, 2):
+        error.scatter_(-1, top_index[:, m - 1:m], 0.0)
+        c_kept_sq = 1.0 - top_c[:, :m].square().sum(-1)
+        sums[m] = (error.sum(-1), error.square().sum(-1), problem.c.sum() - top_c[:, :m].sum(-1), c_kept_sq)
+    out = []
+    for structure in structures:
+        total, total_sq, c_total, c_total_sq = sums[structure.free_entries]
+        if structure.offset_free:
+            size = problem.num_classes - structure.free_entries
+            total_sq = total_sq - total.square() / size
+            c_total_sq = c_total_sq - c_total.square() / size
+        out.append((total_sq.clamp_min(0) / c_total_sq.clamp_min(torch.finfo(t.dtype).tiny)).sqrt())
+    return torch.stack(out, dim=-1)
+
+
 def structured_mask(y: torch.Tensor, free_entries: torch.Tensor) -> torch.Tensor:
     """Boolean ``(K, C)`` mask of the structured entries: all but the ``free_entries[k]`` largest of ``y[k]``."""
     top2 = y.topk(2, dim=-1).indices
@@ -114,7 +140,8 @@ def gauss_newton(problem: HeadProblem, t: torch.Tensor, free_entries: torch.Tens
         better = r_trial < r
         t = torch.where(better, trial, t)
         r = torch.where(better, r_trial, r)
+        settled = (~better & (step_scale < 0.1)) | (step.abs() <= 1e-15 * t.abs())
         step_scale = torch.where(better, torch.ones_like(step_scale), step_scale * 0.25)
-        if bool((step_scale < 1e-12).all()):
+        if bool(settled.all()):
             break
     return t, r
