@@ -172,6 +172,18 @@ def find_head(model: nn.Module, head: Union[str, nn.Linear, None] = None) -> Tup
     return name, module
 
 
+def named_gradients(model: nn.Module, gradients: GradientsLike) -> Dict[str, torch.Tensor]:
+    """``{parameter name: gradient}`` from a dict or a sequence aligned with ``model.parameters()``."""
+    if isinstance(gradients, Mapping):
+        return dict(gradients)
+    if isinstance(gradients, Sequence) and not isinstance(gradients, torch.Tensor):
+        names = [name for name, _ in model.named_parameters()]
+        if len(gradients) != len(names):
+            raise ValueError(f"got {len(gradients)} gradients for a model with {len(names)} parameters")
+        return dict(zip(names, gradients))
+    raise TypeError("gradients must be a dict name -> tensor or a sequence aligned with model.parameters()")
+
+
 def head_gradients(model: nn.Module, gradients: GradientsLike, head: Union[str, nn.Linear, None] = None
                    ) -> Dict[str, Optional[torch.Tensor]]:
     """Pick the head's parameters and their gradients out of a model's gradients.
@@ -183,16 +195,7 @@ def head_gradients(model: nn.Module, gradients: GradientsLike, head: Union[str, 
         ``dict(weight=, weight_grad=, bias=, bias_grad=)`` (bias entries None for a bias-free head).
     """
     name, module = find_head(model, head)
-    params = dict(model.named_parameters())
-    if isinstance(gradients, Mapping):
-        named = dict(gradients)
-    elif isinstance(gradients, Sequence) and not isinstance(gradients, torch.Tensor):
-        names = list(params)
-        if len(gradients) != len(names):
-            raise ValueError(f"got {len(gradients)} gradients for a model with {len(names)} parameters")
-        named = dict(zip(names, gradients))
-    else:
-        raise TypeError("gradients must be a dict name -> tensor or a sequence aligned with model.parameters()")
+    named = named_gradients(model, gradients)
     prefix = f"{name}." if name else ""
     if prefix + "weight" not in named:
         raise ValueError(f"gradients have no entry for the head weight {prefix + 'weight'!r}")

@@ -8,10 +8,11 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..head import GradientsLike, HeadProblem, factor_head, head_gradients
+from ..head import GradientsLike, HeadProblem, factor_head, find_head, head_gradients, named_gradients
 from ..labels import LABEL_FORMATS
 from .base import SEARCHES
 from .exact import Minima
+from .feature_layer import find_feature_layer, scale_from_feature_layer
 from .structure import FORMAT_STRUCTURES, STRUCTURES, Structure, residuals
 
 FEATURE_SIGNS = ("auto", "nonnegative", "any")
@@ -31,20 +32,21 @@ class RecoveryResult:
         eps: recovered smoothing mass (``C`` times the common value of the structured entries; 0 for hard).
         lam: mixup weight of ``classes[1]`` (None unless mixup).
         scale: the scalar ``t`` of the answer (``h = t * sigma * v``, ``p - y = c / t``).
-        determined: True when the gradient pins the label down: the structure fits (residual <= tol), no other
-            separated answer fits as well, and the structure has equations to spare. False means "the gradient
-            cannot tell", never a confident wrong answer.
-        margin: residual of the best competing answer (another scalar, or for auto another structure); inf if
-            none. Far above ``tol`` means the minimum is unique.
+        determined: True when the gradient pins the label down: the structure fits (residual <= tol), every
+            other candidate's residual is at least ``ambiguity_ratio`` times larger, and the structure has
+            equations to spare. False means "the gradient cannot tell": read ``message``.
+        margin: residual of the best competing answer divided by the answer's own (inf if none): how clearly
+            the minimum is unique.
         residuals: the best residual of every hypothesis tried ("hard", "smoothing", "mixup",
             "mixup_smoothing").
         rank_one_ratio: ``||G - rank-one fit|| / ||G||``: ~1e-7 for one float32 example, O(1) for a batch.
         row_sum_error: ``|sum_i (p_i - y_i)| / ||p - y||`` (Theorem 1: 0 when the label sums to one).
-        label_valid: all label entries in ``[-tol, 1 + tol]``.
-        method: the search used ("closed_form" when a bias gradient made a search unnecessary).
+        label_valid: all label entries in ``[0, 1]`` up to the square root of the dtype's machine epsilon.
+        method: the search used; "closed_form" when the head bias gradient fixed the answer, "feature_layer"
+            when the bias gradient of the layer below the head did (see :func:`recover_from_gradients`).
         evaluations: candidate scalars the search evaluated.
         converged: the search's own stopping test (never compared with the truth).
-        tol: the residual tolerance used for the decisions above.
+        tol: the largest residual accepted as a fit.
         message: why the answer is not determined, or "".
     """
 
@@ -70,13 +72,15 @@ class RecoveryResult:
     extra: Dict[str, object] = field(default_factory=dict, repr=False)
 
 
-def default_tolerance(dtype: torch.dtype, rank_one_ratio: float) -> float:
-    """Residual tolerance: sqrt of the gradient dtype's machine epsilon, widened when the gradient is noisy.
+def default_tolerance(rank_one_ratio: float) -> float:
+    """Largest residual still accepted as a fit: 1e-2, widened when the gradient is noisy.
 
-    The rank-one ratio measures how far the observed gradient is from any exact single-example gradient, so
-    residuals at the true answer cannot be expected below a multiple of it.
+    The residual is relative to the trivial answer (~1), so 1e-2 means the structure holds a hundred times
+    better than a saturated softmax would; exact gradients reach 1e-9 (untrained nets) to 1e-4 (confident
+    trained nets in float32). Noise that breaks the rank-one structure also lifts the residual of the truth,
+    by about the rank-one ratio.
     """
-    return max(math.sqrt(torch.finfo(dtype).eps), 10.0 * rank_one_ratio)
+    return max(1e-2, 10.0 * rank_one_ratio)
 
 
 def _label_parameters(y: torch.Tensor, structure: Structure) -> Tuple[Tuple[int, ...], float, Optional[float]]:
@@ -106,9 +110,18 @@ def _single_minimum(problem: HeadProblem, t: float, structures: Sequence[Structu
     return out
 
 
-def _is_valid(problem: HeadProblem, t: float, tol: float) -> bool:
-    y = problem.label(torch.tensor([t], dtype=torch.float64, device=problem.c.device))[0]
-    return bool((y >= -tol).all() and (y <= 1 + tol).all())
+def _label_tolerance(dtype: torch.dtype) -> float:
+    """Slack, in label units, for the checks that labels lie in [0, 1] and sum to one."""
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+def structure_tolerance(dtype: torch.dtype) -> float:
+    """How equal, in label units (RMS), the structured entries must be for a structure to fit.
+
+    A hundred units of rounding of the gradient's dtype: the victim computed ``p - y`` in that precision, so
+    no structure can be observed more sharply, and a second class weighing less than this is invisible.
+    """
+    return 100.0 * torch.finfo(dtype).eps
 
 
 def _preferred_sign(problem: HeadProblem) -> int:
@@ -127,66 +140,82 @@ class _Candidate:
     structure: Structure
     t: float
     residual: float
-    fits: bool
+    label: torch.Tensor
+    label_residual: float
 
 
-def _decide(problem: HeadProblem, minima: Dict[str, Minima], tol: float, feature_sign: str, closed_form: bool
-            ) -> Tuple[_Candidate, bool, float, str]:
+def _candidate(problem: HeadProblem, structure: Structure, t: float, residual: float) -> _Candidate:
+    y = problem.label(torch.tensor([t], dtype=torch.float64, device=problem.c.device))[0]
+    rest = torch.ones_like(y, dtype=torch.bool)
+    rest[y.topk(structure.free_entries).indices] = False
+    structured = y[rest]
+    if structure.offset_free:
+        structured = structured - structured.mean()
+    rms = float(structured.norm() / math.sqrt(structured.numel())) if structured.numel() else 0.0
+    return _Candidate(structure, t, residual, y, rms)
+
+
+def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambiguity_ratio: float,
+            same_answer_atol: float, feature_sign: str, closed_form: bool) -> Tuple[_Candidate, bool, float, str]:
     """Pick ``(answer, determined, margin, message)`` from the refined minima of each hypothesis.
 
-    The simplest structure that fits wins (``minima`` is ordered simplest first); an answer is determined when
-    no other separated answer of that structure, nor of another equally simple one, fits too. With
-    ``feature_sign="auto"`` a tie between the two signs of ``t`` goes to the sign that makes ``h >= 0``.
+    A structure fits at a candidate when its residual is below ``tol`` (far from the trivial answer) and its
+    structured entries agree within :func:`structure_tolerance` (as sharp as the gradient's precision allows).
+    The simplest fitting structure wins (``minima`` is ordered simplest first), its lowest residual is the
+    answer, and the answer is unique when every other answer (a label farther than ``same_answer_atol``) of
+    the same or a simpler structure has a residual at least ``ambiguity_ratio`` times larger.
     """
     sign = _preferred_sign(problem)
-    if feature_sign == "nonnegative":
-        if sign == 0:
-            raise ValueError("feature_sign='nonnegative' but the weight gradient's rows have mixed signs: "
-                             "the head input cannot be non-negative")
-        minima = {name: Minima(m.t[m.t * sign > 0], m.residual[m.t * sign > 0]) for name, m in minima.items()}
-    num_classes = problem.num_classes
+    if feature_sign == "nonnegative" and sign == 0:
+        raise ValueError("feature_sign='nonnegative' but the weight gradient's rows have mixed signs: "
+                         "the head input cannot be non-negative")
+    restrict = sign if feature_sign != "any" else 0
+    label_tol = _label_tolerance(problem.dtype)
     rank = {name: i for i, name in enumerate(minima)}
-    candidates = []
+    num_classes = problem.num_classes
+    candidates, uninformative = [], []
     for name, found in minima.items():
         structure = STRUCTURES[name]
         informative = closed_form or structure.degrees_of_freedom(num_classes) >= 1
         for t, r in zip(found.t.tolist(), found.residual.tolist()):
-            candidates.append(_Candidate(structure, t, r, informative and r <= tol and _is_valid(problem, t, tol)))
+            if restrict and t * restrict < 0:
+                continue
+            candidate = _candidate(problem, structure, t, r)
+            if bool((candidate.label >= -label_tol).all() and (candidate.label <= 1 + label_tol).all()):
+                (candidates if informative else uninformative).append(candidate)
     if not candidates:
-        raise ValueError("no candidate answer has the required feature sign")
-
-    def separated(c: _Candidate, best: _Candidate) -> bool:
-        return c.structure is not best.structure or abs(c.t - best.t) > 1e-6 * abs(best.t)
-
-    fitting = [c for c in candidates if c.fits]
-    if not fitting:
-        best = min(candidates, key=lambda c: c.residual)
-        margin = min((c.residual for c in candidates if separated(c, best)), default=math.inf)
-        reasons = []
-        if not closed_form and best.structure.degrees_of_freedom(num_classes) < 1:
-            reasons.append(f"with {num_classes} classes the {best.structure.name} structure cannot determine "
-                           "the label")
-        reasons.append(f"no hypothesis fits within tol={tol:.2g} (best residual {best.residual:.3g})")
-        return best, closed_form, margin, "; ".join(reasons)
-    simplest = min(rank[c.structure.name] for c in fitting)
-    best = min((c for c in fitting if rank[c.structure.name] == simplest), key=lambda c: c.residual)
-    rivals = [c for c in fitting if separated(c, best) and rank[c.structure.name] == simplest]
-    if rivals and feature_sign == "auto" and sign != 0:
-        agreeing = [c for c in [best] + rivals if c.t * sign > 0]
-        if len(agreeing) == 1:
-            best, rivals = agreeing[0], []
-    margin = min((c.residual for c in candidates if c.structure is best.structure and separated(c, best)),
-                 default=math.inf)
-    if closed_form or not rivals:
+        if uninformative:
+            return (min(uninformative, key=lambda c: c.residual), False, 1.0,
+                    f"with {num_classes} classes none of the tried structures has equations to spare: the "
+                    "gradient cannot determine the label")
+        raise ValueError("no candidate scalar gives a valid label (entries in [0, 1]) with the required feature "
+                         "sign: the gradient does not come from a softmax cross-entropy head, or feature_sign is "
+                         "wrong")
+    fitting = [c for c in candidates
+               if c.residual <= tol and c.label_residual <= structure_tolerance(problem.dtype)]
+    pool = fitting or candidates
+    simplest = min(rank[c.structure.name] for c in pool)
+    best = min((c for c in pool if rank[c.structure.name] == simplest), key=lambda c: c.residual)
+    rivals = [c.residual for c in candidates if rank[c.structure.name] <= simplest
+              and float((c.label - best.label).abs().max()) > same_answer_atol]
+    runner_up = min(rivals, default=math.inf)
+    margin = runner_up / best.residual if best.residual > 0 else math.inf
+    if closed_form:
         return best, True, margin, ""
-    where = ", ".join(f"{c.structure.name} at t={c.t:.6g} (residual {c.residual:.2g})" for c in rivals[:3])
-    return best, False, min(c.residual for c in rivals), f"ambiguous: other answers fit as well: {where}"
+    if not fitting:
+        return best, False, margin, (f"no structure fits (best residual {best.residual:.3g} with tol {tol:.2g}, "
+                                     f"structured entries equal within {best.label_residual:.2g})")
+    if margin < ambiguity_ratio:
+        return best, False, margin, (f"ambiguous: another answer fits almost as well (residual {runner_up:.3g} "
+                                     f"vs {best.residual:.3g})")
+    return best, True, margin, ""
 
 
 def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
                   bias_grad: Optional[torch.Tensor] = None, label_format: str = "auto", method: str = "exact",
-                  tol: Optional[float] = None, feature_sign: str = "auto", rank_one_tol: Optional[float] = 1e-2,
-                  **search_options) -> RecoveryResult:
+                  tol: Optional[float] = None, ambiguity_ratio: float = 3.0, same_answer_atol: float = 1e-4,
+                  feature_sign: str = "auto", rank_one_tol: Optional[float] = 1e-2, **search_options
+                  ) -> RecoveryResult:
     """Recover one example's label and head feature from the gradient of its head ``z = W h (+ b)``.
 
     Args:
@@ -195,9 +224,12 @@ def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Opti
         bias, bias_grad: ``(C,)`` each for a head with bias; with ``bias_grad`` the answer is closed form.
         label_format: "auto" (detect), "hard", "smoothing" or "mixup" (two classes, optionally smoothed).
         method: "exact" (ours), "pso" or "lbfgs" (the paper's searches; they need a known format).
-        tol: residual tolerance for the fit decisions; default :func:`default_tolerance`.
-        feature_sign: "auto" (prefer non-negative features only to break a tie), "nonnegative" (search only
-            the sign that makes ``h >= 0``) or "any".
+        tol: largest residual accepted as a fit; default :func:`default_tolerance`.
+        ambiguity_ratio: an answer is unique when every other answer's residual is at least this many times
+            its own.
+        same_answer_atol: candidate labels closer than this (max-abs) are the same answer.
+        feature_sign: "auto" (when every row of the weight gradient has one sign, as with ReLU or sigmoid
+            features, keep only the sign of ``t`` that makes ``h >= 0``), "nonnegative" (require it) or "any".
         rank_one_tol: reject gradients farther than this from rank one (a batch); None to accept any
             (e.g. with added noise).
         **search_options: passed to the search (e.g. ``seed`` for "pso").
@@ -205,36 +237,100 @@ def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Opti
     Returns:
         :class:`RecoveryResult`; ``label`` and ``feature`` in the gradient's dtype and device.
     """
+    _check_options(label_format, method, feature_sign)
+    problem = factor_head(weight_grad, weight, bias, bias_grad, rank_one_tol=rank_one_tol)
+    known = problem.closed_form_t()
+    return _recover(problem, None if known is None else (known, "closed_form"), label_format=label_format,
+                    method=method, tol=tol, ambiguity_ratio=ambiguity_ratio, same_answer_atol=same_answer_atol,
+                    feature_sign=feature_sign, search_options=search_options)
+
+
+def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: Union[str, nn.Linear, None] = None,
+                           use_feature_layer: bool = True, consistency_tol: float = 1e-3, **options
+                           ) -> RecoveryResult:
+    """:func:`recover_label` on a model's head, helped by the layer below it when that layer allows.
+
+    Without a head bias, when the head input is ``act(Linear|Conv(x) + b)`` with ReLU or sigmoid (see
+    :mod:`gradleak.recovery.feature_layer`), that layer's bias gradient fixes the scalar ``t`` in closed form,
+    with no assumption on the label; it is used when it explains that gradient within ``consistency_tol``
+    (relative), and the method is then reported as "feature_layer".
+
+    Args:
+        model: any ``nn.Module`` whose classifier head is an ``nn.Linear`` (the last one, or ``head``).
+        gradients: ``{parameter name: gradient}`` or a sequence aligned with ``model.parameters()``.
+        head: the head's module name or the module itself, when it is not the last ``nn.Linear``.
+        use_feature_layer: False to rely on the head's gradient alone (as the paper does).
+        **options: as for :func:`recover_label`.
+    """
+    method = options.pop("method", "exact")
+    label_format = options.pop("label_format", "auto")
+    feature_sign = options.pop("feature_sign", "auto")
+    _check_options(label_format, method, feature_sign)
+    head_name, _ = find_head(model, head)
+    named = named_gradients(model, gradients)
+    parts = head_gradients(model, named, head)
+    problem = factor_head(parts["weight_grad"], parts["weight"], parts["bias"], parts["bias_grad"],
+                          rank_one_tol=options.pop("rank_one_tol", 1e-2))
+    known = problem.closed_form_t()
+    extra: Dict[str, object] = {}
+    if known is not None:
+        scale = (known, "closed_form")
+    else:
+        scale = None
+        layer = find_feature_layer(model, head_name) if use_feature_layer else None
+        if layer is not None and layer.bias_name in named:
+            fit = scale_from_feature_layer(problem, layer, named[layer.bias_name])
+            if fit is not None:
+                extra["feature_layer_residual"] = fit[1]
+                if fit[1] <= consistency_tol:
+                    scale = (fit[0], "feature_layer")
+    result = _recover(problem, scale, label_format=label_format, method=method, feature_sign=feature_sign,
+                      tol=options.pop("tol", None), ambiguity_ratio=options.pop("ambiguity_ratio", 3.0),
+                      same_answer_atol=options.pop("same_answer_atol", 1e-4), search_options=options)
+    result.extra.update(extra)
+    return result
+
+
+def _check_options(label_format: str, method: str, feature_sign: str) -> None:
     if label_format not in ("auto",) + LABEL_FORMATS:
         raise ValueError(f"label_format must be one of {('auto',) + LABEL_FORMATS}, got {label_format!r}")
     if method not in SEARCHES:
         raise ValueError(f"method must be one of {tuple(SEARCHES)}, got {method!r}")
     if feature_sign not in FEATURE_SIGNS:
         raise ValueError(f"feature_sign must be one of {FEATURE_SIGNS}, got {feature_sign!r}")
-    problem = factor_head(weight_grad, weight, bias, bias_grad, rank_one_tol=rank_one_tol)
-    tol = default_tolerance(problem.dtype, problem.rank_one_ratio) if tol is None else float(tol)
+
+
+def _recover(problem: HeadProblem, known_scale: Optional[Tuple[float, str]], *, label_format: str, method: str,
+             tol: Optional[float], ambiguity_ratio: float, same_answer_atol: float, feature_sign: str,
+             search_options: Dict[str, object]) -> RecoveryResult:
+    """Search (unless ``known_scale`` = ``(t, source)`` is given), decide, and package the answer."""
+    tol = default_tolerance(problem.rank_one_ratio) if tol is None else float(tol)
     structures = [STRUCTURES[name] for name in FORMAT_STRUCTURES[label_format]]
-    closed_t = problem.closed_form_t()
-    if closed_t is not None:
-        used_method, evaluations, converged = "closed_form", 1, True
-        minima = _single_minimum(problem, closed_t, structures)
+    if known_scale is not None:
+        used_method, evaluations, converged = known_scale[1], 1, True
+        minima = _single_minimum(problem, known_scale[0], structures)
     else:
         if method != "exact" and label_format == "auto":
             raise ValueError(f"method={method!r} (the paper's search) needs a known label_format; "
                              "only method='exact' detects the format")
+        if method == "exact":
+            search_options = dict(search_options, same_answer_atol=same_answer_atol)
         outcome = SEARCHES[method](problem, label_format, **search_options)
         used_method, evaluations, converged = method, outcome.evaluations, outcome.converged
         minima = outcome.info.get("minima") or _single_minimum(problem, outcome.t, structures)
-    best, determined, margin, message = _decide(problem, minima, tol, feature_sign, closed_t is not None)
-    if problem.row_sum_error > tol:
+    best, determined, margin, message = _decide(problem, minima, tol=tol, ambiguity_ratio=ambiguity_ratio,
+                                                same_answer_atol=same_answer_atol, feature_sign=feature_sign,
+                                                closed_form=known_scale is not None)
+    label_tol = _label_tolerance(problem.dtype)
+    if problem.row_sum_error / abs(best.t) > label_tol:
         determined = False
-        message = "; ".join(filter(None, [message, f"gradient rows do not sum to zero (error "
-                                          f"{problem.row_sum_error:.2g}): the label does not sum to one or the loss "
-                                          "is not softmax cross-entropy"]))
+        message = "; ".join(filter(None, [message, "gradient rows do not sum to zero: the label does not sum to "
+                                          f"one (off by {problem.row_sum_error / abs(best.t):.2g}) or the loss is "
+                                          "not softmax cross-entropy"]))
     t_tensor = torch.tensor(best.t, dtype=torch.float64, device=problem.c.device)
-    y = problem.label(t_tensor)
+    y = best.label
     classes, eps, lam = _label_parameters(y, best.structure)
-    device = weight_grad.device
+    device = problem.weight_grad.device
     return RecoveryResult(
         label=y.to(device=device, dtype=problem.dtype),
         feature=problem.feature(t_tensor).to(device=device, dtype=problem.dtype),
@@ -242,20 +338,5 @@ def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Opti
         scale=best.t, determined=determined, margin=margin,
         residuals={name: float(m.residual.min()) if m.residual.numel() else math.inf for name, m in minima.items()},
         rank_one_ratio=problem.rank_one_ratio, row_sum_error=problem.row_sum_error,
-        label_valid=bool((y >= -tol).all() and (y <= 1 + tol).all()), method=used_method,
+        label_valid=bool((y >= -label_tol).all() and (y <= 1 + label_tol).all()), method=used_method,
         evaluations=evaluations, converged=converged, tol=tol, message=message)
-
-
-def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: Union[str, nn.Linear, None] = None,
-                           **options) -> RecoveryResult:
-    """:func:`recover_label` on a model's head.
-
-    Args:
-        model: any ``nn.Module`` whose classifier head is an ``nn.Linear`` (the last one, or ``head``).
-        gradients: ``{parameter name: gradient}`` or a sequence aligned with ``model.parameters()``.
-        head: the head's module name or the module itself, when it is not the last ``nn.Linear``.
-        **options: as for :func:`recover_label`.
-    """
-    parts = head_gradients(model, gradients, head)
-    return recover_label(parts["weight_grad"], parts["weight"], bias=parts["bias"], bias_grad=parts["bias_grad"],
-                         **options)

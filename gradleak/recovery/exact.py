@@ -50,8 +50,10 @@ def _grid_minima(r: torch.Tensor, max_starts: int) -> torch.Tensor:
 
 
 def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points_per_decade: int = 32,
-                decades: float = 8.0, max_starts: int = 4, refine_steps: int = 30) -> Dict[str, Minima]:
-    """Every refined local minimum of each hypothesis' residual, with duplicates merged.
+                decades: float = 8.0, max_starts: int = 4, refine_steps: int = 30, same_answer_atol: float = 1e-4
+                ) -> Dict[str, Minima]:
+    """Every refined local minimum of each hypothesis' residual; minima whose labels agree within
+    ``same_answer_atol`` are one answer (in flat, noisy basins refinement stops at slightly different ``t``).
 
     Cost: one ``(2 * points_per_decade * decades, C)`` softmax, then ``refine_steps`` Gauss-Newton steps on at
     most ``2 * max_starts * len(structures)`` candidates at once.
@@ -68,26 +70,31 @@ def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points
     free = torch.tensor([s.free_entries for s in structures], device=t0.device)[which]
     offset = torch.tensor([s.offset_free for s in structures], device=t0.device)[which]
     t, r = gauss_newton(problem, t0, free, offset, steps=refine_steps)
+    labels = problem.label(t)
     minima = {}
     for index, structure in enumerate(structures):
-        mine = which == index
-        order = r[mine].argsort()
-        ts, rs = t[mine][order], r[mine][order]
-        keep = []
-        for i in range(ts.shape[0]):  # at most 2 * max_starts entries: merge those that converged together
-            if all(abs(float(ts[i] - ts[j])) > 1e-6 * abs(float(ts[j])) for j in keep):
-                keep.append(i)
-        minima[structure.name] = Minima(ts[keep], rs[keep])
+        mine = (which == index).nonzero().flatten()
+        mine = mine[r[mine].argsort()]
+        distinct = distinct_answers(labels[mine], same_answer_atol)
+        minima[structure.name] = Minima(t[mine][distinct], r[mine][distinct])
     return minima
+
+
+def distinct_answers(labels: torch.Tensor, atol: float) -> torch.Tensor:
+    """Indices of the rows of ``labels`` (K, C), best first, that differ by more than ``atol`` (max-abs) from
+    every better row: minima reached from several starting points count once."""
+    distance = (labels.unsqueeze(0) - labels.unsqueeze(1)).abs().amax(-1)
+    earlier_close = (distance <= atol).tril(diagonal=-1).any(-1)
+    return (~earlier_close).nonzero().flatten()
 
 
 @register_search("exact")
 def exact_search(problem: HeadProblem, label_format: str, *, points_per_decade: int = 32, decades: float = 8.0,
-                 max_starts: int = 4, refine_steps: int = 30) -> SearchOutcome:
+                 max_starts: int = 4, refine_steps: int = 30, same_answer_atol: float = 1e-4) -> SearchOutcome:
     """The best refined minimum over the hypotheses of ``label_format``; ``info["minima"]`` holds them all."""
     structures = [STRUCTURES[name] for name in FORMAT_STRUCTURES[label_format]]
     minima = find_minima(problem, structures, points_per_decade=points_per_decade, decades=decades,
-                         max_starts=max_starts, refine_steps=refine_steps)
+                         max_starts=max_starts, refine_steps=refine_steps, same_answer_atol=same_answer_atol)
     best = min(minima.values(), key=lambda m: float(m.residual[0]))
     grid_size = 2 * (int(points_per_decade * decades) + 1)
     refined = 2 * max_starts * len(structures)
