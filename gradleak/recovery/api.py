@@ -13,7 +13,7 @@ from ..labels import LABEL_FORMATS
 from .base import SEARCHES
 from .exact import Minima
 from .feature_layer import find_feature_layer, scale_from_feature_layer
-from .structure import FORMAT_STRUCTURES, STRUCTURES, Structure, residuals
+from .structure import FORMAT_STRUCTURES, STRUCTURES, Structure, free_entries_of, mask_of, residuals
 
 FEATURE_SIGNS = ("auto", "nonnegative", "any")
 
@@ -83,17 +83,16 @@ def default_tolerance(rank_one_ratio: float) -> float:
     return max(1e-2, 10.0 * rank_one_ratio)
 
 
-def _label_parameters(y: torch.Tensor, structure: Structure) -> Tuple[Tuple[int, ...], float, Optional[float]]:
-    """``(classes, eps, lam)`` read off a float64 label ``y`` (C,) under ``structure``."""
-    num_classes = y.shape[0]
-    top = y.topk(structure.free_entries).indices
+def _label_parameters(answer: "_Candidate") -> Tuple[Tuple[int, ...], float, Optional[float]]:
+    """``(classes, eps, lam)`` read off the answer's float64 label under its structure."""
+    y, structure = answer.label, answer.structure
     rest = torch.ones_like(y, dtype=torch.bool)
-    rest[top] = False
-    common = float(y[rest].mean()) if structure.offset_free else 0.0
-    eps = common * num_classes
+    rest[list(answer.free)] = False
+    common = float(y[rest].mean()) if structure.offset_free and bool(rest.any()) else 0.0
+    eps = common * y.shape[0]
     if structure.free_entries == 1:
-        return (int(top[0]),), eps, None
-    a, b = sorted(int(i) for i in top)
+        return (answer.free[0],), eps, None
+    a, b = sorted(answer.free)
     weight_a, weight_b = float(y[a]) - common, float(y[b]) - common
     total = weight_a + weight_b
     return (a, b), eps, (weight_b / total if total != 0 else float("nan"))
@@ -142,17 +141,19 @@ class _Candidate:
     residual: float
     label: torch.Tensor
     label_residual: float
+    free: Tuple[int, ...]
 
 
 def _candidate(problem: HeadProblem, structure: Structure, t: float, residual: float) -> _Candidate:
-    y = problem.label(torch.tensor([t], dtype=torch.float64, device=problem.c.device))[0]
-    rest = torch.ones_like(y, dtype=torch.bool)
-    rest[y.topk(structure.free_entries).indices] = False
-    structured = y[rest]
+    t_tensor = torch.tensor([t], dtype=torch.float64, device=problem.c.device)
+    y = problem.label(t_tensor)
+    free = free_entries_of(t_tensor.unsqueeze(-1) * y, t_tensor, torch.tensor([structure.free_entries]),
+                           torch.tensor([structure.offset_free]))[:, 0]
+    structured = y[mask_of(free, problem.num_classes)]
     if structure.offset_free:
         structured = structured - structured.mean()
     rms = float(structured.norm() / math.sqrt(structured.numel())) if structured.numel() else 0.0
-    return _Candidate(structure, t, residual, y, rms)
+    return _Candidate(structure, t, residual, y[0], rms, tuple(int(i) for i in free[0].unique(sorted=False)))
 
 
 def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambiguity_ratio: float,
@@ -173,7 +174,7 @@ def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambi
     label_tol = _label_tolerance(problem.dtype)
     rank = {name: i for i, name in enumerate(minima)}
     num_classes = problem.num_classes
-    candidates, uninformative = [], []
+    candidates, uninformative, invalid = [], [], []
     for name, found in minima.items():
         structure = STRUCTURES[name]
         informative = closed_form or structure.degrees_of_freedom(num_classes) >= 1
@@ -181,16 +182,21 @@ def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambi
             if restrict and t * restrict < 0:
                 continue
             candidate = _candidate(problem, structure, t, r)
-            if bool((candidate.label >= -label_tol).all() and (candidate.label <= 1 + label_tol).all()):
+            if not bool((candidate.label >= -label_tol).all() and (candidate.label <= 1 + label_tol).all()):
+                invalid.append(candidate)
+            else:
                 (candidates if informative else uninformative).append(candidate)
     if not candidates:
-        if uninformative:
-            return (min(uninformative, key=lambda c: c.residual), False, 1.0,
-                    f"with {num_classes} classes none of the tried structures has equations to spare: the "
-                    "gradient cannot determine the label")
-        raise ValueError("no candidate scalar gives a valid label (entries in [0, 1]) with the required feature "
-                         "sign: the gradient does not come from a softmax cross-entropy head, or feature_sign is "
-                         "wrong")
+        fallback = min(uninformative or invalid or [
+            _candidate(problem, STRUCTURES[name], float(m.t[0]), float(m.residual[0]))
+            for name, m in minima.items() if m.t.numel()], key=lambda c: c.residual)
+        if any(STRUCTURES[name].degrees_of_freedom(num_classes) < 1 for name in minima) and not closed_form:
+            reason = (f"with {num_classes} classes the {fallback.structure.name} structure has no equation to "
+                      "spare: the gradient cannot determine the label")
+        else:
+            reason = ("no candidate gives a valid label (entries in [0, 1]) with the feature sign: the gradient "
+                      "may not come from a softmax cross-entropy head, or feature_sign is wrong")
+        return fallback, False, 1.0, reason
     fitting = [c for c in candidates
                if c.residual <= tol and c.label_residual <= structure_tolerance(problem.dtype)]
     pool = fitting or candidates
@@ -305,7 +311,11 @@ def _recover(problem: HeadProblem, known_scale: Optional[Tuple[float, str]], *, 
              search_options: Dict[str, object]) -> RecoveryResult:
     """Search (unless ``known_scale`` = ``(t, source)`` is given), decide, and package the answer."""
     tol = default_tolerance(problem.rank_one_ratio) if tol is None else float(tol)
-    structures = [STRUCTURES[name] for name in FORMAT_STRUCTURES[label_format]]
+    structures = [STRUCTURES[name] for name in FORMAT_STRUCTURES[label_format]
+                  if STRUCTURES[name].free_entries < problem.num_classes]
+    if not structures:
+        raise ValueError(f"label_format={label_format!r} leaves no label entry to check with "
+                         f"{problem.num_classes} classes: every label of that form fits the gradient")
     if known_scale is not None:
         used_method, evaluations, converged = known_scale[1], 1, True
         minima = _single_minimum(problem, known_scale[0], structures)
@@ -329,7 +339,7 @@ def _recover(problem: HeadProblem, known_scale: Optional[Tuple[float, str]], *, 
                                           "not softmax cross-entropy"]))
     t_tensor = torch.tensor(best.t, dtype=torch.float64, device=problem.c.device)
     y = best.label
-    classes, eps, lam = _label_parameters(y, best.structure)
+    classes, eps, lam = _label_parameters(best)
     device = problem.weight_grad.device
     return RecoveryResult(
         label=y.to(device=device, dtype=problem.dtype),

@@ -15,7 +15,8 @@ import torch
 
 from ..head import HeadProblem
 from .base import SearchOutcome, register_search
-from .structure import FORMAT_STRUCTURES, STRUCTURES, Structure, gauss_newton, grid_residuals
+from .structure import (FORMAT_STRUCTURES, STRUCTURES, Structure, free_entries_of, gauss_newton,
+                        grid_residuals, mask_of, residuals)
 
 
 @dataclass(frozen=True)
@@ -50,16 +51,21 @@ def _grid_minima(r: torch.Tensor, max_starts: int) -> torch.Tensor:
 
 
 def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points_per_decade: int = 32,
-                decades: float = 8.0, max_starts: int = 4, refine_steps: int = 30, same_answer_atol: float = 1e-4
-                ) -> Dict[str, Minima]:
+                decades: float = 8.0, max_starts: int = 4, second_class_choices: int = 8, refine_steps: int = 30,
+                same_answer_atol: float = 1e-4) -> Dict[str, Minima]:
     """Every refined local minimum of each hypothesis' residual; minima whose labels agree within
     ``same_answer_atol`` are one answer (in flat, noisy basins refinement stops at slightly different ``t``).
 
+    Each start is refined with its free entries held fixed; a two-class structure is refined once for each of
+    the ``second_class_choices`` most likely second classes, because near a small mixup weight the best second
+    class changes within a grid step. A second refinement re-chooses the free entries where the first ended.
+
     Cost: one ``(2 * points_per_decade * decades, C)`` softmax, then ``refine_steps`` Gauss-Newton steps on at
-    most ``2 * max_starts * len(structures)`` candidates at once.
+    most ``2 * max_starts * second_class_choices * len(structures)`` candidates at once.
     """
     grid = log_grid(problem, points_per_decade, decades)
     curves = grid_residuals(problem, grid, tuple(structures))
+    device = grid.device
     start_t, start_structure = [], []
     for index in range(len(structures)):
         chosen = _grid_minima(curves[:, index], max_starts)
@@ -67,9 +73,23 @@ def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points
         start_structure.append(torch.full_like(chosen, index))
     t0 = torch.cat(start_t)
     which = torch.cat(start_structure)
-    free = torch.tensor([s.free_entries for s in structures], device=t0.device)[which]
-    offset = torch.tensor([s.offset_free for s in structures], device=t0.device)[which]
-    t, r = gauss_newton(problem, t0, free, offset, steps=refine_steps)
+    free_entries = torch.tensor([s.free_entries for s in structures], device=device)[which]
+    offset_free = torch.tensor([s.offset_free for s in structures], device=device)[which]
+    error = t0.unsqueeze(-1) * torch.softmax(problem.logits(t0), -1) - problem.c
+    choices = min(second_class_choices, problem.num_classes - 1)
+    free = free_entries_of(error, t0, free_entries, offset_free, choices=choices)  # (K, choices, 2)
+    # one-class structures have a single way to choose their free entry: refine them once
+    keep = torch.ones_like(free[..., 0], dtype=torch.bool)
+    keep[:, 1:] = (free_entries == 2).unsqueeze(-1)
+    rows = keep.nonzero()[:, 0]
+    free = free[keep]
+    t0, which, free_entries, offset_free = t0[rows], which[rows], free_entries[rows], offset_free[rows]
+    t = gauss_newton(problem, t0, mask_of(free, problem.num_classes), offset_free, steps=refine_steps)
+    # polish: near the answer the best free entries are clear; refine again with them
+    error = t.unsqueeze(-1) * torch.softmax(problem.logits(t), -1) - problem.c
+    free = free_entries_of(error, t, free_entries, offset_free)[:, 0]
+    t = gauss_newton(problem, t, mask_of(free, problem.num_classes), offset_free, steps=refine_steps)
+    r = residuals(problem, t, free_entries, offset_free)
     labels = problem.label(t)
     minima = {}
     for index, structure in enumerate(structures):
@@ -90,14 +110,17 @@ def distinct_answers(labels: torch.Tensor, atol: float) -> torch.Tensor:
 
 @register_search("exact")
 def exact_search(problem: HeadProblem, label_format: str, *, points_per_decade: int = 32, decades: float = 8.0,
-                 max_starts: int = 4, refine_steps: int = 30, same_answer_atol: float = 1e-4) -> SearchOutcome:
+                 max_starts: int = 4, second_class_choices: int = 8, refine_steps: int = 30,
+                 same_answer_atol: float = 1e-4) -> SearchOutcome:
     """The best refined minimum over the hypotheses of ``label_format``; ``info["minima"]`` holds them all."""
-    structures = [STRUCTURES[name] for name in FORMAT_STRUCTURES[label_format]]
+    structures = [STRUCTURES[name] for name in FORMAT_STRUCTURES[label_format]
+                  if STRUCTURES[name].free_entries < problem.num_classes]
     minima = find_minima(problem, structures, points_per_decade=points_per_decade, decades=decades,
-                         max_starts=max_starts, refine_steps=refine_steps, same_answer_atol=same_answer_atol)
+                         max_starts=max_starts, second_class_choices=second_class_choices,
+                         refine_steps=refine_steps, same_answer_atol=same_answer_atol)
     best = min(minima.values(), key=lambda m: float(m.residual[0]))
     grid_size = 2 * (int(points_per_decade * decades) + 1)
-    refined = 2 * max_starts * len(structures)
+    refined = 2 * max_starts * sum(second_class_choices if s.free_entries == 2 else 1 for s in structures)
     return SearchOutcome(t=float(best.t[0]), objective=float(best.residual[0]),
                          evaluations=grid_size + refined * (refine_steps + 1), converged=True,
                          info={"minima": minima})

@@ -50,40 +50,40 @@ FORMAT_STRUCTURES: Dict[str, Tuple[str, ...]] = {
 }
 
 
-def grid_residuals(problem: HeadProblem, t: torch.Tensor, structures: Tuple[Structure, ...]) -> torch.Tensor:
-    """Residuals ``(K, len(structures))`` of many candidates ``t`` (K,) at once, for locating basins.
+def _second_free_score(error: torch.Tensor, top: torch.Tensor, offset_free: torch.Tensor) -> torch.Tensor:
+    """How much leaving each entry out of ``S`` (besides the largest, ``top``) lowers the residual: ``(K, C)``.
 
-    One pass over the ``(K, C)`` softmax: the largest entries are zeroed in place and the centring uses sums,
-    which loses precision for residuals far below 1e-8; refinement uses :func:`residuals`, which does not.
+    With a zero offset that is ``|e_j|``; with a free offset ``|e_j - mean|`` over the entries other than the
+    largest. The largest entry itself scores -1, so it is never picked twice.
     """
-    error = t.unsqueeze(-1) * torch.softmax(problem.logits(t), dim=-1) - problem.c
-    # positions of the largest entries of y = error / t
-    top_index = (error * t.sign().unsqueeze(-1)).topk(2, dim=-1).indices
-    top_c = problem.c[top_index]
-    sums = {}
-    for m in (1, 2):
-        error.scatter_(-1, top_index[:, m - 1:m], 0.0)
-        c_kept_sq = 1.0 - top_c[:, :m].square().sum(-1)
-        sums[m] = (error.sum(-1), error.square().sum(-1), problem.c.sum() - top_c[:, :m].sum(-1), c_kept_sq)
-    out = []
-    for structure in structures:
-        total, total_sq, c_total, c_total_sq = sums[structure.free_entries]
-        if structure.offset_free:
-            size = problem.num_classes - structure.free_entries
-            total_sq = total_sq - total.square() / size
-            c_total_sq = c_total_sq - c_total.square() / size
-        out.append((total_sq.clamp_min(0) / c_total_sq.clamp_min(torch.finfo(t.dtype).tiny)).sqrt())
-    return torch.stack(out, dim=-1)
+    rest = torch.ones_like(error, dtype=torch.bool).scatter_(-1, top.unsqueeze(-1), False)
+    mean = (error * rest).sum(-1, keepdim=True) / rest.sum(-1, keepdim=True).clamp_min(1)
+    score = (error - mean * offset_free.unsqueeze(-1)).abs()
+    return score.masked_fill(~rest, -1.0)
 
 
-def structured_mask(y: torch.Tensor, free_entries: torch.Tensor) -> torch.Tensor:
-    """Boolean ``(K, C)`` mask of the structured entries: all but the ``free_entries[k]`` largest of ``y[k]``."""
-    top2 = y.topk(2, dim=-1).indices
-    mask = torch.ones_like(y, dtype=torch.bool)
-    rows = torch.arange(y.shape[0], device=y.device)
-    mask[rows, top2[:, 0]] = False
-    mask[rows, top2[:, 1]] = free_entries < 2
-    return mask
+def free_entries_of(error: torch.Tensor, t: torch.Tensor, free_entries: torch.Tensor, offset_free: torch.Tensor,
+                    choices: int = 1) -> torch.Tensor:
+    """Indices ``(K, choices, 2)`` of the entries a structure leaves free at each candidate.
+
+    The first is always the largest label entry; for two-class structures the second is the entry whose
+    removal lowers the residual most (``choices`` > 1 gives the runners-up as alternatives), so the residual
+    is the lower envelope over the possible second classes: continuous, and zero at the truth even when the
+    second class weighs less than the deviations of a slightly wrong ``t``. One-class structures repeat the
+    first index.
+
+    Args:
+        error: ``(K, C)`` values ``t * y(t)``; t: ``(K,)``; free_entries, offset_free: ``(K,)``.
+    """
+    top = (error * t.sign().unsqueeze(-1)).argmax(-1)
+    second = _second_free_score(error, top, offset_free).topk(choices, dim=-1).indices
+    second = torch.where(free_entries.unsqueeze(-1) == 2, second, top.unsqueeze(-1))
+    return torch.stack([top.unsqueeze(-1).expand_as(second), second], dim=-1)
+
+
+def mask_of(free: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Boolean ``(K, C)`` mask of the structured entries from free indices ``(K, 2)``."""
+    return torch.ones(free.shape[0], num_classes, dtype=torch.bool, device=free.device).scatter_(-1, free, False)
 
 
 def _project(values: torch.Tensor, mask: torch.Tensor, offset_free: torch.Tensor) -> torch.Tensor:
@@ -93,50 +93,76 @@ def _project(values: torch.Tensor, mask: torch.Tensor, offset_free: torch.Tensor
     return masked - (mean * offset_free.unsqueeze(-1)) * mask
 
 
+def _piece_residuals(problem: HeadProblem, t: torch.Tensor, mask: torch.Tensor, offset_free: torch.Tensor
+                     ) -> torch.Tensor:
+    """Normalised residuals ``(K,)`` with the structured entries fixed by ``mask`` (K, C)."""
+    error = _project(t.unsqueeze(-1) * torch.softmax(problem.logits(t), -1) - problem.c, mask, offset_free)
+    scale = _project(problem.c.expand_as(mask), mask, offset_free)
+    return error.norm(dim=-1) / scale.norm(dim=-1).clamp_min(torch.finfo(t.dtype).tiny)
+
+
 def residuals(problem: HeadProblem, t: torch.Tensor, free_entries: torch.Tensor, offset_free: torch.Tensor
               ) -> torch.Tensor:
-    """Normalised residuals ``r(t)`` of shape ``(K,)``.
+    """Normalised residuals ``r(t)`` of shape ``(K,)`` (exact, masked; see the module docstring).
 
     Args:
         t: ``(K,)`` candidate scalars (float64, non-zero).
         free_entries, offset_free: ``(K,)`` the hypothesis of each candidate (int 1 or 2, bool).
     """
-    return residuals_of_labels(problem, t, problem.label(t), free_entries, offset_free)
+    error = t.unsqueeze(-1) * torch.softmax(problem.logits(t), -1) - problem.c
+    free = free_entries_of(error, t, free_entries, offset_free)[:, 0]
+    return _piece_residuals(problem, t, mask_of(free, problem.num_classes), offset_free)
 
 
-def residuals_of_labels(problem: HeadProblem, t: torch.Tensor, y: torch.Tensor, free_entries: torch.Tensor,
-                        offset_free: torch.Tensor) -> torch.Tensor:
-    """:func:`residuals` for candidate labels ``y = problem.label(t)`` (K, C) already computed."""
-    mask = structured_mask(y, free_entries)
-    error = _project(t.unsqueeze(-1) * y, mask, offset_free)
-    scale = _project(problem.c.expand_as(y), mask, offset_free)
-    return error.norm(dim=-1) / scale.norm(dim=-1).clamp_min(torch.finfo(y.dtype).tiny)
+def grid_residuals(problem: HeadProblem, t: torch.Tensor, structures: Tuple[Structure, ...]) -> torch.Tensor:
+    """Residuals ``(K, len(structures))`` of many candidates ``t`` (K,) at once, for locating basins.
+
+    One ``(K, C)`` softmax shared by all structures; the centring uses sums, which loses precision for
+    residuals far below 1e-8 (refinement uses the exact :func:`residuals`).
+    """
+    error = t.unsqueeze(-1) * torch.softmax(problem.logits(t), dim=-1) - problem.c
+    out = []
+    for structure in structures:
+        free_entries = torch.full_like(t, structure.free_entries, dtype=torch.long)
+        offset_free = torch.full_like(t, structure.offset_free, dtype=torch.bool)
+        free = free_entries_of(error, t, free_entries, offset_free)[:, 0]
+        # zero the free entries in a copy rather than subtracting them from sums: at large |t| the largest
+        # entry dominates the sum of squares and the subtraction would cancel catastrophically
+        kept = error.scatter(-1, free, 0.0)
+        kept_c = problem.c.expand_as(error).scatter(-1, free, 0.0)
+        total, total_sq = kept.sum(-1), kept.square().sum(-1)
+        c_total, c_total_sq = kept_c.sum(-1), kept_c.square().sum(-1)
+        if structure.offset_free:
+            size = problem.num_classes - structure.free_entries
+            total_sq = total_sq - total.square() / size
+            c_total_sq = c_total_sq - c_total.square() / size
+        out.append((total_sq.clamp_min(0) / c_total_sq.clamp_min(torch.finfo(t.dtype).tiny)).sqrt())
+    return torch.stack(out, dim=-1)
 
 
-def gauss_newton(problem: HeadProblem, t: torch.Tensor, free_entries: torch.Tensor, offset_free: torch.Tensor,
-                 steps: int = 30) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Refine candidates ``t`` (K,) by Gauss-Newton on the residual vector ``P(t p(t) - c)``.
+def gauss_newton(problem: HeadProblem, t: torch.Tensor, mask: torch.Tensor, offset_free: torch.Tensor,
+                 steps: int = 30) -> torch.Tensor:
+    """Refine candidates ``t`` (K,) by Gauss-Newton on the residual vector ``P(t p(t) - c)``, the structured
+    entries held fixed by ``mask`` (K, C).
 
     The residual is zero at the true ``t`` and smooth around it, so convergence is quadratic. A step that does
-    not lower ``r`` is halved; ``t`` keeps its sign and stays admissible (``|t| >= problem.t_min``).
+    not lower the residual is shrunk; ``t`` keeps its sign and stays admissible (``|t| >= problem.t_min``).
 
     Returns:
-        ``(t, r)``: the refined scalars and their residuals, both ``(K,)``.
+        The refined scalars ``(K,)``.
     """
     t_min = problem.t_min
-    r = residuals(problem, t, free_entries, offset_free)
+    r = _piece_residuals(problem, t, mask, offset_free)
     step_scale = torch.ones_like(t)
     for _ in range(steps):
         p = torch.softmax(problem.logits(t), dim=-1)
-        y = p - problem.c / t.unsqueeze(-1)
-        mask = structured_mask(y, free_entries)
         error = _project(t.unsqueeze(-1) * p - problem.c, mask, offset_free)
         slope = p * (problem.a - (p * problem.a).sum(-1, keepdim=True))
         jacobian = _project(p + t.unsqueeze(-1) * slope, mask, offset_free)
         step = -(error * jacobian).sum(-1) / (jacobian * jacobian).sum(-1).clamp_min(torch.finfo(t.dtype).tiny)
         step = (step * step_scale).clamp(-0.5 * t.abs(), 0.5 * t.abs())
         trial = torch.where(t > 0, (t + step).clamp_min(t_min), (t + step).clamp_max(-t_min))
-        r_trial = residuals(problem, trial, free_entries, offset_free)
+        r_trial = _piece_residuals(problem, trial, mask, offset_free)
         better = r_trial < r
         t = torch.where(better, trial, t)
         r = torch.where(better, r_trial, r)
@@ -144,4 +170,4 @@ def gauss_newton(problem: HeadProblem, t: torch.Tensor, free_entries: torch.Tens
         step_scale = torch.where(better, torch.ones_like(step_scale), step_scale * 0.25)
         if bool(settled.all()):
             break
-    return t, r
+    return t

@@ -1,0 +1,85 @@
+import pytest
+import torch
+from torch import nn
+
+from gradleak.head import factor_head, find_head, head_gradients
+
+
+def _rank_one(C=6, d=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    delta = torch.randn(C, generator=g, dtype=torch.float64)
+    delta -= delta.mean()
+    h = torch.rand(d, generator=g, dtype=torch.float64)
+    return torch.outer(delta, h), torch.randn(C, d, generator=g, dtype=torch.float64), delta, h
+
+
+def test_factor_reproduces_rank_one_gradient():
+    grad, weight, delta, h = _rank_one()
+    problem = factor_head(grad, weight)
+    torch.testing.assert_close(problem.sigma * torch.outer(problem.c, problem.v), grad)
+    assert problem.rank_one_ratio < 1e-7
+    assert problem.row_sum_error < 1e-12
+    # every candidate scalar reproduces the observed gradient exactly and sums to one (Theorem 1)
+    t = torch.tensor([0.7, -3.0, 12.0], dtype=torch.float64) * problem.t_min
+    labels, features = problem.label(t), problem.feature(t)
+    p = torch.softmax(problem.logits(t), -1)
+    for k in range(3):
+        torch.testing.assert_close(torch.outer(p[k] - labels[k], features[k]), grad)
+    torch.testing.assert_close(labels.sum(-1), torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_true_scalar_is_admissible(seed):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.rand(7, 11, generator=g, dtype=torch.float64) - 0.5
+    h = torch.rand(11, generator=g, dtype=torch.float64) * 3
+    y = torch.distributions.Dirichlet(torch.ones(7, dtype=torch.float64)).sample()
+    problem = factor_head(torch.outer(torch.softmax(weight @ h, -1) - y, h), weight)
+    true_t = float(h @ problem.v) / problem.sigma
+    assert abs(true_t) >= problem.t_min * (1 - 1e-12)
+
+
+def test_batch_gradient_is_rejected():
+    grad_a, weight, _, _ = _rank_one(seed=1)
+    grad_b, _, _, _ = _rank_one(seed=2)
+    with pytest.raises(ValueError, match="not rank one"):
+        factor_head(grad_a + grad_b, weight)
+    assert factor_head(grad_a + grad_b, weight, rank_one_tol=None).rank_one_ratio > 0.01
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(weight_grad=torch.zeros(4, 3), weight=torch.ones(4, 3)), ValueError, "all zeros"),
+    (dict(weight_grad=torch.ones(4, 3), weight=torch.ones(4, 2)), ValueError, "shape"),
+    (dict(weight_grad=torch.ones(4), weight=torch.ones(4)), ValueError, r"\(C, d\)"),
+    (dict(weight_grad=torch.full((4, 3), float("inf")), weight=torch.ones(4, 3)), ValueError, "NaN or infinite"),
+    (dict(weight_grad=torch.ones(4, 3, dtype=torch.long), weight=torch.ones(4, 3)), TypeError, "floating"),
+    (dict(weight_grad=[[1.0]], weight=torch.ones(1, 1)), TypeError, "torch.Tensor"),
+    (dict(weight_grad=torch.ones(1, 3), weight=torch.ones(1, 3)), ValueError, "at least 2 classes"),
+    (dict(weight_grad=torch.ones(4, 3), weight=torch.ones(4, 3), bias_grad=torch.ones(4)), ValueError,
+     "without bias"),
+    (dict(weight_grad=torch.ones(4, 3), weight=torch.ones(4, 3), bias=torch.ones(3), bias_grad=torch.ones(3)),
+     ValueError, r"shape \(4,\)"),
+])
+def test_bad_head_inputs(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        factor_head(**kwargs)
+
+
+def test_find_head_and_its_gradients():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))
+    name, module = find_head(model)
+    assert name == "4" and module is model[4]
+    assert find_head(model, "2")[1] is model[2]
+    grads = [torch.ones_like(p) for p in model.parameters()]
+    parts = head_gradients(model, grads)
+    assert parts["weight"] is model[4].weight and parts["bias_grad"].shape == (3,)
+    with pytest.raises(TypeError, match="no nn.Linear"):
+        find_head(nn.Sequential(nn.Conv2d(1, 2, 3)))
+    with pytest.raises(TypeError, match="not an nn.Linear"):
+        find_head(model, "0")
+    with pytest.raises(ValueError, match="no module named"):
+        find_head(model, "nope")
+    with pytest.raises(ValueError, match="gradients for a model"):
+        head_gradients(model, grads[:2])
+    with pytest.raises(ValueError, match="no entry"):
+        head_gradients(model, {"0.weight": grads[0]})

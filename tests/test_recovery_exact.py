@@ -1,0 +1,134 @@
+"""Property tests: exact recovery on random heads against the truth that built the gradient."""
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import gradleak
+from gradleak.labels import mixup_label, smooth_label
+
+SETTINGS = settings(max_examples=int(os.environ.get("GRADLEAK_EXAMPLES", 40)), deadline=None, derandomize="GRADLEAK_EXAMPLES" not in os.environ,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+def _victim(num_classes, dim, label, *, bias, dtype, seed, nonnegative=True):
+    """A random head and the gradient of one example; returns (kwargs for recover_label, true feature)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.rand(num_classes, dim, generator=g, dtype=torch.float64) - 0.5).to(dtype)
+    raw = torch.randn(dim, generator=g, dtype=torch.float64)
+    h = (torch.relu(raw) + 0.05 * raw.abs() if nonnegative else raw).to(dtype)
+    b = (torch.rand(num_classes, generator=g, dtype=torch.float64) - 0.5).to(dtype) if bias else None
+    z = weight @ h + (b if bias else 0)
+    delta = torch.softmax(z, -1) - label.to(dtype)
+    kwargs = dict(weight_grad=torch.outer(delta, h), weight=weight, bias=b, bias_grad=delta if bias else None)
+    return kwargs, h
+
+
+def _check(result, label, h, dtype):
+    err = float((result.label.double() - label.double()).abs().max())
+    cos = float(torch.nn.functional.cosine_similarity(result.feature.double(), h.double(), dim=0))
+    limit = 1e-3 if dtype == torch.float32 else 1e-9
+    assert err < limit, (err, result)
+    assert cos > 1 - limit, (cos, result)
+    assert result.label.dtype == dtype and result.feature.dtype == dtype
+
+
+classes = st.integers(4, 1000)
+dims = st.sampled_from([8, 64, 300])
+dtypes = st.sampled_from([torch.float32, torch.float64])
+
+
+@SETTINGS
+@given(C=classes, d=dims, eps=st.floats(0.0, 0.95), bias=st.booleans(), dtype=dtypes, seed=st.integers(0, 10**6))
+def test_label_smoothing(C, d, eps, bias, dtype, seed):
+    target = seed % C
+    label = smooth_label(target, C, eps)
+    kwargs, h = _victim(C, d, label, bias=bias, dtype=dtype, seed=seed)
+    result = gradleak.recover_label(**kwargs, label_format="smoothing")
+    assert result.determined, result.message
+    _check(result, label, h, dtype)
+    assert result.classes == (target,) or eps > 1 - 1 / C * 2
+    assert result.eps == pytest.approx(eps, abs=1e-3 * C if dtype == torch.float32 else 1e-6 * C)
+
+
+@SETTINGS
+@given(C=classes, d=dims, lam=st.floats(0.0, 1.0), eps=st.sampled_from([0.0, 0.1]), bias=st.booleans(),
+       dtype=dtypes, seed=st.integers(0, 10**6))
+def test_mixup(C, d, lam, eps, bias, dtype, seed):
+    assume(eps == 0 or C >= 5)  # mixup with smoothing has an equation to spare only from 5 classes on
+    a, b = seed % C, (seed // C + 1 + seed % C) % C
+    if a == b:
+        b = (a + 1) % C
+    label = mixup_label(a, b, lam, C, eps=eps)
+    kwargs, h = _victim(C, d, label, bias=bias, dtype=dtype, seed=seed)
+    result = gradleak.recover_label(**kwargs, label_format="mixup")
+    assert result.determined, result.message
+    _check(result, label, h, dtype)
+
+
+@SETTINGS
+@given(C=st.integers(3, 1000), d=dims, dtype=dtypes, seed=st.integers(0, 10**6))
+def test_hard(C, d, dtype, seed):
+    label = smooth_label(seed % C, C, 0.0)
+    kwargs, h = _victim(C, d, label, bias=False, dtype=dtype, seed=seed)
+    result = gradleak.recover_label(**kwargs, label_format="hard")
+    assert result.determined, result.message
+    _check(result, label, h, dtype)
+    assert result.classes == (seed % C,)
+
+
+@SETTINGS
+@given(C=st.integers(4, 200), eps=st.floats(0.0, 0.5), dtype=dtypes, seed=st.integers(0, 10**6))
+def test_mixed_sign_features(C, eps, dtype, seed):
+    """Heads whose input is not non-negative (no ReLU before the head): both signs of t are searched."""
+    label = smooth_label(seed % C, C, eps)
+    kwargs, h = _victim(C, 64, label, bias=False, dtype=dtype, seed=seed, nonnegative=False)
+    result = gradleak.recover_label(**kwargs, label_format="smoothing", feature_sign="any")
+    assert result.determined, result.message
+    _check(result, label, h, dtype)
+
+
+@SETTINGS
+@given(C=st.integers(2, 3), eps=st.floats(0.0, 0.9), lam=st.floats(0.0, 1.0), mixup=st.booleans(),
+       seed=st.integers(0, 10**6))
+def test_too_few_classes_is_flagged_not_guessed(C, eps, lam, mixup, seed):
+    """With 2-3 classes the smoothing / mixup structures have no equation to spare: either the answer is
+    right or the result says it is undetermined; never a confident wrong answer."""
+    label = mixup_label(0, 1, lam, C) if mixup else smooth_label(seed % C, C, eps)
+    kwargs, h = _victim(C, 16, label, bias=False, dtype=torch.float64, seed=seed)
+    if mixup and C == 2:
+        with pytest.raises(ValueError, match="no label entry to check"):
+            gradleak.recover_label(**kwargs, label_format="mixup")
+        return
+    result = gradleak.recover_label(**kwargs, label_format="mixup" if mixup else "smoothing")
+    if result.determined:
+        _check(result, label, h, torch.float64)
+    else:
+        assert result.message
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_auto_detects_the_format(seed):
+    g = torch.Generator().manual_seed(seed)
+    C = [10, 100, 1000][seed % 3]
+    kind = ["hard", "smoothing", "mixup"][(seed // 3) % 3]
+    a, b = torch.randperm(C, generator=g)[:2].tolist()
+    value = 0.05 + 0.9 * float(torch.rand((), generator=g))
+    label = {"hard": smooth_label(a, C, 0.0), "smoothing": smooth_label(a, C, value * 0.5),
+             "mixup": mixup_label(a, b, value, C)}[kind]
+    kwargs, h = _victim(C, 128, label, bias=False, dtype=torch.float32, seed=seed)
+    result = gradleak.recover_label(**kwargs)
+    assert result.label_format == kind, result
+    assert result.determined
+    _check(result, label, h, torch.float32)
+    assert set(result.residuals) == {"hard", "smoothing", "mixup", "mixup_smoothing"}
+    assert result.residual == min(result.residuals[k] for k in result.residuals if k.startswith(kind[:3])) or \
+        kind == "hard"
+    if kind == "mixup":
+        assert set(result.classes) == {a, b}
+        lam = value if result.classes == (min(a, b), max(a, b)) and a < b else 1 - value
+        assert result.lam == pytest.approx(lam, abs=1e-4)
+    assert math.isfinite(result.margin) or result.margin == math.inf
