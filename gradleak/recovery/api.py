@@ -324,7 +324,8 @@ def _recover(problem: HeadProblem, known_scale: Optional[Tuple[float, str]], *, 
             raise ValueError(f"method={method!r} (the paper's search) needs a known label_format; "
                              "only method='exact' detects the format")
         if method == "exact":
-            search_options = dict(search_options, same_answer_atol=same_answer_atol)
+            sign = _preferred_sign(problem) if feature_sign != "any" else 0
+            search_options = dict(search_options, same_answer_atol=same_answer_atol, sign=sign)
         outcome = SEARCHES[method](problem, label_format, **search_options)
         used_method, evaluations, converged = method, outcome.evaluations, outcome.converged
         minima = outcome.info.get("minima") or _single_minimum(problem, outcome.t, structures)

@@ -27,18 +27,20 @@ class Minima:
     residual: torch.Tensor
 
 
-def log_grid(problem: HeadProblem, points_per_decade: int, decades: float) -> torch.Tensor:
-    """``(2n,)`` scalars ``+-t_min * 10^k`` for ``k`` in ``[0, decades]``: positive half first, ``|t|`` rising."""
+def log_grid(problem: HeadProblem, points_per_decade: int, decades: float, sign: int = 0) -> torch.Tensor:
+    """Scalars ``+-t_min * 10^k`` for ``k`` in ``[0, decades]``, ``|t|`` rising within each sign; positive half
+    first. ``sign`` = +1 or -1 keeps one half only."""
     n = int(points_per_decade * decades) + 1
     magnitudes = problem.t_min * torch.logspace(0.0, decades, n, dtype=torch.float64, device=problem.c.device)
-    return torch.cat([magnitudes, -magnitudes])
+    halves = [magnitudes, -magnitudes] if sign == 0 else [sign * magnitudes]
+    return torch.cat(halves)
 
 
-def _grid_minima(r: torch.Tensor, max_starts: int) -> torch.Tensor:
+def _grid_minima(r: torch.Tensor, halves: int, max_starts: int) -> torch.Tensor:
     """Indices of up to ``max_starts`` lowest local minima of each half of a ``log_grid`` residual curve."""
     starts = []
-    half = r.shape[0] // 2
-    for offset in (0, half):
+    half = r.shape[0] // halves
+    for offset in range(0, r.shape[0], half):
         curve = r[offset:offset + half]
         left = torch.cat([curve.new_full((1,), float("inf")), curve[:-1]])
         right = torch.cat([curve[1:], curve.new_full((1,), float("inf"))])
@@ -52,23 +54,25 @@ def _grid_minima(r: torch.Tensor, max_starts: int) -> torch.Tensor:
 
 def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points_per_decade: int = 32,
                 decades: float = 8.0, max_starts: int = 4, second_class_choices: int = 8, refine_steps: int = 30,
-                same_answer_atol: float = 1e-4) -> Dict[str, Minima]:
+                same_answer_atol: float = 1e-4, sign: int = 0) -> Dict[str, Minima]:
     """Every refined local minimum of each hypothesis' residual; minima whose labels agree within
     ``same_answer_atol`` are one answer (in flat, noisy basins refinement stops at slightly different ``t``).
 
     Each start is refined with its free entries held fixed; a two-class structure is refined once for each of
     the ``second_class_choices`` most likely second classes, because near a small mixup weight the best second
     class changes within a grid step. A second refinement re-chooses the free entries where the first ended.
+    ``sign`` = +1 or -1 searches one sign of ``t`` only (non-negative features fix it).
 
     Cost: one ``(2 * points_per_decade * decades, C)`` softmax, then ``refine_steps`` Gauss-Newton steps on at
     most ``2 * max_starts * second_class_choices * len(structures)`` candidates at once.
     """
-    grid = log_grid(problem, points_per_decade, decades)
+    grid = log_grid(problem, points_per_decade, decades, sign)
+    halves = 1 if sign else 2
     curves = grid_residuals(problem, grid, tuple(structures))
     device = grid.device
     start_t, start_structure = [], []
     for index in range(len(structures)):
-        chosen = _grid_minima(curves[:, index], max_starts)
+        chosen = _grid_minima(curves[:, index], halves, max_starts)
         start_t.append(grid[chosen])
         start_structure.append(torch.full_like(chosen, index))
     t0 = torch.cat(start_t)
@@ -111,16 +115,17 @@ def distinct_answers(labels: torch.Tensor, atol: float) -> torch.Tensor:
 @register_search("exact")
 def exact_search(problem: HeadProblem, label_format: str, *, points_per_decade: int = 32, decades: float = 8.0,
                  max_starts: int = 4, second_class_choices: int = 8, refine_steps: int = 30,
-                 same_answer_atol: float = 1e-4) -> SearchOutcome:
+                 same_answer_atol: float = 1e-4, sign: int = 0) -> SearchOutcome:
     """The best refined minimum over the hypotheses of ``label_format``; ``info["minima"]`` holds them all."""
     structures = [STRUCTURES[name] for name in FORMAT_STRUCTURES[label_format]
                   if STRUCTURES[name].free_entries < problem.num_classes]
     minima = find_minima(problem, structures, points_per_decade=points_per_decade, decades=decades,
                          max_starts=max_starts, second_class_choices=second_class_choices,
-                         refine_steps=refine_steps, same_answer_atol=same_answer_atol)
+                         refine_steps=refine_steps, same_answer_atol=same_answer_atol, sign=sign)
     best = min(minima.values(), key=lambda m: float(m.residual[0]))
-    grid_size = 2 * (int(points_per_decade * decades) + 1)
-    refined = 2 * max_starts * sum(second_class_choices if s.free_entries == 2 else 1 for s in structures)
+    halves = 1 if sign else 2
+    grid_size = halves * (int(points_per_decade * decades) + 1)
+    refined = halves * max_starts * sum(second_class_choices if s.free_entries == 2 else 1 for s in structures)
     return SearchOutcome(t=float(best.t[0]), objective=float(best.residual[0]),
                          evaluations=grid_size + refined * (refine_steps + 1), converged=True,
                          info={"minima": minima})

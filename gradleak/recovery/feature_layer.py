@@ -12,6 +12,7 @@ where the label structure cannot: confident trained networks, whose candidate la
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -59,8 +60,8 @@ def find_feature_layer(model: nn.Module, head_name: str) -> Optional[FeatureLaye
 
 def scale_from_feature_layer(problem: HeadProblem, layer: FeatureLayer, bias_grad: torch.Tensor
                              ) -> Optional[Tuple[float, float]]:
-    """``(t, relative residual)`` that best explains the feature layer's bias gradient, or None if the shapes
-    do not match (then the layer is not what produces the head input).
+    """``(t, relative residual)`` that best explains the feature layer's bias gradient (``(nan, 1.0)`` when no
+    scalar does), or None if the shapes do not match (then the layer is not what produces the head input).
 
     Args:
         bias_grad: ``(channels,)`` observed dL/db_A.
@@ -90,7 +91,7 @@ def scale_from_feature_layer(problem: HeadProblem, layer: FeatureLayer, bias_gra
             t = float(b @ (a - observed)) / float(b @ b)
             if t != 0.0:
                 fits[t] = float((a - t * b - observed).norm()) / norm
-    if not fits:
-        return None
+    if not fits:  # no scalar of an admissible sign explains the gradient at all
+        return math.nan, 1.0
     t = min(fits, key=fits.get)
     return t, fits[t]

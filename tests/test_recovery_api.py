@@ -1,0 +1,160 @@
+"""The public entry points: options, diagnostics and clear errors."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradleak
+from gradleak.labels import mixup_label, smooth_label
+from gradleak.recovery import SEARCHES
+
+
+def _mlp(head_bias=False, hidden_bias=True, activation=nn.ReLU, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(20, 32, bias=hidden_bias), activation(), nn.Linear(32, 10, bias=head_bias)).double()
+
+
+def _gradients(model, label, seed=0):
+    x = torch.randn(20, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    with torch.no_grad():
+        feature = model[1](model[0](x))
+    return gradleak.single_example_gradients(model, x, label), feature
+
+
+def test_registry_names():
+    assert {"exact", "pso", "lbfgs"} <= set(SEARCHES)
+
+
+def test_head_bias_is_closed_form():
+    model = _mlp(head_bias=True)
+    label = mixup_label(2, 7, 0.3, 10)
+    grads, feature = _gradients(model, label)
+    result = gradleak.recover_from_gradients(model, grads)
+    assert result.method == "closed_form" and result.determined
+    torch.testing.assert_close(result.label, label)
+    torch.testing.assert_close(result.feature, feature)
+    assert result.label_format == "mixup" and result.classes == (2, 7)
+    assert result.lam == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.Sigmoid])
+def test_feature_layer_fixes_the_scale(activation):
+    model = _mlp(activation=activation)
+    label = smooth_label(4, 10, 0.2)
+    grads, feature = _gradients(model, label)
+    result = gradleak.recover_from_gradients(model, grads)
+    assert result.method == "feature_layer"
+    assert result.extra["feature_layer_residual"] < 1e-10
+    torch.testing.assert_close(result.label, label)
+    torch.testing.assert_close(result.feature, feature)
+    head_only = gradleak.recover_from_gradients(model, grads, use_feature_layer=False)
+    assert head_only.method == "exact"
+    torch.testing.assert_close(head_only.label, label)
+
+
+def test_feature_layer_is_not_trusted_when_it_does_not_explain_the_gradient():
+    model = _mlp()
+    grads, _ = _gradients(model, smooth_label(4, 10, 0.2))
+    grads["0.bias"] = torch.randn_like(grads["0.bias"])
+    result = gradleak.recover_from_gradients(model, grads)
+    assert result.method == "exact" and result.extra["feature_layer_residual"] > 1e-3
+
+
+def test_sequence_gradients_and_explicit_head():
+    model = _mlp()
+    grads, _ = _gradients(model, smooth_label(1, 10, 0.1))
+    by_list = gradleak.recover_from_gradients(model, list(grads.values()))
+    by_name = gradleak.recover_from_gradients(model, grads, head="2")
+    torch.testing.assert_close(by_list.label, by_name.label)
+
+
+@pytest.mark.parametrize("fmt", ["hard", "smoothing", "mixup"])
+def test_format_is_reported_with_its_parameters(fmt):
+    model = _mlp(hidden_bias=False)
+    label = {"hard": smooth_label(3, 10, 0.0), "smoothing": smooth_label(3, 10, 0.37),
+             "mixup": mixup_label(3, 8, 0.61, 10)}[fmt]
+    grads, _ = _gradients(model, label)
+    result = gradleak.recover_from_gradients(model, grads, label_format="auto")
+    assert result.method == "exact"
+    assert result.label_format == fmt and result.determined
+    assert result.residual < 1e-9 and result.margin > 1e3
+    assert result.rank_one_ratio < 1e-6 and result.row_sum_error < 1e-9 and result.label_valid
+    if fmt == "smoothing":
+        assert result.classes == (3,) and result.eps == pytest.approx(0.37, abs=1e-9)
+    if fmt == "mixup":
+        assert result.classes == (3, 8) and result.lam == pytest.approx(0.61, abs=1e-9)
+        assert result.eps == pytest.approx(0.0, abs=1e-9)
+
+
+def test_results_keep_dtype_and_the_paper_methods_run():
+    model = _mlp(hidden_bias=False).float()
+    label = smooth_label(5, 10, 0.25, dtype=torch.float32)
+    grads = gradleak.single_example_gradients(model, torch.randn(20), label)
+    for method in ("exact", "lbfgs", "pso"):
+        result = gradleak.recover_from_gradients(model, grads, label_format="smoothing", method=method,
+                                                 **({"population": 50, "iterations": 20} if method == "pso" else {}))
+        assert result.label.dtype == torch.float32 and result.method == method
+        assert result.evaluations > 0
+
+
+def test_paper_methods_need_a_format():
+    model = _mlp(hidden_bias=False)
+    grads, _ = _gradients(model, smooth_label(5, 10, 0.25))
+    with pytest.raises(ValueError, match="needs a known label_format"):
+        gradleak.recover_from_gradients(model, grads, method="pso")
+
+
+def test_batch_gradient_is_refused():
+    model = _mlp(hidden_bias=False)
+    a, _ = _gradients(model, smooth_label(1, 10, 0.1), seed=1)
+    b, _ = _gradients(model, smooth_label(6, 10, 0.3), seed=2)
+    batch = {k: a[k] + b[k] for k in a}
+    with pytest.raises(ValueError, match="batch"):
+        gradleak.recover_from_gradients(model, batch)
+    noisy = gradleak.recover_from_gradients(model, batch, rank_one_tol=None)
+    assert not noisy.determined and noisy.rank_one_ratio > 0.01
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(label_format="soft"), "label_format must be one of"),
+    (dict(method="adam"), "method must be one of"),
+    (dict(feature_sign="positive"), "feature_sign must be one of"),
+])
+def test_bad_options(options, match):
+    model = _mlp(hidden_bias=False)
+    grads, _ = _gradients(model, smooth_label(1, 10, 0.1))
+    with pytest.raises(ValueError, match=match):
+        gradleak.recover_from_gradients(model, grads, **options)
+
+
+def test_bad_gradients():
+    model = _mlp(hidden_bias=False)
+    grads, _ = _gradients(model, smooth_label(1, 10, 0.1))
+    zero = dict(grads, **{"2.weight": torch.zeros_like(grads["2.weight"])})
+    with pytest.raises(ValueError, match="all zeros"):
+        gradleak.recover_from_gradients(model, zero)
+    nan = dict(grads, **{"2.weight": grads["2.weight"].clone().fill_(math.nan)})
+    with pytest.raises(ValueError, match="NaN"):
+        gradleak.recover_from_gradients(model, nan)
+    with pytest.raises(ValueError, match="shape"):
+        gradleak.recover_label(grads["2.weight"][:, :5], model[2].weight)
+    with pytest.raises(TypeError, match="no nn.Linear"):
+        gradleak.recover_from_gradients(nn.Sequential(nn.Conv1d(1, 1, 1)), [torch.ones(1, 1, 1), torch.ones(1)])
+    with pytest.raises(ValueError, match="gradients for a model"):
+        gradleak.recover_from_gradients(model, [grads["2.weight"]])
+
+
+def test_non_negative_prior_can_be_required_or_dropped():
+    model = _mlp(hidden_bias=False)
+    label = smooth_label(2, 10, 0.3)
+    grads, feature = _gradients(model, label)
+    required = gradleak.recover_from_gradients(model, grads, feature_sign="nonnegative")
+    dropped = gradleak.recover_from_gradients(model, grads, feature_sign="any")
+    for result in (required, dropped):
+        torch.testing.assert_close(result.label, label)
+        assert bool((result.feature >= 0).all())
+    signed = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 10, bias=False)).double()
+    grads, _ = _gradients(signed, label)
+    with pytest.raises(ValueError, match="mixed signs"):
+        gradleak.recover_from_gradients(signed, grads, feature_sign="nonnegative")
