@@ -39,6 +39,7 @@ class HeadProblem:
         a: ``(C,)`` ``sigma * W v``: the logits are ``t * a + b``.
         rank_one_ratio: ``||G - sigma c v^T||_F / ||G||_F``; float rounding gives ~1e-7 (float32), a batch O(1).
         row_sum_error: ``|sum_i c_i|``; Theorem 1 makes it 0 when the label sums to one.
+        t_min: smallest admissible ``|t|``: ``|p_i - y_i| <= 1`` and ``sum_i |p_i - y_i| <= 2``.
         dtype: dtype of the observed gradient (results are returned in it).
     """
 
@@ -52,16 +53,13 @@ class HeadProblem:
     a: torch.Tensor
     rank_one_ratio: float
     row_sum_error: float
+    t_min: float
     dtype: torch.dtype
 
     @property
     def num_classes(self) -> int:
         return self.c.shape[0]
 
-    @property
-    def t_min(self) -> float:
-        """Smallest admissible ``|t|``: ``|p_i - y_i| <= 1`` and ``sum_i |p_i - y_i| <= 2``."""
-        return float(max(self.c.abs().max(), self.c.abs().sum() / 2))
 
     def logits(self, t: torch.Tensor) -> torch.Tensor:
         """Candidate logits ``(..., C)`` for scalars ``t`` of shape ``(...)``."""
@@ -143,7 +141,8 @@ def factor_head(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optional[
         bias=None if bias is None else bias.detach().to(torch.float64),
         bias_grad=None if bias_grad is None else bias_grad.detach().to(torch.float64),
         sigma=sigma, c=c, v=v, a=a, rank_one_ratio=rank_one_ratio,
-        row_sum_error=float(c.sum().abs()), dtype=dtype)
+        row_sum_error=float(c.sum().abs()), t_min=float(torch.maximum(c.abs().max(), c.abs().sum() / 2)),
+        dtype=dtype)
 
 
 def find_head(model: nn.Module, head: Union[str, nn.Linear, None] = None) -> Tuple[str, nn.Linear]:

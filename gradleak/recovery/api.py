@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -11,9 +11,8 @@ from torch import nn
 from ..head import GradientsLike, HeadProblem, factor_head, find_head, head_gradients, named_gradients
 from ..labels import LABEL_FORMATS
 from .base import SEARCHES
-from .exact import Minima
 from .feature_layer import find_feature_layer, scale_from_feature_layer
-from .structure import FORMAT_STRUCTURES, STRUCTURES, Structure, free_entries_of, mask_of, residuals
+from .structure import FORMAT_STRUCTURES, STRUCTURES, Minima, Structure, describe
 
 FEATURE_SIGNS = ("auto", "nonnegative", "any")
 
@@ -101,12 +100,7 @@ def _label_parameters(answer: "_Candidate") -> Tuple[Tuple[int, ...], float, Opt
 def _single_minimum(problem: HeadProblem, t: float, structures: Sequence[Structure]) -> Dict[str, Minima]:
     """Minima dict for one given scalar (closed form, or a search that returns one answer)."""
     t_tensor = torch.tensor([t], dtype=torch.float64, device=problem.c.device)
-    out = {}
-    for structure in structures:
-        free = torch.tensor([structure.free_entries], device=t_tensor.device)
-        offset = torch.tensor([structure.offset_free], device=t_tensor.device)
-        out[structure.name] = Minima(t_tensor, residuals(problem, t_tensor, free, offset))
-    return out
+    return {structure.name: describe(problem, structure, t_tensor) for structure in structures}
 
 
 def _label_tolerance(dtype: torch.dtype) -> float:
@@ -144,16 +138,11 @@ class _Candidate:
     free: Tuple[int, ...]
 
 
-def _candidate(problem: HeadProblem, structure: Structure, t: float, residual: float) -> _Candidate:
-    t_tensor = torch.tensor([t], dtype=torch.float64, device=problem.c.device)
-    y = problem.label(t_tensor)
-    free = free_entries_of(t_tensor.unsqueeze(-1) * y, t_tensor, torch.tensor([structure.free_entries]),
-                           torch.tensor([structure.offset_free]))[:, 0]
-    structured = y[mask_of(free, problem.num_classes)]
-    if structure.offset_free:
-        structured = structured - structured.mean()
-    rms = float(structured.norm() / math.sqrt(structured.numel())) if structured.numel() else 0.0
-    return _Candidate(structure, t, residual, y[0], rms, tuple(int(i) for i in free[0].unique(sorted=False)))
+def _candidates(minima: Minima, structure: Structure) -> List[_Candidate]:
+    ts, rs, spreads, frees = (minima.t.tolist(), minima.residual.tolist(), minima.label_residual.tolist(),
+                              minima.free.tolist())
+    return [_Candidate(structure, t, r, minima.labels[i], s, tuple(dict.fromkeys(f)))
+            for i, (t, r, s, f) in enumerate(zip(ts, rs, spreads, frees))]
 
 
 def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambiguity_ratio: float,
@@ -178,18 +167,14 @@ def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambi
     for name, found in minima.items():
         structure = STRUCTURES[name]
         informative = closed_form or structure.degrees_of_freedom(num_classes) >= 1
-        for t, r in zip(found.t.tolist(), found.residual.tolist()):
-            if restrict and t * restrict < 0:
-                continue
-            candidate = _candidate(problem, structure, t, r)
-            if not bool((candidate.label >= -label_tol).all() and (candidate.label <= 1 + label_tol).all()):
-                invalid.append(candidate)
-            else:
-                (candidates if informative else uninformative).append(candidate)
+        keep = found.t * restrict >= 0 if restrict else torch.ones_like(found.t, dtype=torch.bool)
+        valid = ((found.labels >= -label_tol) & (found.labels <= 1 + label_tol)).all(-1)
+        invalid += _candidates(found[keep & ~valid], structure)
+        (candidates if informative else uninformative).extend(_candidates(found[keep & valid], structure))
     if not candidates:
-        fallback = min(uninformative or invalid or [
-            _candidate(problem, STRUCTURES[name], float(m.t[0]), float(m.residual[0]))
-            for name, m in minima.items() if m.t.numel()], key=lambda c: c.residual)
+        fallback = min(uninformative or invalid or [c for name, m in minima.items()
+                                                    for c in _candidates(m, STRUCTURES[name])],
+                       key=lambda c: c.residual)
         if any(STRUCTURES[name].degrees_of_freedom(num_classes) < 1 for name in minima) and not closed_form:
             reason = (f"with {num_classes} classes the {fallback.structure.name} structure has no equation to "
                       "spare: the gradient cannot determine the label")

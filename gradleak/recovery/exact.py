@@ -8,23 +8,14 @@ tell a unique answer from an ambiguous one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Sequence
 
 import torch
 
 from ..head import HeadProblem
 from .base import SearchOutcome, register_search
-from .structure import (FORMAT_STRUCTURES, STRUCTURES, Structure, free_entries_of, gauss_newton,
-                        grid_residuals, mask_of, residuals)
-
-
-@dataclass(frozen=True)
-class Minima:
-    """Refined local minima of one hypothesis, best first: ``t`` and ``residual`` both ``(n,)``."""
-
-    t: torch.Tensor
-    residual: torch.Tensor
+from .structure import (FORMAT_STRUCTURES, STRUCTURES, Minima, Structure, describe, free_entries_of,
+                        gauss_newton, grid_residuals, mask_of)
 
 
 def log_grid(problem: HeadProblem, points_per_decade: int, decades: float, sign: int = 0) -> torch.Tensor:
@@ -53,7 +44,7 @@ def _grid_minima(r: torch.Tensor, halves: int, max_starts: int) -> torch.Tensor:
 
 
 def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points_per_decade: int = 32,
-                decades: float = 8.0, max_starts: int = 4, second_class_choices: int = 8, refine_steps: int = 30,
+                decades: float = 8.0, max_starts: int = 4, second_class_choices: int = 8, refine_steps: int = 12,
                 same_answer_atol: float = 1e-4, sign: int = 0) -> Dict[str, Minima]:
     """Every refined local minimum of each hypothesis' residual; minima whose labels agree within
     ``same_answer_atol`` are one answer (in flat, noisy basins refinement stops at slightly different ``t``).
@@ -73,6 +64,10 @@ def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points
     start_t, start_structure = [], []
     for index in range(len(structures)):
         chosen = _grid_minima(curves[:, index], halves, max_starts)
+        # basins at the trivial level (r ~ 1) are not worth refining; keep at least the best one
+        promising = curves[chosen, index] < 0.5
+        promising[curves[chosen, index].argmin()] = True
+        chosen = chosen[promising]
         start_t.append(grid[chosen])
         start_structure.append(torch.full_like(chosen, index))
     t0 = torch.cat(start_t)
@@ -88,19 +83,15 @@ def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points
     rows = keep.nonzero()[:, 0]
     free = free[keep]
     t0, which, free_entries, offset_free = t0[rows], which[rows], free_entries[rows], offset_free[rows]
-    t = gauss_newton(problem, t0, mask_of(free, problem.num_classes), offset_free, steps=refine_steps)
+    t = gauss_newton(problem, t0, mask_of(free, problem.num_classes), offset_free, steps=refine_steps // 2)
     # polish: near the answer the best free entries are clear; refine again with them
     error = t.unsqueeze(-1) * torch.softmax(problem.logits(t), -1) - problem.c
     free = free_entries_of(error, t, free_entries, offset_free)[:, 0]
     t = gauss_newton(problem, t, mask_of(free, problem.num_classes), offset_free, steps=refine_steps)
-    r = residuals(problem, t, free_entries, offset_free)
-    labels = problem.label(t)
     minima = {}
     for index, structure in enumerate(structures):
-        mine = (which == index).nonzero().flatten()
-        mine = mine[r[mine].argsort()]
-        distinct = distinct_answers(labels[mine], same_answer_atol)
-        minima[structure.name] = Minima(t[mine][distinct], r[mine][distinct])
+        found = describe(problem, structure, t[which == index])
+        minima[structure.name] = found[distinct_answers(found.labels, same_answer_atol)]
     return minima
 
 
@@ -114,7 +105,7 @@ def distinct_answers(labels: torch.Tensor, atol: float) -> torch.Tensor:
 
 @register_search("exact")
 def exact_search(problem: HeadProblem, label_format: str, *, points_per_decade: int = 32, decades: float = 8.0,
-                 max_starts: int = 4, second_class_choices: int = 8, refine_steps: int = 30,
+                 max_starts: int = 4, second_class_choices: int = 8, refine_steps: int = 12,
                  same_answer_atol: float = 1e-4, sign: int = 0) -> SearchOutcome:
     """The best refined minimum over the hypotheses of ``label_format``; ``info["minima"]`` holds them all."""
     structures = [STRUCTURES[name] for name in FORMAT_STRUCTURES[label_format]

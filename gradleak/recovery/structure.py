@@ -140,34 +140,71 @@ def grid_residuals(problem: HeadProblem, t: torch.Tensor, structures: Tuple[Stru
     return torch.stack(out, dim=-1)
 
 
+@dataclass(frozen=True)
+class Minima:
+    """Candidate answers of one hypothesis, best (lowest residual) first.
+
+    Attributes:
+        t: ``(n,)`` scalars; residual: ``(n,)`` normalised residuals; labels: ``(n, C)`` candidate labels;
+        label_residual: ``(n,)`` RMS spread of the structured entries, in label units; free: ``(n, 2)`` the
+        free entries (largest first; repeated for one-class structures).
+    """
+
+    t: torch.Tensor
+    residual: torch.Tensor
+    labels: torch.Tensor
+    label_residual: torch.Tensor
+    free: torch.Tensor
+
+    def __getitem__(self, index) -> "Minima":
+        return Minima(self.t[index], self.residual[index], self.labels[index], self.label_residual[index],
+                      self.free[index])
+
+    def __len__(self) -> int:
+        return self.t.shape[0]
+
+
+def describe(problem: HeadProblem, structure: Structure, t: torch.Tensor) -> Minima:
+    """Everything the decision needs about candidates ``t`` (n,) under ``structure``, sorted best first."""
+    free_entries = torch.full_like(t, structure.free_entries, dtype=torch.long)
+    offset_free = torch.full_like(t, structure.offset_free, dtype=torch.bool)
+    labels = problem.label(t)
+    free = free_entries_of(t.unsqueeze(-1) * labels, t, free_entries, offset_free)[:, 0]
+    mask = mask_of(free, problem.num_classes)
+    residual = _piece_residuals(problem, t, mask, offset_free)
+    size = max(problem.num_classes - structure.free_entries, 1)
+    spread = _project(labels, mask, offset_free).norm(dim=-1) / size ** 0.5
+    order = residual.argsort()
+    return Minima(t, residual, labels, spread, free)[order]
+
+
 def gauss_newton(problem: HeadProblem, t: torch.Tensor, mask: torch.Tensor, offset_free: torch.Tensor,
-                 steps: int = 30) -> torch.Tensor:
+                 steps: int = 12) -> torch.Tensor:
     """Refine candidates ``t`` (K,) by Gauss-Newton on the residual vector ``P(t p(t) - c)``, the structured
     entries held fixed by ``mask`` (K, C).
 
-    The residual is zero at the true ``t`` and smooth around it, so convergence is quadratic. A step that does
-    not lower the residual is shrunk; ``t`` keeps its sign and stays admissible (``|t| >= problem.t_min``).
+    The residual is zero at the true ``t`` and smooth around it, so convergence is quadratic: from a grid
+    point a few steps reach machine precision. Steps are limited to half of ``|t|`` and keep ``t`` admissible
+    (same sign, ``|t| >= problem.t_min``); candidates drop out once they stop moving. Candidates far from any
+    zero may not converge; the caller ranks everything by residual afterwards.
 
     Returns:
         The refined scalars ``(K,)``.
     """
+    t = t.clone()
     t_min = problem.t_min
-    r = _piece_residuals(problem, t, mask, offset_free)
-    step_scale = torch.ones_like(t)
+    active = torch.arange(t.shape[0], device=t.device)
     for _ in range(steps):
-        p = torch.softmax(problem.logits(t), dim=-1)
-        error = _project(t.unsqueeze(-1) * p - problem.c, mask, offset_free)
+        ta, ma, oa = t[active], mask[active], offset_free[active]
+        p = torch.softmax(problem.logits(ta), dim=-1)
+        error = _project(ta.unsqueeze(-1) * p - problem.c, ma, oa)
         slope = p * (problem.a - (p * problem.a).sum(-1, keepdim=True))
-        jacobian = _project(p + t.unsqueeze(-1) * slope, mask, offset_free)
+        jacobian = _project(p + ta.unsqueeze(-1) * slope, ma, oa)
         step = -(error * jacobian).sum(-1) / (jacobian * jacobian).sum(-1).clamp_min(torch.finfo(t.dtype).tiny)
-        step = (step * step_scale).clamp(-0.5 * t.abs(), 0.5 * t.abs())
-        trial = torch.where(t > 0, (t + step).clamp_min(t_min), (t + step).clamp_max(-t_min))
-        r_trial = _piece_residuals(problem, trial, mask, offset_free)
-        better = r_trial < r
-        t = torch.where(better, trial, t)
-        r = torch.where(better, r_trial, r)
-        settled = (~better & (step_scale < 0.1)) | (step.abs() <= 1e-15 * t.abs())
-        step_scale = torch.where(better, torch.ones_like(step_scale), step_scale * 0.25)
-        if bool(settled.all()):
+        step = step.clamp(-0.5 * ta.abs(), 0.5 * ta.abs())
+        moved = torch.where(ta > 0, (ta + step).clamp_min(t_min), (ta + step).clamp_max(-t_min))
+        t[active] = moved
+        active = active[(moved - ta).abs() > 1e-13 * ta.abs()]
+        if active.numel() == 0:
             break
     return t

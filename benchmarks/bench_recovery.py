@@ -1,0 +1,118 @@
+"""Label-recovery speed and success, side by side: exact (ours) vs the paper's L-BFGS and PSO searches.
+
+Every method gets the SAME float32 gradients of real images (foolbox's CIFAR-10 and ImageNet samples) and is
+timed on the recovery call alone. Success is judged by the evaluator: max |label error| < 1e-3 and feature
+cosine > 0.999. "exact-head" uses the head's gradient only, like the paper's searches; "exact" is the default
+pipeline, which also reads the layer below the head when it can. Prints a table and writes a CSV.
+
+    python benchmarks/bench_recovery.py --samples 10 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import gradleak
+from gradleak.data import load_samples
+from gradleak.labels import mix_inputs, mixup_label, smooth_label
+from gradleak.models import build_model
+
+PAPER_OFFICIAL_MS = 870.0  # official code, CIFAR-10 ResNet18, label smoothing, CPU (paper.md section 7.1)
+METHODS = {
+    "exact": dict(method="exact"),
+    "exact-head": dict(method="exact", use_feature_layer=False),
+    "lbfgs": dict(method="lbfgs", use_feature_layer=False),
+    "pso": dict(method="pso", use_feature_layer=False),
+}
+CONFIGS = [  # (name, network, kwargs, dataset, image size, classes)
+    ("FCN-4 / CIFAR-10 64px", "fcn4", {}, "cifar10", 64, 10),
+    ("LeNet / CIFAR-10", "lenet", {}, "cifar10", None, 10),
+    ("ResNet18 / CIFAR-10", "resnet18", {"stem": "cifar"}, "cifar10", None, 10),
+    ("ResNet50 / ImageNet 1000x2048 head", "resnet50", {}, "imagenet", 64, 1000),
+]
+
+
+def victims(dataset, size, num_classes, label_format, count, rng):
+    images, labels = load_samples(dataset, size=size)
+    for _ in range(count):
+        a = int(rng.integers(len(labels)))
+        if label_format == "mixup":
+            b = int(rng.integers(len(labels)))
+            while int(labels[b]) == int(labels[a]):
+                b = int(rng.integers(len(labels)))
+            lam = float(rng.uniform())
+            yield mix_inputs(images[a], images[b], lam), mixup_label(int(labels[a]), int(labels[b]), lam,
+                                                                      num_classes, dtype=torch.float32)
+        else:
+            yield images[a], smooth_label(int(labels[a]), num_classes, float(rng.uniform(0, 0.5)),
+                                          dtype=torch.float32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=10, help="samples per configuration and label format")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (CI machines have 2 cores)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--configs", nargs="+", type=int, default=list(range(len(CONFIGS))),
+                        help="indices into the configuration list")
+    parser.add_argument("--seed", type=int, default=2023)
+    parser.add_argument("--out", default="bench-recovery.csv")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for index in args.configs:
+        title, network, kwargs, dataset, size, num_classes = CONFIGS[index]
+        model = build_model(network, num_classes, seed=1, **kwargs)
+        for label_format in ("smoothing", "mixup"):
+            rng = np.random.default_rng(args.seed)
+            cases = list(victims(dataset, size, num_classes, label_format, args.samples, rng))
+            for x, truth in tqdm(cases, desc=f"{title} {label_format}", leave=False):
+                gradients = gradleak.single_example_gradients(model, x, truth)
+                with torch.no_grad():
+                    feature = model.features(x.unsqueeze(0))[0].double()
+                for method in args.methods:
+                    options = dict(METHODS[method], label_format=label_format if method != "exact" else "auto")
+                    start = time.perf_counter()
+                    result = gradleak.recover_from_gradients(model, gradients, **options)
+                    ms = (time.perf_counter() - start) * 1e3
+                    error = float((result.label - truth).abs().max())
+                    cosine = float(torch.nn.functional.cosine_similarity(result.feature.double(), feature, dim=0))
+                    rows.append(dict(config=title, format=label_format, method=method, ms=ms, label_error=error,
+                                     feature_cosine=cosine, success=error < 1e-3 and cosine > 0.999))
+    with open(args.out, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\ntorch threads: {args.threads}; {args.samples} samples per configuration and format; same gradients "
+          "for every method\n")
+    header = f"{'configuration':36} {'format':9} {'method':10} {'median ms':>10} {'success':>8} {'x faster than pso':>18}"
+    print(header)
+    print("-" * len(header))
+    for title in dict.fromkeys(r["config"] for r in rows):
+        for label_format in ("smoothing", "mixup"):
+            mine = [r for r in rows if r["config"] == title and r["format"] == label_format]
+            pso = [r["ms"] for r in mine if r["method"] == "pso"]
+            for method in args.methods:
+                cell = [r for r in mine if r["method"] == method]
+                median = statistics.median(r["ms"] for r in cell)
+                success = sum(r["success"] for r in cell) / len(cell)
+                ratio = f"{statistics.median(pso) / median:18.1f}" if pso else f"{'-':>18}"
+                print(f"{title:36} {label_format:9} {method:10} {median:10.2f} {success:8.1%} {ratio}")
+    resnet = [r["ms"] for r in rows if r["config"].startswith("ResNet18") and r["format"] == "smoothing"
+              and r["method"] == "exact-head"]
+    if resnet:
+        print(f"\nResNet18 label smoothing, exact-head: {statistics.median(resnet):.2f} ms per sample, "
+              f"{PAPER_OFFICIAL_MS / statistics.median(resnet):.0f}x faster than the official code's "
+              f"~{PAPER_OFFICIAL_MS:.0f} ms (paper.md 7.1; different machine)")
+    print(f"per-sample rows: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
