@@ -4,6 +4,7 @@ The truth (true ``t``, feature and label) is used by the tests only; the searche
 """
 from __future__ import annotations
 
+import multiprocessing
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -72,6 +73,16 @@ def reference_loss(head: SyntheticHead, s: float, coefficient: float, dropped: i
 
 
 @pytest.fixture
+def sko(monkeypatch):
+    """scikit-opt's modules. Importing ``sko.tools`` calls ``multiprocessing.set_start_method('fork')``, which
+    raises once anything in the test session has fixed the start method; force it for that one import."""
+    set_start_method = multiprocessing.set_start_method
+    monkeypatch.setattr(multiprocessing, "set_start_method",
+                        lambda method, force=False: set_start_method(method, force=True))
+    return pytest.importorskip("sko.PSO"), pytest.importorskip("sko.tools")
+
+
+@pytest.fixture
 def global_numpy_rng() -> Iterator[None]:
     """scikit-opt draws from numpy's global RNG: restore it after the test."""
     state = np.random.get_state()
@@ -137,9 +148,8 @@ def test_pso_intervals_match_the_official_notebook_logs():
 
 
 # ---------------------------------------------------------------------------- PSO equals scikit-opt's
-def test_particle_swarm_trajectory_equals_scikit_opt(global_numpy_rng):
-    sko_pso = pytest.importorskip("sko.PSO")
-    sko_tools = pytest.importorskip("sko.tools")
+def test_particle_swarm_trajectory_equals_scikit_opt(global_numpy_rng, sko):
+    sko_pso, sko_tools = sko
     objective = paper_objective(make_head(1, "smoothing").problem, "smoothing")
 
     def swarm_objective(positions: np.ndarray) -> np.ndarray:
@@ -162,9 +172,8 @@ def test_particle_swarm_trajectory_equals_scikit_opt(global_numpy_rng):
     assert ours.best_x == best_x_history[-1] and ours.evaluations == 500 * 40
 
 
-def test_pso_search_follows_scikit_opt_across_intervals(global_numpy_rng):
-    sko_pso = pytest.importorskip("sko.PSO")
-    sko_tools = pytest.importorskip("sko.tools")
+def test_pso_search_follows_scikit_opt_across_intervals(global_numpy_rng, sko):
+    sko_pso, sko_tools = sko
     head = make_head(2, "mixup")
     objective = paper_objective(head.problem, "mixup")
 
