@@ -237,8 +237,10 @@ def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Opti
 
 
 def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: Union[str, nn.Linear, None] = None,
-                           use_feature_layer: bool = True, consistency_tol: float = 1e-3, **options
-                           ) -> RecoveryResult:
+                           use_feature_layer: bool = True, consistency_tol: float = 1e-3, label_format: str = "auto",
+                           method: str = "exact", tol: Optional[float] = None, ambiguity_ratio: float = 3.0,
+                           same_answer_atol: float = 1e-4, feature_sign: str = "auto",
+                           rank_one_tol: Optional[float] = 1e-2, **search_options) -> RecoveryResult:
     """:func:`recover_label` on a model's head, helped by the layer below it when that layer allows.
 
     Without a head bias, when the head input is ``act(Linear|Conv(x) + b)`` with ReLU or sigmoid (see
@@ -251,33 +253,28 @@ def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: 
         gradients: ``{parameter name: gradient}`` or a sequence aligned with ``model.parameters()``.
         head: the head's module name or the module itself, when it is not the last ``nn.Linear``.
         use_feature_layer: False to rely on the head's gradient alone (as the paper does).
-        **options: as for :func:`recover_label`.
+        consistency_tol: how well the layer below must be explained before its answer is used.
+        The other options are those of :func:`recover_label`.
     """
-    method = options.pop("method", "exact")
-    label_format = options.pop("label_format", "auto")
-    feature_sign = options.pop("feature_sign", "auto")
     _check_options(label_format, method, feature_sign)
     head_name, _ = find_head(model, head)
     named = named_gradients(model, gradients)
     parts = head_gradients(model, named, head)
     problem = factor_head(parts["weight_grad"], parts["weight"], parts["bias"], parts["bias_grad"],
-                          rank_one_tol=options.pop("rank_one_tol", 1e-2))
+                          rank_one_tol=rank_one_tol)
     known = problem.closed_form_t()
+    scale = None if known is None else (known, "closed_form")
     extra: Dict[str, object] = {}
-    if known is not None:
-        scale = (known, "closed_form")
-    else:
-        scale = None
-        layer = find_feature_layer(model, head_name) if use_feature_layer else None
-        if layer is not None and layer.bias_name in named:
-            fit = scale_from_feature_layer(problem, layer, named[layer.bias_name])
-            if fit is not None:
-                extra["feature_layer_residual"] = fit[1]
-                if fit[1] <= consistency_tol:
-                    scale = (fit[0], "feature_layer")
-    result = _recover(problem, scale, label_format=label_format, method=method, feature_sign=feature_sign,
-                      tol=options.pop("tol", None), ambiguity_ratio=options.pop("ambiguity_ratio", 3.0),
-                      same_answer_atol=options.pop("same_answer_atol", 1e-4), search_options=options)
+    layer = find_feature_layer(model, head_name) if use_feature_layer and known is None else None
+    if layer is not None and layer.bias_name in named:
+        fit = scale_from_feature_layer(problem, layer, named[layer.bias_name])
+        if fit is not None:
+            extra["feature_layer_residual"] = fit[1]
+            if fit[1] <= consistency_tol:
+                scale = (fit[0], "feature_layer")
+    result = _recover(problem, scale, label_format=label_format, method=method, tol=tol,
+                      ambiguity_ratio=ambiguity_ratio, same_answer_atol=same_answer_atol, feature_sign=feature_sign,
+                      search_options=search_options)
     result.extra.update(extra)
     return result
 
