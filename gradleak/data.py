@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ._checks import positive_int
+
 __all__ = [
     "DatasetInfo", "DATASETS", "dataset_info", "normalize", "denormalize", "load_samples", "foolbox_data_dir",
     "load_cifar_pickles", "load_image_folder", "load_csv_list", "samples_by_class",
@@ -71,14 +73,6 @@ def dataset_info(dataset: Union[str, DatasetInfo]) -> DatasetInfo:
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
     return DATASETS[dataset]
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -245,7 +239,7 @@ def load_samples(dataset: str, *, size: Optional[int] = None, normalize: Union[b
     channels = info.channels if channels is None else channels
     if channels not in (info.channels, 3):
         raise ValueError(f"{dataset} images have {info.channels} channels; channels may be None or 3, got {channels}")
-    size = info.image_size if size is None else _positive_int(size, "size")
+    size = info.image_size if size is None else positive_int(size, "size")
     images, labels = _SOURCES[dataset](channels, size)
     if normalize is not False:
         images = _maybe_normalize(images, dataset if normalize is True else normalize)
@@ -296,7 +290,7 @@ def load_cifar_pickles(folder: PathLike, split: str = "test", *, size: Optional[
     label_key = "labels" if "labels" in batches[0] else "fine_labels"
     pixels = np.concatenate([np.asarray(batch["data"], dtype=np.uint8) for batch in batches])
     labels = np.concatenate([np.asarray(batch[label_key], dtype=np.int64) for batch in batches])
-    images = _from_array(pixels.reshape(-1, 3, 32, 32), 255.0, 3, 32 if size is None else _positive_int(size, "size"))
+    images = _from_array(pixels.reshape(-1, 3, 32, 32), 255.0, 3, 32 if size is None else positive_int(size, "size"))
     return _maybe_normalize(images, normalize), torch.from_numpy(labels)
 
 
@@ -328,7 +322,7 @@ def load_image_folder(root: PathLike, size: int, *, channels: int = 3,
         labels += [index] * len(files)
     if not paths:
         raise ValueError(f"{root} has no images in class sub-folders (expected root/<class>/<image>)")
-    images = _read_files(paths, channels, _positive_int(size, "size"))
+    images = _read_files(paths, channels, positive_int(size, "size"))
     return _maybe_normalize(images, normalize), torch.tensor(labels, dtype=torch.int64)
 
 
@@ -382,7 +376,7 @@ def load_csv_list(csv_path: PathLike, root: PathLike, size: int, *, label_offset
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} listed images are missing, e.g. {missing[0]}")
-    images = _read_files(paths, channels, _positive_int(size, "size"))
+    images = _read_files(paths, channels, positive_int(size, "size"))
     return _maybe_normalize(images, normalize), torch.tensor([shifted[i] for i in selected], dtype=torch.int64)
 
 

@@ -29,6 +29,8 @@ from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Ty
 import torch
 from torch import nn
 
+from ._checks import positive_int
+
 __all__ = [
     "Classifier", "FullyConnected", "LeNet", "AlexNet", "ResNet", "BasicBlock", "Bottleneck",
     "fcn", "fcn4", "lenet", "alexnet", "resnet18", "resnet50",
@@ -36,14 +38,6 @@ __all__ = [
 ]
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -217,7 +211,7 @@ class FullyConnected(Classifier):
 
     def __init__(self, layer_sizes: Sequence[int], *, bias: bool = False, head_bias: Optional[bool] = None,
                  init: Optional[str] = None, generator: Optional[torch.Generator] = None) -> None:
-        sizes = [_positive_int(n, "each layer size") for n in layer_sizes]
+        sizes = [positive_int(n, "each layer size") for n in layer_sizes]
         if len(sizes) < 2:
             raise ValueError(f"layer_sizes needs at least an input size and a class count, got {list(layer_sizes)}")
         layers: List[nn.Module] = [nn.Flatten()]
@@ -253,9 +247,9 @@ def fcn4(num_classes: int, image_size: int = 64, channels: int = 3, bias: bool =
     Input ``(B, channels, image_size, image_size)`` (default 3x64x64 = 12288 entries); d = 256.
     Default init: PyTorch's (the paper's choice for FCN-4).
     """
-    size = _positive_int(image_size, "image_size")
-    inputs = _positive_int(channels, "channels") * size * size
-    return FullyConnected([inputs, 4096, 1024, 256, _positive_int(num_classes, "num_classes")], bias=bias,
+    size = positive_int(image_size, "image_size")
+    inputs = positive_int(channels, "channels") * size * size
+    return FullyConnected([inputs, 4096, 1024, 256, positive_int(num_classes, "num_classes")], bias=bias,
                           head_bias=head_bias, init=init, generator=generator)
 
 
@@ -275,15 +269,15 @@ class LeNet(Classifier):
 
     def __init__(self, num_classes: int, channels: int = 3, image_size: int = 32, *, head_bias: bool = False,
                  init: Optional[str] = None, generator: Optional[torch.Generator] = None) -> None:
-        _positive_int(channels, "channels")
-        side = -(-_positive_int(image_size, "image_size") // 4)
+        positive_int(channels, "channels")
+        side = -(-positive_int(image_size, "image_size") // 4)
         body = nn.Sequential(
             nn.Conv2d(channels, 12, kernel_size=5, stride=2, padding=2), nn.Sigmoid(),
             nn.Conv2d(12, 12, kernel_size=5, stride=2, padding=2), nn.Sigmoid(),
             nn.Conv2d(12, 12, kernel_size=5, stride=1, padding=2), nn.Sigmoid(),
             nn.Flatten(),
         )
-        super().__init__(body, nn.Linear(12 * side * side, _positive_int(num_classes, "num_classes"), bias=head_bias))
+        super().__init__(body, nn.Linear(12 * side * side, positive_int(num_classes, "num_classes"), bias=head_bias))
         self.channels = channels
         self.image_size = image_size
         initialize(self, init, generator)
@@ -313,7 +307,7 @@ class AlexNet(Classifier):
 
     def __init__(self, num_classes: int, channels: int = 3, *, head_bias: bool = False,
                  init: Optional[str] = None, generator: Optional[torch.Generator] = None) -> None:
-        _positive_int(channels, "channels")
+        positive_int(channels, "channels")
         convolutions = nn.Sequential(
             nn.Conv2d(channels, 64, kernel_size=11, stride=4, padding=2), nn.ReLU(),
             nn.MaxPool2d(kernel_size=3, stride=2),
@@ -332,7 +326,7 @@ class AlexNet(Classifier):
             convolutions=convolutions, pool=nn.AdaptiveAvgPool2d((6, 6)), flatten=nn.Flatten(),
             classifier=classifier,
         ))
-        super().__init__(body, nn.Linear(4096, _positive_int(num_classes, "num_classes"), bias=head_bias))
+        super().__init__(body, nn.Linear(4096, positive_int(num_classes, "num_classes"), bias=head_bias))
         self.channels = channels
         initialize(self, init, generator)
 
@@ -427,20 +421,20 @@ class ResNet(Classifier):
     def __init__(self, block: Type[ResidualBlock], depths: Sequence[int], num_classes: int, *, stem: str = "cifar",
                  channels: int = 3, head_bias: bool = False, init: Optional[str] = None,
                  generator: Optional[torch.Generator] = None) -> None:
-        _positive_int(channels, "channels")
+        positive_int(channels, "channels")
         if len(depths) != 4:
             raise ValueError(f"depths must give the block count of the 4 stages, got {list(depths)}")
         stages: List[Tuple[str, nn.Module]] = [("stem", _stem(stem, channels))]
         in_planes = 64
         for index, (planes, depth) in enumerate(zip((64, 128, 256, 512), depths)):
-            strides = [1 if index == 0 else 2] + [1] * (_positive_int(depth, "each depth") - 1)
+            strides = [1 if index == 0 else 2] + [1] * (positive_int(depth, "each depth") - 1)
             blocks = []
             for stride in strides:
                 blocks.append(block(in_planes, planes, stride))
                 in_planes = planes * block.expansion
             stages.append((f"layer{index + 1}", nn.Sequential(*blocks)))
         body = nn.Sequential(OrderedDict(stages + [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]))
-        super().__init__(body, nn.Linear(in_planes, _positive_int(num_classes, "num_classes"), bias=head_bias))
+        super().__init__(body, nn.Linear(in_planes, positive_int(num_classes, "num_classes"), bias=head_bias))
         self.channels = channels
         initialize(self, init, generator)
 
