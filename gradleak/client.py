@@ -19,7 +19,8 @@ def single_example_gradients(model: nn.Module, x: torch.Tensor, label: torch.Ten
 
     Args:
         model: any module mapping a ``(1, *input_shape)`` batch to ``(1, C)`` logits.
-        x: the input, ``input_shape`` or ``(1, *input_shape)``.
+        x: ONE input, shaped as the model expects it without the batch dimension (``(3, 32, 32)``, or
+            ``(1, 28, 28)`` for a grayscale image); a batch of one is ``x[0]``.
         label: the (soft) label, ``(C,)`` or ``(1, C)``, summing to one.
 
     Returns:
@@ -38,8 +39,7 @@ def single_example_gradients(model: nn.Module, x: torch.Tensor, label: torch.Ten
     if not named:
         raise ValueError("model has no trainable parameters")
     param = named[0][1]
-    batch = x if x.dim() >= 2 and x.shape[0] == 1 else x.unsqueeze(0)
-    logits = model(batch.to(device=param.device, dtype=param.dtype))
+    logits = model(x.unsqueeze(0).to(device=param.device, dtype=param.dtype))
     if logits.dim() != 2 or logits.shape[0] != 1:
         raise ValueError(f"model must return (1, C) logits for one example, got {tuple(logits.shape)}")
     if logits.shape[1] != label.shape[0]:

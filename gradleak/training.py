@@ -58,7 +58,7 @@ def default_config(network: str, dataset: str) -> TrainConfig:
                            batch_size=20)
     if dataset == "digits":
         return TrainConfig(epochs=15, lr=3e-3, batch_size=64)
-    return TrainConfig(epochs=5, lr=3e-3, batch_size=64)
+    return TrainConfig(epochs=4, lr=3e-3, batch_size=64)
 
 
 def _model_kwargs(network: str, channels: int, image_size: int) -> Dict[str, Any]:
@@ -110,7 +110,7 @@ def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batc
 def train(network: str = "lenet", dataset: str = "mnist5000", *, augmentation: str = "smoothing", eps: float = 0.1,
           epochs: Optional[int] = None, lr: Optional[float] = None, batch_size: Optional[int] = None,
           seed: int = 0, out: Optional[PathLike] = None, image_size: Optional[int] = None,
-          init: Optional[str] = "default", max_samples: Optional[int] = None, progress: bool = True) -> Path:
+          init: Optional[str] = None, max_samples: Optional[int] = None, progress: bool = True) -> Path:
     """Train ``network`` on the built-in samples of ``dataset`` (Adam, soft-target cross-entropy) and save it.
 
     Args:
@@ -124,7 +124,8 @@ def train(network: str = "lenet", dataset: str = "mnist5000", *, augmentation: s
         out: the checkpoint file (``.pt``) or a folder for ``{network}-{dataset}-{augmentation}.pt``;
             default ``./checkpoints``.
         image_size: input side (default: the dataset's, 16 for "digits").
-        init: the initialisation before training ("default": PyTorch's, which trains; "paper": U(-0.5, 0.5)).
+        init: the initialisation before training; None: the paper's for the network (U(-0.5, 0.5) for LeNet,
+            which trains its sigmoids well, PyTorch's for the ResNets); "paper" or "default" to force one.
         max_samples: train on the first ``max_samples`` images only (for quick tests).
         progress: tqdm bar over epochs.
 

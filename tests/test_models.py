@@ -32,16 +32,6 @@ CASE_IDS = [case_id(*case) for case in CASES]
 NUM_CLASSES = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These small forward/backward passes gain nothing from threads, and on a busy CI machine OpenMP threads that
-    wait for each other make them many times slower; restore the setting for the rest of the session."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.lru_cache(maxsize=None)
 def cached_model(name: str, options: tuple, init: str | None = None) -> Classifier:
     """Models are read-only in these tests, so each configuration is built once."""

@@ -1,0 +1,59 @@
+"""Experiments: one module per table or figure family; results as CSV/Markdown/PNG files and returned dicts.
+
+:data:`EXPERIMENTS` maps a name to a function taking keyword arguments ``dataset, network, samples, seed, out,
+quick, weights, progress`` (each ignores those that do not apply) — what ``gradleak experiment <name>`` calls:
+
+* ``"label-recovery"``: :func:`gradleak.experiments.label_recovery.run` (tables 1-2 style);
+* ``"noise"``: :func:`gradleak.experiments.noise.run` (Gaussian/Laplace noise on the whole gradient);
+* ``"landscape"``: :func:`gradleak.experiments.landscape.run` (Figure 1);
+* ``"train"``: :func:`gradleak.training.train_experiment` (checkpoints for the trained rows);
+* ``"reconstruction"``: :func:`gradleak.experiments.reconstruction.run_reconstruction` (imported on first use).
+
+Modules are imported when an experiment is called, so importing this package stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Dict
+
+__all__ = ["EXPERIMENTS", "run_experiment"]
+
+
+def _lazy(module: str, function: str) -> Callable[..., Any]:
+    def call(**kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module, __name__), function)(**kwargs)
+    call.__name__ = function
+    call.__qualname__ = function
+    call.__doc__ = f"Calls ``{module.lstrip('.')}.{function}`` (imported on first use)."
+    return call
+
+
+def _reconstruction(*, dataset: str = "cifar10", network: str = "fcn4", seed: int = 2023, out=None,
+                    quick: bool = False, progress: bool = True, samples=None, weights=None, **kwargs: Any) -> Any:
+    """Adapter to the reconstruction experiment's own signature (another module; its defaults apply).
+
+    ``samples`` and ``weights`` do not apply (one built-in sample, untrained network) and are ignored.
+    """
+    from .reconstruction import run_reconstruction
+
+    options = dict(kwargs)
+    if quick:
+        options.setdefault("iterations", 50)
+    return run_reconstruction(network, dataset, seed=seed, out_dir=None if out is None else str(out),
+                              progress=progress, **options)
+
+
+EXPERIMENTS: Dict[str, Callable[..., Any]] = {
+    "label-recovery": _lazy(".label_recovery", "run"),
+    "noise": _lazy(".noise", "run"),
+    "landscape": _lazy(".landscape", "run"),
+    "train": _lazy("gradleak.training", "train_experiment"),
+    "reconstruction": _reconstruction,
+}
+
+
+def run_experiment(name: str, **kwargs: Any) -> Any:
+    """Run the experiment ``name`` of :data:`EXPERIMENTS` with keyword arguments."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
+    return EXPERIMENTS[name](**kwargs)
