@@ -84,15 +84,14 @@ def default_tolerance(rank_one_ratio: float) -> float:
 
 def _label_parameters(answer: "_Candidate") -> Tuple[Tuple[int, ...], float, Optional[float]]:
     """``(classes, eps, lam)`` read off the answer's float64 label under its structure."""
-    y, structure = answer.label, answer.structure
-    rest = torch.ones_like(y, dtype=torch.bool)
-    rest[list(answer.free)] = False
-    common = float(y[rest].mean()) if structure.offset_free and bool(rest.any()) else 0.0
-    eps = common * y.shape[0]
-    if structure.free_entries == 1:
+    y = answer.label.tolist()
+    rest = [value for i, value in enumerate(y) if i not in answer.free]
+    common = sum(rest) / len(rest) if answer.structure.offset_free and rest else 0.0
+    eps = common * len(y)
+    if answer.structure.free_entries == 1:
         return (answer.free[0],), eps, None
     a, b = sorted(answer.free)
-    weight_a, weight_b = float(y[a]) - common, float(y[b]) - common
+    weight_a, weight_b = y[a] - common, y[b] - common
     total = weight_a + weight_b
     return (a, b), eps, (weight_b / total if total != 0 else float("nan"))
 
