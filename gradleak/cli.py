@@ -47,6 +47,22 @@ def _recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reconstruct(args: argparse.Namespace) -> int:
+    import torch
+
+    from .experiments.reconstruction import run_reconstruction
+
+    report = run_reconstruction(args.network, args.dataset, args.label, args.methods, label_variants=args.variants,
+                                sample=args.sample, seed=args.seed, iterations=args.iterations, out_dir=args.out,
+                                image=args.image, target=args.target,
+                                dtype=torch.float64 if args.float64 else torch.float32, progress=not args.quiet)
+    for run, metrics in report["results"].items():
+        scores = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        print(f"{run:24} {scores}")
+    print(f"written: {', '.join(str(f) for f in report['files'].values())}" if report.get("files") else "")
+    return 0
+
+
 def _experiment(args: argparse.Namespace) -> int:
     from .experiments import EXPERIMENTS
 
@@ -84,8 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--seed", type=int, default=0)
     recover.set_defaults(handler=_recover)
 
+    reconstruct = sub.add_parser("reconstruct", help="rebuild the input from its gradient (analytic / matching)")
+    reconstruct.add_argument("--network", default="fcn4")
+    reconstruct.add_argument("--dataset", default="cifar10", help="built-in samples, and the normalisation of --image")
+    reconstruct.add_argument("--label", choices=["hard", "smoothing", "mixup"], default="smoothing",
+                             help="the victim's label format")
+    reconstruct.add_argument("--methods", nargs="+", default=["analytic"], help="analytic | ig | dlg")
+    reconstruct.add_argument("--variants", nargs="+", default=["recovered"],
+                             help="labels for gradient matching: recovered | true | hard | dlg")
+    reconstruct.add_argument("--sample", type=int, default=0)
+    reconstruct.add_argument("--image", help="a user image file instead of a built-in sample")
+    reconstruct.add_argument("--target", type=int, help="the class of --image")
+    reconstruct.add_argument("--iterations", type=int)
+    reconstruct.add_argument("--seed", type=int, default=2023)
+    reconstruct.add_argument("--float64", action="store_true", help="victim model and gradient in float64")
+    reconstruct.add_argument("--out", default="gradleak-reconstruct", help="folder for the PNG grid and JSON")
+    reconstruct.add_argument("--quiet", action="store_true")
+    reconstruct.set_defaults(handler=_reconstruct)
+
     experiment = sub.add_parser("experiment", help="run one of the paper's experiments (tables and figures)")
-    experiment.add_argument("name", help="label-recovery | noise | landscape | train | reconstruction")
+    experiment.add_argument("name", help="label-recovery | noise | landscape | train | reconstruction | report")
     experiment.add_argument("--dataset")
     experiment.add_argument("--network")
     experiment.add_argument("--samples", type=int)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 
 import pytest
 import torch
@@ -138,3 +139,17 @@ def test_wilson_interval():
     assert high == 1.0 and 0.92 < low < 0.93
     low, high = common.wilson_interval(0, 10)
     assert low == 0.0 and 0.27 < high < 0.28
+
+
+def test_report_tabulates_every_run(quick_run, tmp_path):
+    from gradleak.experiments import report
+
+    with pytest.raises(ValueError, match="no label-recovery"):
+        report.run(out=tmp_path)
+    root = tmp_path / "results"
+    shutil.copytree(quick_run[0], root / "run")
+    table = report.run(out=root)
+    lines = table.splitlines()
+    assert lines[0].startswith("| dataset | network | weights | format | n | exact |")
+    assert len(lines) == 2 + 3  # header, rule, one row per format
+    assert (root / "label_recovery.md").read_text().strip() == table

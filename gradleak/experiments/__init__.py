@@ -7,7 +7,8 @@ quick, weights, progress`` (each ignores those that do not apply) — what ``gra
 * ``"noise"``: :func:`gradleak.experiments.noise.run` (Gaussian/Laplace noise on the whole gradient);
 * ``"landscape"``: :func:`gradleak.experiments.landscape.run` (Figure 1);
 * ``"train"``: :func:`gradleak.training.train_experiment` (checkpoints for the trained rows);
-* ``"reconstruction"``: :func:`gradleak.experiments.reconstruction.run_reconstruction` (imported on first use).
+* ``"reconstruction"``: :func:`gradleak.experiments.reconstruction.run_reconstruction` (imported on first use);
+* ``"report"``: :func:`gradleak.experiments.report.run` (one table from every label-recovery run in a folder).
 
 Modules are imported when an experiment is called, so importing this package stays cheap.
 """
@@ -49,6 +50,7 @@ EXPERIMENTS: Dict[str, Callable[..., Any]] = {
     "landscape": _lazy(".landscape", "run"),
     "train": _lazy("gradleak.training", "train_experiment"),
     "reconstruction": _reconstruction,
+    "report": _lazy(".report", "run"),
 }
 
 
