@@ -16,25 +16,27 @@ def _cell(row: Dict[str, str]) -> str:
 
 def label_recovery_table(folders: Sequence[Union[str, Path]], columns: Sequence[str] = COLUMNS) -> str:
     """One row per (dataset, network, weights, format): accuracy in % per method ("(ku)": k samples the
-    attack's own diagnostics flagged undetermined), then the median ms of exact-head and pso and their ratio."""
+    attack's own diagnostics flagged undetermined), then the median ms of exact, exact-head and pso, and the
+    ratio pso / exact-head (the same head-only task)."""
     rows: List[Dict[str, str]] = []
     for folder in folders:
         with open(Path(folder) / "summary.csv", newline="") as handle:
             rows += list(csv.DictReader(handle))
     keys = list(dict.fromkeys((r["dataset"], r["network"], r["weights"], r["format"]) for r in rows))
     present = [c for c in columns if any(r["method"] == c for r in rows)]
-    header = ["dataset", "network", "weights", "format", "n"] + present + ["ms exact-head", "ms pso",
+    header = ["dataset", "network", "weights", "format", "n"] + present + ["ms exact", "ms exact-head", "ms pso",
                                                                           "pso / exact-head"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key in keys:
         cells = {r["method"]: r for r in rows if (r["dataset"], r["network"], r["weights"], r["format"]) == key}
         n = next(iter(cells.values()))["n"]
         accuracy = [_cell(cells[c]) if c in cells else "–" for c in present]
+        exact_ms = float(cells["exact"]["median_ms"]) if "exact" in cells else None
         head_ms = float(cells["exact-head"]["median_ms"]) if "exact-head" in cells else None
         pso_ms = float(cells["pso"]["median_ms"]) if "pso" in cells else None
-        timing = [f"{head_ms:.1f}" if head_ms else "–", f"{pso_ms:.0f}" if pso_ms else "–",
+        timing = [f"{exact_ms:.1f}" if exact_ms else "–", f"{head_ms:.1f}" if head_ms else "–", f"{pso_ms:.0f}" if pso_ms else "–",
                   f"{pso_ms / head_ms:.0f}x" if head_ms and pso_ms else "–"]
-        weights = "trained" if key[2] != "untrained" else "untrained"
+        weights = key[2] if key[2] == "untrained" else f"trained ({Path(key[2]).stem})"
         lines.append("| " + " | ".join([key[0], key[1], weights, key[3], n] + accuracy + timing) + " |")
     return "\n".join(lines)
 
