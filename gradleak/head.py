@@ -116,14 +116,14 @@ def factor_head(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optional[
             check_finite(value, name)
     dtype = weight_grad.dtype
     grad = weight_grad.detach().to(torch.float64)
-    norm = float(torch.linalg.vector_norm(grad))
+    row_norms = torch.linalg.vector_norm(grad, dim=1)
+    norm = float(torch.linalg.vector_norm(row_norms))
     if norm == 0.0:
         raise ValueError("weight_grad is all zeros: the example's loss gradient vanished, nothing to recover")
-    # Power iteration from the largest row: G is rank one up to rounding, so two steps reach the top pair.
-    v = grad[torch.linalg.vector_norm(grad, dim=1).argmax()]
-    for _ in range(2):
-        c = grad @ (v / torch.linalg.vector_norm(v))
-        v = c @ grad
+    # One power-iteration step from the largest row: G is rank one up to rounding (or noise), and that row is
+    # already its right factor up to rounding; the step averages the noise over all rows and columns.
+    c = grad @ grad[row_norms.argmax()]
+    v = c @ grad
     v = v / torch.linalg.vector_norm(v)
     c = grad @ v
     sigma = float(torch.linalg.vector_norm(c))

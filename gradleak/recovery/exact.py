@@ -43,8 +43,8 @@ def _grid_minima(r: torch.Tensor, halves: int, max_starts: int) -> torch.Tensor:
     return torch.cat(starts)
 
 
-def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points_per_decade: int = 48,
-                decades: float = 8.0, max_starts: int = 4, second_class_choices: int = 8, refine_steps: int = 4,
+def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points_per_decade: int = 32,
+                decades: float = 8.0, max_starts: int = 4, second_class_choices: int = 4, refine_steps: int = 5,
                 same_answer_atol: float = 1e-4, sign: int = 0) -> Dict[str, Minima]:
     """Every refined local minimum of each hypothesis' residual; minima whose labels agree within
     ``same_answer_atol`` are one answer (in flat, noisy basins refinement stops at slightly different ``t``).
@@ -104,8 +104,8 @@ def distinct_answers(labels: torch.Tensor, atol: float) -> torch.Tensor:
 
 
 @register_search("exact")
-def exact_search(problem: HeadProblem, label_format: str, *, points_per_decade: int = 48, decades: float = 8.0,
-                 max_starts: int = 4, second_class_choices: int = 8, refine_steps: int = 4,
+def exact_search(problem: HeadProblem, label_format: str, *, points_per_decade: int = 32, decades: float = 8.0,
+                 max_starts: int = 4, second_class_choices: int = 4, refine_steps: int = 5,
                  same_answer_atol: float = 1e-4, sign: int = 0) -> SearchOutcome:
     """The best refined minimum over the hypotheses of ``label_format``; ``info["minima"]`` holds them all."""
     structures = [STRUCTURES[name] for name in FORMAT_STRUCTURES[label_format]

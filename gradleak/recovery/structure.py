@@ -56,10 +56,10 @@ def _second_free_score(error: torch.Tensor, top: torch.Tensor, offset_free: torc
     With a zero offset that is ``|e_j|``; with a free offset ``|e_j - mean|`` over the entries other than the
     largest. The largest entry itself scores -1, so it is never picked twice.
     """
-    rest = torch.ones_like(error, dtype=torch.bool).scatter_(-1, top.unsqueeze(-1), False)
-    mean = (error * rest).sum(-1, keepdim=True) / rest.sum(-1, keepdim=True).clamp_min(1)
+    top = top.unsqueeze(-1)
+    mean = (error.sum(-1, keepdim=True) - error.gather(-1, top)) / max(error.shape[-1] - 1, 1)
     score = (error - mean * offset_free.unsqueeze(-1)).abs()
-    return score.masked_fill(~rest, -1.0)
+    return score.scatter_(-1, top, -1.0)
 
 
 def free_entries_of(error: torch.Tensor, t: torch.Tensor, free_entries: torch.Tensor, offset_free: torch.Tensor,
