@@ -70,7 +70,9 @@ def _experiment(args: argparse.Namespace) -> int:
         print(f"unknown experiment {args.name!r}; choose from {', '.join(EXPERIMENTS)}", file=sys.stderr)
         return 2
     options = {k: v for k, v in vars(args).items() if k not in ("command", "name", "handler") and v is not None}
-    EXPERIMENTS[args.name](**options)
+    result = EXPERIMENTS[args.name](**options)
+    if isinstance(result, dict):  # the headline values (paths, accuracies); the files hold the rest
+        print(json.dumps({k: v for k, v in result.items() if isinstance(v, (str, int, float))}, indent=1))
     return 0
 
 
@@ -126,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--seed", type=int)
     experiment.add_argument("--weights", help="'untrained' or a checkpoint path")
     experiment.add_argument("--out", help="output folder (resumable)")
+    experiment.add_argument("--formats", nargs="+", help="victim label formats: smoothing mixup hard")
+    experiment.add_argument("--methods", nargs="+",
+                            help="exact exact-head exact-auto lbfgs pso lbfgs+pso idlg yin rlg (label-recovery, noise)")
+    experiment.add_argument("--image-size", dest="image_size", type=int, help="resize the samples (fcn4: 64)")
+    experiment.add_argument("--augmentation", help="train: smoothing | mixup | none")
+    experiment.add_argument("--stds", nargs="+", type=float, help="noise: standard deviations (x gradient RMS)")
     experiment.add_argument("--quick", action="store_true", default=None, help="the small preset CI runs")
     experiment.set_defaults(handler=_experiment)
     return parser
