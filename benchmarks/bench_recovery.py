@@ -13,7 +13,6 @@ import argparse
 import csv
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 
 from .client import soft_cross_entropy
 from .data import DATASETS, load_samples
-from .labels import LABEL_FORMATS  # noqa: F401  (documentation: the formats the victim may use)
 from .models import MODELS, build_model
 
 __all__ = ["AUGMENTATIONS", "TrainConfig", "default_config", "train", "load_checkpoint", "train_experiment"]

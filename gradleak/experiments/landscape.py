@@ -11,7 +11,6 @@ Outputs in ``out``: ``landscape.png``, ``landscape.csv`` (every curve point) and
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
