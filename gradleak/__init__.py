@@ -1,10 +1,12 @@
 """gradleak: what one training example's gradient leaks: its (soft) label, its last-layer feature, its input."""
 from .client import single_example_gradients, soft_cross_entropy
 from .labels import LabelSpec, hard_label, mix_inputs, mixup_label, smooth_label
+from .reconstruct import invert_fully_connected, match_gradients
 from .recovery import RecoveryResult, recover_from_gradients, recover_label
 
 __version__ = "0.1.0"
 __all__ = [
-    "LabelSpec", "RecoveryResult", "hard_label", "mix_inputs", "mixup_label", "recover_from_gradients",
-    "recover_label", "single_example_gradients", "smooth_label", "soft_cross_entropy",
+    "LabelSpec", "RecoveryResult", "hard_label", "invert_fully_connected", "match_gradients", "mix_inputs",
+    "mixup_label", "recover_from_gradients", "recover_label", "single_example_gradients", "smooth_label",
+    "soft_cross_entropy",
 ]

@@ -173,10 +173,14 @@ def find_head(model: nn.Module, head: Union[str, nn.Linear, None] = None) -> Tup
 
 def named_gradients(model: nn.Module, gradients: GradientsLike) -> Dict[str, torch.Tensor]:
     """``{parameter name: gradient}`` from a dict or a sequence aligned with ``model.parameters()``."""
+    names = [name for name, _ in model.named_parameters()]
     if isinstance(gradients, Mapping):
-        return dict(gradients)
+        named = dict(gradients)
+        unknown = [name for name in named if name not in set(names)]
+        if unknown:
+            raise ValueError(f"gradients name parameters the model does not have: {unknown[:5]}")
+        return named
     if isinstance(gradients, Sequence) and not isinstance(gradients, torch.Tensor):
-        names = [name for name, _ in model.named_parameters()]
         if len(gradients) != len(names):
             raise ValueError(f"got {len(gradients)} gradients for a model with {len(names)} parameters")
         return dict(zip(names, gradients))

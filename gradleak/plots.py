@@ -1,0 +1,98 @@
+"""Figures (matplotlib's Agg canvas, no display and no global pyplot state)."""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .metrics import ChannelStats, psnr, ssim, to_display
+
+PathLike = Union[str, os.PathLike]
+
+
+def _as_batch(images: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4:
+        raise ValueError(f"{name} must be (C, H, W) or (N, C, H, W), got shape {tuple(images.shape)}")
+    return images
+
+
+def _to_rgb_array(image: torch.Tensor):
+    """``(C, H, W)`` in [0, 1] -> an ``(H, W, 3)`` or ``(H, W)`` numpy array for ``imshow``."""
+    array = image.detach().cpu().float()
+    if array.shape[0] == 1:
+        return array[0].numpy()
+    if array.shape[0] != 3:
+        raise ValueError(f"images need 1 or 3 channels to be drawn, got {array.shape[0]}")
+    return array.permute(1, 2, 0).numpy()
+
+
+def reconstruction_grid(true_images: torch.Tensor, reconstructions: Mapping[str, torch.Tensor], path: PathLike, *,
+                        mean: ChannelStats = None, std: ChannelStats = None, title: Optional[str] = None,
+                        row_labels: Optional[Sequence[str]] = None, tile_inches: float = 1.9, dpi: int = 150) -> str:
+    """The paper's Figure 3: each true image next to every method's reconstruction, PSNR / SSIM under each tile.
+
+    Args:
+        true_images: ``(C, H, W)`` or ``(N, C, H, W)``; one row per image.
+        reconstructions: ``{method name: images}``, each shaped like ``true_images``; one column per method,
+            in the mapping's order.
+        path: where to write the PNG (parent folders are created).
+        mean, std: per-channel normalisation of the images (see :func:`gradleak.metrics.to_display`); None for
+            images already in ``[0, 1]``. Images are shown and scored clamped to ``[0, 1]``.
+        title: figure title; row_labels: one label per row (e.g. the true class).
+
+    Returns:
+        ``path`` as a string.
+    """
+    truth = _as_batch(true_images, "true_images")
+    if not reconstructions:
+        raise ValueError("reconstructions is empty: nothing to compare")
+    columns = {}
+    for name, images in reconstructions.items():
+        batch = _as_batch(images, f"reconstructions[{name!r}]")
+        if batch.shape != truth.shape:
+            raise ValueError(f"reconstructions[{name!r}] has shape {tuple(batch.shape)}, the true images "
+                             f"{tuple(truth.shape)}")
+        columns[str(name)] = batch
+    rows = truth.shape[0]
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"got {len(row_labels)} row labels for {rows} rows")
+    truth_display = to_display(truth, mean, std)
+    displays = {name: to_display(batch, mean, std) for name, batch in columns.items()}
+    scores = {name: (psnr(shown, truth_display.to(shown.device)), ssim(shown, truth_display.to(shown.device)))
+              for name, shown in displays.items()}
+
+    figure = Figure(figsize=(tile_inches * (1 + len(columns)), tile_inches * 1.18 * rows + (0.4 if title else 0)))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, 1 + len(columns), squeeze=False)
+    for row in range(rows):
+        tiles = [("ground truth", truth_display[row], None)]
+        tiles += [(name, displays[name][row], (scores[name][0][row], scores[name][1][row])) for name in columns]
+        for col, (name, image, score) in enumerate(tiles):
+            ax = axes[row][col]
+            shown = _to_rgb_array(image)
+            ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=9)
+            if score is not None:
+                value_psnr, value_ssim = float(score[0]), float(score[1])
+                ax.set_xlabel(f"PSNR {value_psnr:.2f} dB\nSSIM {value_ssim:.4f}", fontsize=8)
+            elif row_labels is not None:
+                ax.set_xlabel(str(row_labels[row]), fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    path = os.fspath(path)
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    return path
