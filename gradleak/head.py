@@ -187,17 +187,18 @@ def named_gradients(model: nn.Module, gradients: GradientsLike) -> Dict[str, tor
     raise TypeError("gradients must be a dict name -> tensor or a sequence aligned with model.parameters()")
 
 
-def head_gradients(model: nn.Module, gradients: GradientsLike, head: Union[str, nn.Linear, None] = None
-                   ) -> Dict[str, Optional[torch.Tensor]]:
+def head_gradients(model: nn.Module, gradients: GradientsLike,
+                   head: Union[str, nn.Linear, Tuple[str, nn.Linear], None] = None) -> Dict[str, Optional[torch.Tensor]]:
     """Pick the head's parameters and their gradients out of a model's gradients.
 
     Args:
         gradients: ``{parameter name: gradient}`` or a sequence aligned with ``model.parameters()``.
+        head: as for :func:`find_head`, or its ``(name, module)`` answer.
 
     Returns:
         ``dict(weight=, weight_grad=, bias=, bias_grad=)`` (bias entries None for a bias-free head).
     """
-    name, module = find_head(model, head)
+    name, module = head if isinstance(head, tuple) else find_head(model, head)
     named = named_gradients(model, gradients)
     prefix = f"{name}." if name else ""
     if prefix + "weight" not in named:

@@ -98,8 +98,8 @@ def _label_parameters(answer: "_Candidate") -> Tuple[Tuple[int, ...], float, Opt
 
 def _single_minimum(problem: HeadProblem, t: float, structures: Sequence[Structure]) -> Dict[str, Minima]:
     """Minima dict for one given scalar (closed form, or a search that returns one answer)."""
-    t_tensor = torch.tensor([t], dtype=torch.float64, device=problem.c.device)
-    return {structure.name: describe(problem, structure, t_tensor) for structure in structures}
+    t_tensor = torch.tensor([t] * len(structures), dtype=torch.float64, device=problem.c.device)
+    return describe(problem, structures, t_tensor, torch.arange(len(structures), device=problem.c.device))
 
 
 def _label_tolerance(dtype: torch.dtype) -> float:
@@ -256,15 +256,15 @@ def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: 
         The other options are those of :func:`recover_label`.
     """
     _check_options(label_format, method, feature_sign)
-    head_name, _ = find_head(model, head)
+    found = find_head(model, head)
     named = named_gradients(model, gradients)
-    parts = head_gradients(model, named, head)
+    parts = head_gradients(model, named, found)
     problem = factor_head(parts["weight_grad"], parts["weight"], parts["bias"], parts["bias_grad"],
                           rank_one_tol=rank_one_tol)
     known = problem.closed_form_t()
     scale = None if known is None else (known, "closed_form")
     extra: Dict[str, object] = {}
-    layer = find_feature_layer(model, head_name) if use_feature_layer and known is None else None
+    layer = find_feature_layer(model, found[0]) if use_feature_layer and known is None else None
     if layer is not None and layer.bias_name in named:
         fit = scale_from_feature_layer(problem, layer, named[layer.bias_name])
         if fit is not None:

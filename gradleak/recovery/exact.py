@@ -88,11 +88,8 @@ def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points
     error = t.unsqueeze(-1) * torch.softmax(problem.logits(t), -1) - problem.c
     free = free_entries_of(error, t, free_entries, offset_free)[:, 0]
     t = gauss_newton(problem, t, mask_of(free, problem.num_classes), offset_free, steps=refine_steps)
-    minima = {}
-    for index, structure in enumerate(structures):
-        found = describe(problem, structure, t[which == index])
-        minima[structure.name] = found[distinct_answers(found.labels, same_answer_atol)]
-    return minima
+    return {name: found[distinct_answers(found.labels, same_answer_atol)]
+            for name, found in describe(problem, structures, t, which).items()}
 
 
 def distinct_answers(labels: torch.Tensor, atol: float) -> torch.Tensor:

@@ -13,6 +13,7 @@ where the label structure cannot: confident trained networks, whose candidate la
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -35,13 +36,23 @@ class FeatureLayer:
     channels: int
 
 
+_FOUND: "weakref.WeakKeyDictionary[nn.Module, Dict[str, Optional[FeatureLayer]]]" = weakref.WeakKeyDictionary()
+
+
 def find_feature_layer(model: nn.Module, head_name: str) -> Optional[FeatureLayer]:
     """The affine layer + activation right before the head in registration order, or None.
 
     Recognised: ``Linear|ConvNd (with bias) -> ReLU|Sigmoid -> [Flatten|Dropout|Identity]* -> head``. Registration
     order is not always execution order, so callers must check the answer with :func:`scale_from_feature_layer`'s
-    residual before trusting it.
+    residual before trusting it. The answer is remembered per model (scanning a ResNet50 costs a millisecond).
     """
+    known = _FOUND.setdefault(model, {})
+    if head_name not in known:
+        known[head_name] = _scan(model, head_name)
+    return known[head_name]
+
+
+def _scan(model: nn.Module, head_name: str) -> Optional[FeatureLayer]:
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
     names = [name for name, _ in leaves]
     if head_name not in names:

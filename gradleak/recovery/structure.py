@@ -12,7 +12,7 @@ of ``y_S`` goes to zero for any gradient, but ``r -> 1`` there, while ``r = 0`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 
@@ -173,18 +173,25 @@ class Minima:
         return self.t.shape[0]
 
 
-def describe(problem: HeadProblem, structure: Structure, t: torch.Tensor) -> Minima:
-    """Everything the decision needs about candidates ``t`` (n,) under ``structure``, sorted best first."""
-    free_entries = torch.full_like(t, structure.free_entries, dtype=torch.long)
-    offset_free = torch.full_like(t, structure.offset_free, dtype=torch.bool)
+def describe(problem: HeadProblem, structures: Sequence[Structure], t: torch.Tensor, which: torch.Tensor
+             ) -> Dict[str, Minima]:
+    """Everything the decision needs about candidates ``t`` (n,), candidate ``k`` under ``structures[which[k]]``;
+    per structure, sorted best first (one vectorised pass for all structures)."""
+    free_entries = torch.tensor([s.free_entries for s in structures], device=t.device)[which]
+    offset_free = torch.tensor([s.offset_free for s in structures], device=t.device)[which]
     labels = problem.label(t)
     free = free_entries_of(t.unsqueeze(-1) * labels, t, free_entries, offset_free)[:, 0]
     mask = mask_of(free, problem.num_classes)
-    residual = _piece_residuals(problem, t, mask, offset_free)
-    size = max(problem.num_classes - structure.free_entries, 1)
-    spread = _project(labels, *_projector(mask, offset_free, t.dtype)).norm(dim=-1) / size ** 0.5
-    order = residual.argsort()
-    return Minima(t, residual, labels, spread, free)[order]
+    weight, centre = _projector(mask, offset_free, t.dtype)
+    residual = _project(t.unsqueeze(-1) * labels, weight, centre).norm(dim=-1) / _project(
+        problem.c.expand_as(weight), weight, centre).norm(dim=-1).clamp_min(torch.finfo(t.dtype).tiny)
+    spread = _project(labels, weight, centre).norm(dim=-1) / weight.sum(-1).clamp_min(1).sqrt()
+    everything = Minima(t, residual, labels, spread, free)
+    out = {}
+    for index, structure in enumerate(structures):
+        mine = (which == index).nonzero().flatten()
+        out[structure.name] = everything[mine[residual[mine].argsort()]]
+    return out
 
 
 def gauss_newton(problem: HeadProblem, t: torch.Tensor, mask: torch.Tensor, offset_free: torch.Tensor,
@@ -202,17 +209,22 @@ def gauss_newton(problem: HeadProblem, t: torch.Tensor, mask: torch.Tensor, offs
     """
     weight, centre = _projector(mask, offset_free, t.dtype)
     t_min, tiny = problem.t_min, torch.finfo(t.dtype).tiny
+    previous = None
     for _ in range(steps):
         p = torch.softmax(problem.logits(t), dim=-1)
         column = t.unsqueeze(-1)
         error = _project(column * p - problem.c, weight, centre)
         jacobian = _project(p + column * p * (problem.a - (p * problem.a).sum(-1, keepdim=True)), weight, centre)
+        size = error.norm(dim=-1)
         step = -(error * jacobian).sum(-1) / (jacobian * jacobian).sum(-1).clamp_min(tiny)
         limit = 0.5 * t.abs()
         moved = t + step.clamp(-limit, limit)
         moved = torch.where(t > 0, moved.clamp_min(t_min), moved.clamp_max(-t_min))
-        done = bool(((moved - t).abs() <= 1e-13 * limit).all())
-        t = moved
-        if done:
+        # stop once every candidate has converged, or stopped converging fast (then it is not near a zero)
+        settled = (moved - t).abs() <= 1e-13 * limit
+        if previous is not None:
+            settled |= size > 0.5 * previous
+        t, previous = moved, size
+        if bool(settled.all()):
             break
     return t
