@@ -37,6 +37,8 @@ class HeadProblem:
         c: ``(C,)`` unit left factor (direction of ``p - y``).
         v: ``(d,)`` unit right factor (direction of ``h``).
         a: ``(C,)`` ``sigma * W v``: the logits are ``t * a + b``.
+        a_abs: ``(C,)`` ``sigma * |W| |v|``: the scale of the sums behind ``a`` (their rounding error is relative
+            to it, not to ``a``).
         rank_one_ratio: ``||G - sigma c v^T||_F / ||G||_F``; float rounding gives ~1e-7 (float32), a batch O(1).
         row_sum_error: ``|sum_i c_i|``; Theorem 1 makes it 0 when the label sums to one.
         t_min: smallest admissible ``|t|``: ``|p_i - y_i| <= 1`` and ``sum_i |p_i - y_i| <= 2``.
@@ -51,6 +53,7 @@ class HeadProblem:
     c: torch.Tensor
     v: torch.Tensor
     a: torch.Tensor
+    a_abs: torch.Tensor
     rank_one_ratio: float
     row_sum_error: float
     t_min: float
@@ -136,11 +139,12 @@ def factor_head(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optional[
             "it looks like the gradient of a batch, not of one example")
     w64 = weight.detach().to(torch.float64)
     a = sigma * (w64 @ v)
+    a_abs = sigma * (w64.abs() @ v.abs())
     return HeadProblem(
         weight=w64, weight_grad=grad,
         bias=None if bias is None else bias.detach().to(torch.float64),
         bias_grad=None if bias_grad is None else bias_grad.detach().to(torch.float64),
-        sigma=sigma, c=c, v=v, a=a, rank_one_ratio=rank_one_ratio,
+        sigma=sigma, c=c, v=v, a=a, a_abs=a_abs, rank_one_ratio=rank_one_ratio,
         row_sum_error=float(c.sum().abs()), t_min=float(torch.maximum(c.abs().max(), c.abs().sum() / 2)),
         dtype=dtype)
 

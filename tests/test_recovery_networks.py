@@ -112,3 +112,18 @@ def test_confident_trained_lenet(cifar, augmentation):
     outcomes = _evaluate(model, _trials(cifar[0], cifar[1], 10, 30, seed=5))
     _assert_all(outcomes)
     assert {o[2].method for o in outcomes} == {"feature_layer"}
+
+
+@pytest.mark.parametrize("eps", [0.044, 0.005])
+def test_small_smoothing_mass_is_not_taken_for_a_hard_label(eps):
+    """1000 classes: eps / C is ~1e-5 per class, below float32's absolute precision near 1 but far above the
+    rounding of entries that small; the fit is judged entry by entry, so smoothing is still detected."""
+    images, labels = load_samples("imagenet", size=64)
+    model = build_model("fcn4", 1000, seed=2023)
+    for index in range(2):
+        label = smooth_label(int(labels[index]), 1000, eps, dtype=torch.float32)
+        result = gradleak.recover_from_gradients(model, gradleak.single_example_gradients(model, images[index],
+                                                                                          label))
+        assert result.label_format == "smoothing" and result.determined, result
+        assert float((result.label - label).abs().max()) < 1e-6
+        assert result.eps == pytest.approx(eps, rel=1e-3)

@@ -15,6 +15,10 @@ from .feature_layer import find_feature_layer, scale_from_feature_layer
 from .structure import FORMAT_STRUCTURES, STRUCTURES, Minima, Structure, describe
 
 FEATURE_SIGNS = ("auto", "nonnegative", "any")
+#: How many rounding errors the structured entries may spread over and still count as equal.
+ROUNDING_SLACK = 100.0
+#: Beyond this rank-one ratio (accepted only with ``rank_one_tol=None``) no answer is reported as determined.
+NOISY_RANK_ONE_RATIO = 0.1
 
 
 @dataclass
@@ -107,15 +111,6 @@ def _label_tolerance(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).eps)
 
 
-def structure_tolerance(dtype: torch.dtype) -> float:
-    """How equal, in label units (RMS), the structured entries must be for a structure to fit.
-
-    A hundred units of rounding of the gradient's dtype: the victim computed ``p - y`` in that precision, so
-    no structure can be observed more sharply, and a second class weighing less than this is invisible.
-    """
-    return 100.0 * torch.finfo(dtype).eps
-
-
 def _preferred_sign(problem: HeadProblem) -> int:
     """+1 / -1 when ``v`` is single-signed (the features can be non-negative only with that sign of t), else 0."""
     v = problem.v
@@ -133,12 +128,12 @@ class _Candidate:
     t: float
     residual: float
     label: torch.Tensor
-    label_residual: float
+    rounding_units: float
     free: Tuple[int, ...]
 
 
 def _candidates(minima: Minima, structure: Structure) -> List[_Candidate]:
-    ts, rs, spreads, frees = (minima.t.tolist(), minima.residual.tolist(), minima.label_residual.tolist(),
+    ts, rs, spreads, frees = (minima.t.tolist(), minima.residual.tolist(), minima.rounding_units.tolist(),
                               minima.free.tolist())
     return [_Candidate(structure, t, r, minima.labels[i], s, tuple(dict.fromkeys(f)))
             for i, (t, r, s, f) in enumerate(zip(ts, rs, spreads, frees))]
@@ -149,10 +144,13 @@ def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambi
     """Pick ``(answer, determined, margin, message)`` from the refined minima of each hypothesis.
 
     A structure fits at a candidate when its residual is below ``tol`` (far from the trivial answer) and its
-    structured entries agree within :func:`structure_tolerance` (as sharp as the gradient's precision allows).
-    The simplest fitting structure wins (``minima`` is ordered simplest first), its lowest residual is the
-    answer, and the answer is unique when every other answer (a label farther than ``same_answer_atol``) of
-    the same or a simpler structure has a residual at least ``ambiguity_ratio`` times larger.
+    structured entries agree to within ``ROUNDING_SLACK`` times the error that rounding (and the noise the
+    rank-one ratio reveals) would leave: as sharp as the gradient allows, entry by entry, so that a smoothing
+    mass of 1e-5 per class is not mistaken for zero. The simplest fitting structure wins (``minima`` is ordered
+    simplest first), its lowest residual is the answer, and the answer is unique when every other answer (a
+    label farther than ``same_answer_atol``) of the same or a simpler structure has a residual at least
+    ``ambiguity_ratio`` times larger. Without any such fit, the simplest structure below ``tol`` is the best
+    guess, reported as undetermined.
     """
     sign = _preferred_sign(problem)
     if feature_sign == "nonnegative" and sign == 0:
@@ -181,9 +179,9 @@ def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambi
             reason = ("no candidate gives a valid label (entries in [0, 1]) with the feature sign: the gradient "
                       "may not come from a softmax cross-entropy head, or feature_sign is wrong")
         return fallback, False, 1.0, reason
-    fitting = [c for c in candidates
-               if c.residual <= tol and c.label_residual <= structure_tolerance(problem.dtype)]
-    pool = fitting or candidates
+    close = [c for c in candidates if c.residual <= tol]
+    fitting = [c for c in close if c.rounding_units <= ROUNDING_SLACK]
+    pool = fitting or close or candidates
     simplest = min(rank[c.structure.name] for c in pool)
     best = min((c for c in pool if rank[c.structure.name] == simplest), key=lambda c: c.residual)
     rivals = [c.residual for c in candidates if rank[c.structure.name] <= simplest
@@ -193,8 +191,9 @@ def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambi
     if closed_form:
         return best, True, margin, ""
     if not fitting:
-        return best, False, margin, (f"no structure fits (best residual {best.residual:.3g} with tol {tol:.2g}, "
-                                     f"structured entries equal within {best.label_residual:.2g})")
+        return best, False, margin, (f"no structure holds to the gradient's precision (residual "
+                                     f"{best.residual:.3g}, tol {tol:.2g}; structured entries spread over "
+                                     f"{best.rounding_units:.3g} rounding units, at most {ROUNDING_SLACK:g} expected)")
     if margin < ambiguity_ratio:
         return best, False, margin, (f"ambiguous: another answer fits almost as well (residual {runner_up:.3g} "
                                      f"vs {best.residual:.3g})")
@@ -314,6 +313,11 @@ def _recover(problem: HeadProblem, known_scale: Optional[Tuple[float, str]], *, 
                                                 same_answer_atol=same_answer_atol, feature_sign=feature_sign,
                                                 closed_form=known_scale is not None)
     label_tol = _label_tolerance(problem.dtype)
+    if problem.rank_one_ratio > NOISY_RANK_ONE_RATIO:
+        determined = False
+        message = "; ".join(filter(None, [message, f"the gradient is far from rank one (ratio "
+                                          f"{problem.rank_one_ratio:.2g}): not one clean example, the answer is a "
+                                          "best guess"]))
     if problem.row_sum_error / abs(best.t) > label_tol:
         determined = False
         message = "; ".join(filter(None, [message, "gradient rows do not sum to zero: the label does not sum to "

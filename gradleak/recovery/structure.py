@@ -155,18 +155,19 @@ class Minima:
 
     Attributes:
         t: ``(n,)`` scalars; residual: ``(n,)`` normalised residuals; labels: ``(n, C)`` candidate labels;
-        label_residual: ``(n,)`` RMS spread of the structured entries, in label units; free: ``(n, 2)`` the
+        rounding_units: ``(n,)`` RMS spread of the structured entries in units of their expected rounding error
+            (see :func:`describe`); free: ``(n, 2)`` the
         free entries (largest first; repeated for one-class structures).
     """
 
     t: torch.Tensor
     residual: torch.Tensor
     labels: torch.Tensor
-    label_residual: torch.Tensor
+    rounding_units: torch.Tensor
     free: torch.Tensor
 
     def __getitem__(self, index) -> "Minima":
-        return Minima(self.t[index], self.residual[index], self.labels[index], self.label_residual[index],
+        return Minima(self.t[index], self.residual[index], self.labels[index], self.rounding_units[index],
                       self.free[index])
 
     def __len__(self) -> int:
@@ -179,13 +180,27 @@ def describe(problem: HeadProblem, structures: Sequence[Structure], t: torch.Ten
     per structure, sorted best first (one vectorised pass for all structures)."""
     free_entries = torch.tensor([s.free_entries for s in structures], device=t.device)[which]
     offset_free = torch.tensor([s.offset_free for s in structures], device=t.device)[which]
-    labels = problem.label(t)
+    logits = problem.logits(t)
+    p = torch.softmax(logits, dim=-1)
+    labels = p - problem.c / t.unsqueeze(-1)
     free = free_entries_of(t.unsqueeze(-1) * labels, t, free_entries, offset_free)[:, 0]
     mask = mask_of(free, problem.num_classes)
     weight, centre = _projector(mask, offset_free, t.dtype)
     residual = _project(t.unsqueeze(-1) * labels, weight, centre).norm(dim=-1) / _project(
         problem.c.expand_as(weight), weight, centre).norm(dim=-1).clamp_min(torch.finfo(t.dtype).tiny)
-    spread = _project(labels, weight, centre).norm(dim=-1) / weight.sum(-1).clamp_min(1).sqrt()
+    # What rounding alone would leave, entry by entry: the victim computed z = W h and p - y in the gradient's
+    # precision u, so z carries ~u |t| sigma |W||v| absolute error, and p_i and y_i ~u of themselves; noise that
+    # breaks the rank-one structure adds ~ratio / |t| per entry. The structured entries are compared with
+    # their common value weighted by these errors (a weighted least-squares fit).
+    u = torch.finfo(problem.dtype).eps
+    scale = 1 + t.abs().unsqueeze(-1) * problem.a_abs.max()
+    expected = (u * scale * (p + labels.abs())
+                + problem.rank_one_ratio / t.abs().unsqueeze(-1) / problem.num_classes ** 0.5
+                + torch.finfo(t.dtype).tiny)
+    precision = weight / expected.square()
+    common = (labels * precision).sum(-1, keepdim=True) / precision.sum(-1, keepdim=True)
+    deviation = (labels - common * offset_free.unsqueeze(-1)) / expected * weight
+    spread = deviation.square().sum(-1).div(weight.sum(-1).clamp_min(1)).sqrt()
     everything = Minima(t, residual, labels, spread, free)
     out = {}
     for index, structure in enumerate(structures):
