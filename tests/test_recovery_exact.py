@@ -124,7 +124,8 @@ def test_auto_detects_the_format(seed):
     assert result.label_format == kind, result
     assert result.determined
     _check(result, label, h, torch.float32)
-    assert set(result.residuals) == {"hard", "smoothing", "mixup", "mixup_smoothing"}
+    # mixup with smoothing, the most general structure, is tried only when the others leave the answer open
+    assert {"hard", "smoothing", "mixup"} <= set(result.residuals) <= {"hard", "smoothing", "mixup", "mixup_smoothing"}
     assert result.residual == min(result.residuals[k] for k in result.residuals if k.startswith(kind[:3])) or \
         kind == "hard"
     if kind == "mixup":

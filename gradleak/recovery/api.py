@@ -1,6 +1,7 @@
 """``recover_label`` / ``recover_from_gradients``: one example's soft label and head feature from its gradient."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -41,7 +42,7 @@ class RecoveryResult:
         margin: residual of the best competing answer divided by the answer's own (inf if none): how clearly
             the minimum is unique.
         residuals: the best residual of every hypothesis tried ("hard", "smoothing", "mixup",
-            "mixup_smoothing").
+            "mixup_smoothing"; the last, the most general, only when the others leave the answer undetermined).
         rank_one_ratio: ``||G - rank-one fit|| / ||G||``: ~1e-7 for one float32 example, O(1) for a batch.
         row_sum_error: ``|sum_i (p_i - y_i)| / ||p - y||`` (Theorem 1: 0 when the label sums to one).
         label_valid: all label entries in ``[0, 1]`` up to the square root of the dtype's machine epsilon.
@@ -296,22 +297,35 @@ def _recover(problem: HeadProblem, known_scale: Optional[Tuple[float, str]], *, 
     if not structures:
         raise ValueError(f"label_format={label_format!r} leaves no label entry to check with "
                          f"{problem.num_classes} classes: every label of that form fits the gradient")
+    decide = functools.partial(_decide, problem, tol=tol, ambiguity_ratio=ambiguity_ratio,
+                               same_answer_atol=same_answer_atol, feature_sign=feature_sign,
+                               closed_form=known_scale is not None)
     if known_scale is not None:
         used_method, evaluations, converged = known_scale[1], 1, True
         minima = _single_minimum(problem, known_scale[0], structures)
+        best, determined, margin, message = decide(minima)
+    elif method == "exact":
+        # The most general structure (mixup with smoothing) is the costliest and the rarest: try the others
+        # first. When they give a determined answer, adding it cannot change the decision (simpler wins).
+        stages = [structures[:-1], structures] if len(structures) > 2 or label_format == "mixup" else [structures]
+        options = dict(search_options, same_answer_atol=same_answer_atol,
+                       sign=_preferred_sign(problem) if feature_sign != "any" else 0)
+        used_method, evaluations, converged = method, 0, True
+        for stage in filter(None, stages):
+            outcome = SEARCHES["exact"](problem, label_format, structures=[s.name for s in stage], **options)
+            evaluations += outcome.evaluations
+            minima = outcome.info["minima"]
+            best, determined, margin, message = decide(minima)
+            if determined:
+                break
     else:
-        if method != "exact" and label_format == "auto":
+        if label_format == "auto":
             raise ValueError(f"method={method!r} (the paper's search) needs a known label_format; "
                              "only method='exact' detects the format")
-        if method == "exact":
-            sign = _preferred_sign(problem) if feature_sign != "any" else 0
-            search_options = dict(search_options, same_answer_atol=same_answer_atol, sign=sign)
         outcome = SEARCHES[method](problem, label_format, **search_options)
         used_method, evaluations, converged = method, outcome.evaluations, outcome.converged
-        minima = outcome.info.get("minima") or _single_minimum(problem, outcome.t, structures)
-    best, determined, margin, message = _decide(problem, minima, tol=tol, ambiguity_ratio=ambiguity_ratio,
-                                                same_answer_atol=same_answer_atol, feature_sign=feature_sign,
-                                                closed_form=known_scale is not None)
+        minima = _single_minimum(problem, outcome.t, structures)
+        best, determined, margin, message = decide(minima)
     label_tol = _label_tolerance(problem.dtype)
     if problem.rank_one_ratio > NOISY_RANK_ONE_RATIO:
         determined = False

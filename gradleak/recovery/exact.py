@@ -8,7 +8,7 @@ tell a unique answer from an ambiguous one.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -101,19 +101,20 @@ def distinct_answers(labels: torch.Tensor, atol: float) -> torch.Tensor:
 
 
 @register_search("exact")
-def exact_search(problem: HeadProblem, label_format: str, *, points_per_decade: int = 32, decades: float = 8.0,
-                 max_starts: int = 4, second_class_choices: int = 4, refine_steps: int = 5,
-                 same_answer_atol: float = 1e-4, sign: int = 0) -> SearchOutcome:
-    """The best refined minimum over the hypotheses of ``label_format``; ``info["minima"]`` holds them all."""
-    structures = [STRUCTURES[name] for name in FORMAT_STRUCTURES[label_format]
-                  if STRUCTURES[name].free_entries < problem.num_classes]
-    minima = find_minima(problem, structures, points_per_decade=points_per_decade, decades=decades,
+def exact_search(problem: HeadProblem, label_format: str, *, structures: Optional[Sequence[str]] = None,
+                 points_per_decade: int = 32, decades: float = 8.0, max_starts: int = 4, second_class_choices: int = 4,
+                 refine_steps: int = 5, same_answer_atol: float = 1e-4, sign: int = 0) -> SearchOutcome:
+    """The best refined minimum over the hypotheses of ``label_format`` (or the named ``structures``);
+    ``info["minima"]`` holds them all."""
+    names = FORMAT_STRUCTURES[label_format] if structures is None else tuple(structures)
+    chosen = [STRUCTURES[name] for name in names if STRUCTURES[name].free_entries < problem.num_classes]
+    minima = find_minima(problem, chosen, points_per_decade=points_per_decade, decades=decades,
                          max_starts=max_starts, second_class_choices=second_class_choices,
                          refine_steps=refine_steps, same_answer_atol=same_answer_atol, sign=sign)
     best = min(minima.values(), key=lambda m: float(m.residual[0]))
     halves = 1 if sign else 2
     grid_size = halves * (int(points_per_decade * decades) + 1)
-    refined = halves * max_starts * sum(second_class_choices if s.free_entries == 2 else 1 for s in structures)
+    refined = halves * max_starts * sum(second_class_choices if s.free_entries == 2 else 1 for s in chosen)
     return SearchOutcome(t=float(best.t[0]), objective=float(best.residual[0]),
                          evaluations=grid_size + refined * (refine_steps + 1), converged=True,
                          info={"minima": minima})
