@@ -180,7 +180,8 @@ def named_gradients(model: nn.Module, gradients: GradientsLike) -> Dict[str, tor
     names = [name for name, _ in model.named_parameters()]
     if isinstance(gradients, Mapping):
         named = dict(gradients)
-        unknown = [name for name in named if name not in set(names)]
+        known = set(names)
+        unknown = [name for name in named if name not in known]
         if unknown:
             raise ValueError(f"gradients name parameters the model does not have: {unknown[:5]}")
         return named
@@ -203,7 +204,8 @@ def head_gradients(model: nn.Module, gradients: GradientsLike,
         ``dict(weight=, weight_grad=, bias=, bias_grad=)`` (bias entries None for a bias-free head).
     """
     name, module = head if isinstance(head, tuple) else find_head(model, head)
-    named = named_gradients(model, gradients)
+    # a mapping is used as it is (only the head's entries are read); a sequence is named first
+    named = gradients if isinstance(gradients, Mapping) else named_gradients(model, gradients)
     prefix = f"{name}." if name else ""
     if prefix + "weight" not in named:
         raise ValueError(f"gradients have no entry for the head weight {prefix + 'weight'!r}")
