@@ -16,13 +16,12 @@ import csv
 import statistics
 import time
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 import gradleak
 from gradleak.data import load_samples
-from gradleak.labels import mix_inputs, mixup_label, smooth_label
+from gradleak.experiments.common import draw_trials, victim
 from gradleak.models import build_model
 
 PAPER_OFFICIAL_MS = 870.0  # official code, CIFAR-10 ResNet18, label smoothing, CPU (paper.md section 7.1)
@@ -41,22 +40,6 @@ CONFIGS = [  # (name, network, kwargs, dataset, image size, classes)
 ]
 
 
-def victims(dataset, size, num_classes, label_format, count, rng):
-    images, labels = load_samples(dataset, size=size)
-    for _ in range(count):
-        a = int(rng.integers(len(labels)))
-        if label_format == "mixup":
-            b = int(rng.integers(len(labels)))
-            while int(labels[b]) == int(labels[a]):
-                b = int(rng.integers(len(labels)))
-            lam = float(rng.uniform())
-            yield mix_inputs(images[a], images[b], lam), mixup_label(int(labels[a]), int(labels[b]), lam,
-                                                                      num_classes, dtype=torch.float32)
-        else:
-            yield images[a], smooth_label(int(labels[a]), num_classes, float(rng.uniform(0, 0.5)),
-                                          dtype=torch.float32)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=10, help="samples per configuration and label format")
@@ -72,20 +55,19 @@ def main() -> None:
     for index in args.configs:
         title, network, kwargs, dataset, size, num_classes = CONFIGS[index]
         model = build_model(network, num_classes, seed=1, **kwargs)
+        images, labels = load_samples(dataset, size=size)
         for label_format in ("smoothing", "mixup"):
-            rng = np.random.default_rng(args.seed)
-            cases = list(victims(dataset, size, num_classes, label_format, args.samples, rng))
-            for x, truth in tqdm(cases, desc=f"{title} {label_format}", leave=False):
-                gradients = gradleak.single_example_gradients(model, x, truth)
-                with torch.no_grad():
-                    feature = model.features(x.unsqueeze(0))[0].double()
+            trials = draw_trials(labels, num_classes, label_format, args.samples, args.seed)
+            for trial in tqdm(trials, desc=f"{title} {label_format}", leave=False):
+                truth = victim(model, images, trial)
+                gradients, feature = truth.gradients, truth.feature.double()
                 gradleak.recover_from_gradients(model, gradients)  # untimed: the first call after backward warms caches
                 for method in args.methods:
                     options = dict(dict(label_format=label_format), **METHODS[method])
                     start = time.perf_counter()
                     result = gradleak.recover_from_gradients(model, gradients, **options)
                     ms = (time.perf_counter() - start) * 1e3
-                    error = float((result.label - truth).abs().max())
+                    error = float((result.label.double() - truth.label).abs().max())
                     cosine = float(torch.nn.functional.cosine_similarity(result.feature.double(), feature, dim=0))
                     rows.append(dict(config=title, format=label_format, method=method, ms=ms, label_error=error,
                                      feature_cosine=cosine, success=error < 1e-3 and cosine > 0.999))

@@ -12,9 +12,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .client import single_example_gradients
 from .data import load_samples
-from .labels import LabelSpec, mix_inputs
+from .experiments.common import draw_trials, victim
 from .models import build_model
 from .recovery import recover_from_gradients
 
@@ -46,47 +45,28 @@ def _describe(label_format: str, classes, eps: float, lam: Optional[float]) -> t
     return str(classes[0]), float(eps)
 
 
-def _victims(images: torch.Tensor, labels: torch.Tensor, label_format: str, count: int, rng: np.random.Generator):
-    """(input, LabelSpec) pairs; eps ~ U(0, 0.5), lambda ~ U(0, 1), mixed classes differ."""
-    n = len(labels)
-    for _ in range(count):
-        a = int(rng.integers(n))
-        if label_format == "mixup":
-            b = int(rng.integers(n))
-            while int(labels[b]) == int(labels[a]):
-                b = int(rng.integers(n))
-            lam = float(rng.uniform())
-            pair = sorted([(int(labels[a]), a, 1 - lam), (int(labels[b]), b, lam)])
-            yield (mix_inputs(images[pair[0][1]], images[pair[1][1]], pair[1][2]),
-                   LabelSpec("mixup", 10, (pair[0][0], pair[1][0]), lam=pair[1][2]))
-        else:
-            yield images[a], LabelSpec("smoothing", 10, (int(labels[a]),), eps=float(rng.uniform(0.0, 0.5)))
-
-
 def run_demo(samples: int = 8, seed: int = 2023, out: Optional[Path] = None, networks: Sequence[str] = tuple(NETWORKS),
              progress: bool = True) -> List[DemoRow]:
     """Recover ``samples`` labels per network and format; write ``demo.csv`` / ``demo.json`` under ``out``."""
     images, labels = load_samples("cifar10")
-    rng = np.random.default_rng(seed)
     rows: List[DemoRow] = []
     jobs = [(name, fmt) for name in networks for fmt in ("smoothing", "mixup")]
     bar = tqdm(total=len(jobs) * samples, desc="demo", disable=not progress)
     for name, fmt in jobs:
         model = build_model(name, 10, seed=seed, **NETWORKS[name])
-        for x, spec in _victims(images, labels, fmt, samples, rng):
-            truth = spec.to_tensor(torch.float32)
-            gradients = single_example_gradients(model, x, truth)  # the victim's upload
+        for trial in draw_trials(labels, 10, fmt, samples, seed):
+            truth = victim(model, images, trial)  # the client's upload, and what only the evaluator knows
             start = time.perf_counter()
-            result = recover_from_gradients(model, gradients)  # the attacker sees parameters and gradients only
+            result = recover_from_gradients(model, truth.gradients)  # the attacker: parameters + gradients only
             elapsed = (time.perf_counter() - start) * 1e3
-            with torch.no_grad():  # the evaluator alone sees the truth
-                feature = model.features(x.unsqueeze(0))[0]
-            cosine = float(torch.nn.functional.cosine_similarity(result.feature.double(), feature.double(), dim=0))
+            spec = trial.spec
+            cosine = float(torch.nn.functional.cosine_similarity(result.feature.double(), truth.feature.double(),
+                                                                 dim=0))
             true_classes, true_param = _describe(spec.label_format, spec.classes, spec.eps, spec.lam)
             got_classes, got_param = _describe(result.label_format, result.classes, result.eps, result.lam)
             rows.append(DemoRow(name, spec.label_format, true_classes, true_param, result.label_format, got_classes,
-                                got_param, float((result.label - truth).abs().max()), cosine, result.determined,
-                                result.method, elapsed))
+                                got_param, float((result.label.double() - truth.label).abs().max()), cosine,
+                                result.determined, result.method, elapsed))
             bar.update()
     bar.close()
     if out is not None:

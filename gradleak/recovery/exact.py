@@ -54,8 +54,9 @@ def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points
     class changes within a grid step. A second refinement re-chooses the free entries where the first ended.
     ``sign`` = +1 or -1 searches one sign of ``t`` only (non-negative features fix it).
 
-    Cost: one ``(2 * points_per_decade * decades, C)`` softmax, then ``refine_steps`` Gauss-Newton steps on at
-    most ``2 * max_starts * second_class_choices * len(structures)`` candidates at once.
+    Cost: one ``(2 * points_per_decade * decades, C)`` softmax (half of it with ``sign``), then two rounds of at
+    most ``refine_steps`` Gauss-Newton steps on at most ``2 * max_starts * second_class_choices`` candidates per
+    structure at once.
     """
     grid = log_grid(problem, points_per_decade, decades, sign)
     halves = 1 if sign else 2

@@ -103,9 +103,14 @@ def _piece_residuals(problem: HeadProblem, t: torch.Tensor, mask: torch.Tensor, 
                      ) -> torch.Tensor:
     """Normalised residuals ``(K,)`` with the structured entries fixed by ``mask`` (K, C)."""
     weight, centre = _projector(mask, offset_free, t.dtype)
-    error = _project(t.unsqueeze(-1) * torch.softmax(problem.logits(t), -1) - problem.c, weight, centre)
+    return _normalised(problem, t.unsqueeze(-1) * torch.softmax(problem.logits(t), -1) - problem.c, weight, centre)
+
+
+def _normalised(problem: HeadProblem, error: torch.Tensor, weight: torch.Tensor, centre: torch.Tensor
+                ) -> torch.Tensor:
+    """``||P error|| / ||P c||`` per row: the residual relative to the trivial answer's; ``error`` is ``t y(t)``."""
     scale = _project(problem.c.expand_as(weight), weight, centre)
-    return error.norm(dim=-1) / scale.norm(dim=-1).clamp_min(torch.finfo(t.dtype).tiny)
+    return _project(error, weight, centre).norm(dim=-1) / scale.norm(dim=-1).clamp_min(torch.finfo(error.dtype).tiny)
 
 
 def residuals(problem: HeadProblem, t: torch.Tensor, free_entries: torch.Tensor, offset_free: torch.Tensor
@@ -186,8 +191,7 @@ def describe(problem: HeadProblem, structures: Sequence[Structure], t: torch.Ten
     free = free_entries_of(t.unsqueeze(-1) * labels, t, free_entries, offset_free)[:, 0]
     mask = mask_of(free, problem.num_classes)
     weight, centre = _projector(mask, offset_free, t.dtype)
-    residual = _project(t.unsqueeze(-1) * labels, weight, centre).norm(dim=-1) / _project(
-        problem.c.expand_as(weight), weight, centre).norm(dim=-1).clamp_min(torch.finfo(t.dtype).tiny)
+    residual = _normalised(problem, t.unsqueeze(-1) * labels, weight, centre)
     # What rounding alone would leave, entry by entry: the victim computed z = W h and p - y in the gradient's
     # precision u, so z carries ~u |t| sigma |W||v| absolute error, and p_i and y_i ~u of themselves; noise that
     # breaks the rank-one structure adds ~ratio / |t| per entry. The structured entries are compared with
