@@ -18,14 +18,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _recover(args: argparse.Namespace) -> int:
+    import copy
+
     import torch
 
-    from .client import single_example_gradients
+    from .client import single_example_gradients, soft_cross_entropy
     from .data import DATASETS, load_samples
     from .labels import mix_inputs, mixup_label, smooth_label
     from .models import build_model
     from .recovery import recover_from_gradients
+    from .update import recover_from_update, update_from_weights
 
+    if args.lr is not None and not args.lr > 0:
+        print(f"--lr must be positive, got {args.lr}", file=sys.stderr)
+        return 2
     info = DATASETS[args.dataset]
     images, labels = load_samples(args.dataset, size=args.size)
     model = build_model(args.network, info.num_classes, seed=args.seed)
@@ -39,10 +45,24 @@ def _recover(args: argparse.Namespace) -> int:
         x = images[a]
         truth = smooth_label(int(labels[a]), info.num_classes, args.eps if args.label == "smoothing" else 0.0,
                              dtype=torch.float32)
-    result = recover_from_gradients(model, single_example_gradients(model, x, truth), label_format=args.format,
-                                    method=args.method)
+    options = dict(label_format=args.format, method=args.method)
+    if args.lr is None:
+        true_scale = 1.0
+        grads = single_example_gradients(model, x, truth)
+        result = recover_from_gradients(model, grads, gradient_scale="unknown" if args.unknown_scale else "known",
+                                        **options)
+    else:
+        # the victim: one plain SGD step on its example; the attacker sees the new weights as Flower ships them
+        true_scale = -args.lr
+        victim = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(victim.parameters(), lr=args.lr)
+        soft_cross_entropy(victim(x.unsqueeze(0)), truth.unsqueeze(0)).backward()
+        optimizer.step()
+        update = update_from_weights(model, [value.numpy() for value in victim.state_dict().values()])
+        result = recover_from_update(model, update, lr=None if args.unknown_scale else args.lr, **options)
     report = {k: v for k, v in vars(result).items() if k not in ("label", "feature", "extra")}
     report["max_label_error"] = float((result.label - truth).abs().max())
+    report["true_gradient_scale"] = true_scale
     print(json.dumps(report, indent=1, default=str))
     return 0
 
@@ -100,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--format", default="auto", help="what the attacker assumes: auto|hard|smoothing|mixup")
     recover.add_argument("--method", default="exact", help="exact|pso|lbfgs")
     recover.add_argument("--seed", type=int, default=0)
+    recover.add_argument("--lr", type=float, help="the victim takes one plain SGD step with this learning rate and "
+                         "the attacker gets the weight update new - old (recovered with this lr)")
+    recover.add_argument("--unknown-scale", dest="unknown_scale", action="store_true",
+                         help="the attacker is not told the scale: the lr of --lr, or that the gradient is unscaled")
     recover.set_defaults(handler=_recover)
 
     reconstruct = sub.add_parser("reconstruct", help="rebuild the input from its gradient (analytic / matching)")

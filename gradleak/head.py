@@ -9,6 +9,10 @@ scalar ``t``::
 
 With a bias gradient ``t`` is closed form (``p - y = dL/db``); without one it is the single unknown that the
 label's structure has to determine (see :mod:`gradleak.recovery`).
+
+When the gradient arrives scaled by an unknown ``s != 0`` (a weight delta ``-lr * g``, a clipped gradient), the
+same factorisation holds with ``p - y = c / alpha`` and ``s = alpha / t``: ``alpha`` is a second unknown, which
+the label's structure fixes by a small linear least-squares fit for every ``t`` (design.md section 6).
 """
 from __future__ import annotations
 
@@ -41,8 +45,12 @@ class HeadProblem:
             to it, not to ``a``).
         rank_one_ratio: ``||G - sigma c v^T||_F / ||G||_F``; float rounding gives ~1e-7 (float32), a batch O(1).
         row_sum_error: ``|sum_i c_i|``; Theorem 1 makes it 0 when the label sums to one.
-        t_min: smallest admissible ``|t|``: ``|p_i - y_i| <= 1`` and ``sum_i |p_i - y_i| <= 2``.
+        t_min: smallest admissible ``|alpha|`` (``= |t|`` when the scale is known): ``|p_i - y_i| <= 1`` and
+            ``sum_i |p_i - y_i| <= 2``.
         dtype: dtype of the observed gradient (results are returned in it).
+        precision: the machine epsilon of the rounding the values actually carry: that of ``dtype``, or of a narrower
+            float type when every value is exactly representable in it (float32 gradients cast to float64).
+        scale_known: False when the observed gradient is ``s * g`` with an unknown ``s`` (see the module doc).
     """
 
     weight: torch.Tensor
@@ -58,11 +66,20 @@ class HeadProblem:
     row_sum_error: float
     t_min: float
     dtype: torch.dtype
+    precision: float
+    scale_known: bool = True
 
     @property
     def num_classes(self) -> int:
         return self.c.shape[0]
 
+    @property
+    def t_lower(self) -> float:
+        """Smallest ``|t|`` worth searching: ``t_min`` when the scale is known; otherwise the feature scale is
+        free, and below logits spread over 1e-4 the softmax is linear in ``t`` (the label no longer moves)."""
+        if self.scale_known:
+            return self.t_min
+        return 1e-4 / max(float(self.a.max() - self.a.min()), torch.finfo(torch.float64).tiny)
 
     def logits(self, t: torch.Tensor) -> torch.Tensor:
         """Candidate logits ``(..., C)`` for scalars ``t`` of shape ``(...)``."""
@@ -87,16 +104,38 @@ class HeadProblem:
         return 1.0 / mu
 
 
+#: Float types narrower than float64, narrowest first: a gradient whose values all fit one carries its rounding.
+_NARROWER_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def storage_precision(values: torch.Tensor, probe: torch.Tensor) -> float:
+    """Machine epsilon of the narrowest float type that holds every entry of ``values`` exactly.
+
+    A float32 gradient cast to float64 still carries float32 rounding: judging it by float64's epsilon would
+    call every fit a misfit. ``probe`` (a slice of ``values``, e.g. its largest row) is tried first, so that the
+    common case (no narrower type fits) costs one pass over the probe only.
+    """
+    for dtype in _NARROWER_FLOATS:
+        if torch.finfo(dtype).eps <= torch.finfo(values.dtype).eps:
+            continue
+        if bool((probe.to(dtype).to(probe.dtype) == probe).all()) and \
+                bool((values.to(dtype).to(values.dtype) == values).all()):
+            return torch.finfo(dtype).eps
+    return torch.finfo(values.dtype).eps
+
+
 def factor_head(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                bias_grad: Optional[torch.Tensor] = None, *, rank_one_tol: Optional[float] = 1e-2) -> HeadProblem:
+                bias_grad: Optional[torch.Tensor] = None, *, rank_one_tol: Optional[float] = 1e-2,
+                scale_known: bool = True) -> HeadProblem:
     """Validate one head gradient and factor it as ``sigma * c v^T`` (float64).
 
     Args:
-        weight_grad: ``(C, d)`` dL/dW of one example.
+        weight_grad: ``(C, d)`` dL/dW of one example (or ``s`` times it, with ``scale_known=False``).
         weight: ``(C, d)`` W.
         bias, bias_grad: ``(C,)`` each, or None (a bias-free head).
         rank_one_tol: raise if ``rank_one_ratio`` exceeds it (a batch passed as one example);
             None disables the check (e.g. for gradients with added noise).
+        scale_known: False when the gradient is scaled by an unknown non-zero factor.
     """
     weight_grad = as_tensor(weight_grad, "weight_grad")
     weight = as_tensor(weight, "weight")
@@ -125,7 +164,9 @@ def factor_head(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optional[
         raise ValueError("weight_grad is all zeros: the example's loss gradient vanished, nothing to recover")
     # One power-iteration step from the largest row: G is rank one up to rounding (or noise), and that row is
     # already its right factor up to rounding; the step averages the noise over all rows and columns.
-    c = grad @ grad[row_norms.argmax()]
+    largest = row_norms.argmax()
+    precision = storage_precision(weight_grad.detach(), weight_grad.detach()[largest])
+    c = grad @ grad[largest]
     v = c @ grad
     v = v / torch.linalg.vector_norm(v)
     c = grad @ v
@@ -135,8 +176,9 @@ def factor_head(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optional[
     rank_one_ratio = math.sqrt(max(1.0 - (sigma / norm) ** 2, 0.0))
     if rank_one_tol is not None and rank_one_ratio > rank_one_tol:
         raise ValueError(
-            f"weight_grad is not rank one (relative residual {rank_one_ratio:.3g} > {rank_one_tol:g}): "
-            "it looks like the gradient of a batch, not of one example")
+            f"weight_grad is not rank one (relative residual {rank_one_ratio:.3g} > {rank_one_tol:g}): it looks "
+            "like the gradient of a batch, not of one example (or an update of several local steps: pass "
+            "rank_one_tol=None to get a best guess)")
     w64 = weight.detach().to(torch.float64)
     a = sigma * (w64 @ v)
     a_abs = sigma * (w64.abs() @ v.abs())
@@ -146,7 +188,7 @@ def factor_head(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optional[
         bias_grad=None if bias_grad is None else bias_grad.detach().to(torch.float64),
         sigma=sigma, c=c, v=v, a=a, a_abs=a_abs, rank_one_ratio=rank_one_ratio,
         row_sum_error=float(c.sum().abs()), t_min=float(torch.maximum(c.abs().max(), c.abs().sum() / 2)),
-        dtype=dtype)
+        dtype=dtype, precision=precision, scale_known=scale_known)
 
 
 def find_head(model: nn.Module, head: Union[str, nn.Linear, None] = None) -> Tuple[str, nn.Linear]:

@@ -1,6 +1,7 @@
 """``recover_label`` / ``recover_from_gradients``: one example's soft label and head feature from its gradient."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -13,11 +14,9 @@ from ..head import GradientsLike, HeadProblem, factor_head, find_head, head_grad
 from ..labels import LABEL_FORMATS
 from .base import SEARCHES
 from .feature_layer import find_feature_layer, scale_from_feature_layer
-from .structure import FORMAT_STRUCTURES, STRUCTURES, Minima, Structure, describe
+from .structure import FORMAT_STRUCTURES, ROUNDING_SLACK, STRUCTURES, Minima, Structure, describe
 
 FEATURE_SIGNS = ("auto", "nonnegative", "any")
-#: How many rounding errors the structured entries may spread over and still count as equal.
-ROUNDING_SLACK = 100.0
 #: Beyond this rank-one ratio (accepted only with ``rank_one_tol=None``) no answer is reported as determined.
 NOISY_RANK_ONE_RATIO = 0.1
 
@@ -35,22 +34,26 @@ class RecoveryResult:
         classes: the dominant class, or the two mixed classes ``(a, b)`` with ``a < b``.
         eps: recovered smoothing mass (``C`` times the common value of the structured entries; 0 for hard).
         lam: mixup weight of ``classes[1]`` (None unless mixup).
-        scale: the scalar ``t`` of the answer (``h = t * sigma * v``, ``p - y = c / t``).
-        determined: True when the gradient pins the label down: the structure fits (residual <= tol), every
-            other candidate's residual is at least ``ambiguity_ratio`` times larger, and the structure has
-            equations to spare. False means "the gradient cannot tell": read ``message``.
+        scale: the scalar ``t`` of the answer (``h = t * sigma * v``; ``p - y = c / t`` when the gradient scale
+            is known).
+        determined: True when the gradient pins the label down, whichever path fixed the scalar (search or
+            closed form): the structure fits (residual <= tol, structured entries equal to the gradient's
+            precision), every other candidate's residual is at least ``ambiguity_ratio`` times larger, and the
+            structure has equations to spare. False means "the gradient cannot tell": read ``message``.
         margin: residual of the best competing answer divided by the answer's own (inf if none): how clearly
             the minimum is unique.
         residuals: the best residual of every hypothesis tried ("hard", "smoothing", "mixup",
             "mixup_smoothing"; the last, the most general, only when the others leave the answer undetermined).
         rank_one_ratio: ``||G - rank-one fit|| / ||G||``: ~1e-7 for one float32 example, O(1) for a batch.
         row_sum_error: ``|sum_i (p_i - y_i)| / ||p - y||`` (Theorem 1: 0 when the label sums to one).
-        label_valid: all label entries in ``[0, 1]`` up to the square root of the dtype's machine epsilon.
+        label_valid: all label entries in ``[0, 1]`` up to the square root of the gradient's precision.
         method: the search used; "closed_form" when the head bias gradient fixed the answer, "feature_layer"
             when the bias gradient of the layer below the head did (see :func:`recover_from_gradients`).
         evaluations: candidate scalars the search evaluated.
         converged: the search's own stopping test (never compared with the truth).
         tol: the largest residual accepted as a fit.
+        gradient_scale: ``s`` with observed gradient = ``s *`` the true one: 1.0 when the scale is known,
+            recovered with ``gradient_scale="unknown"`` (``-lr`` for a plain SGD step's weight delta).
         message: why the answer is not determined, or "".
     """
 
@@ -72,6 +75,7 @@ class RecoveryResult:
     evaluations: int
     converged: bool
     tol: float
+    gradient_scale: float = 1.0
     message: str = ""
     extra: Dict[str, object] = field(default_factory=dict, repr=False)
 
@@ -107,9 +111,9 @@ def _single_minimum(problem: HeadProblem, t: float, structures: Sequence[Structu
     return describe(problem, structures, t_tensor, torch.arange(len(structures), device=problem.c.device))
 
 
-def _label_tolerance(dtype: torch.dtype) -> float:
+def _label_tolerance(problem: HeadProblem) -> float:
     """Slack, in label units, for the checks that labels lie in [0, 1] and sum to one."""
-    return math.sqrt(torch.finfo(dtype).eps)
+    return math.sqrt(problem.precision)
 
 
 def _preferred_sign(problem: HeadProblem) -> int:
@@ -127,55 +131,122 @@ def _preferred_sign(problem: HeadProblem) -> int:
 class _Candidate:
     structure: Structure
     t: float
+    alpha: float
     residual: float
     label: torch.Tensor
     rounding_units: float
+    valid: bool
+    informative: bool
     free: Tuple[int, ...]
 
 
 def _candidates(minima: Minima, structure: Structure) -> List[_Candidate]:
-    ts, rs, spreads, frees = (minima.t.tolist(), minima.residual.tolist(), minima.rounding_units.tolist(),
-                              minima.free.tolist())
-    return [_Candidate(structure, t, r, minima.labels[i], s, tuple(dict.fromkeys(f)))
-            for i, (t, r, s, f) in enumerate(zip(ts, rs, spreads, frees))]
+    columns = (minima.t.tolist(), minima.alpha.tolist(), minima.residual.tolist(), minima.rounding_units.tolist(),
+               minima.valid.tolist(), minima.informative.tolist(), minima.free.tolist())
+    return [_Candidate(structure, t, alpha, r, minima.labels[i], s, valid, informative, tuple(dict.fromkeys(f)))
+            for i, (t, alpha, r, s, valid, informative, f) in enumerate(zip(*columns))]
+
+
+def _neighbours(problem: HeadProblem, best: _Candidate, structures: Sequence[Structure], *, t_fixed: bool,
+                step: float) -> List[_Candidate]:
+    """The answers next to ``best`` along each scalar its path left free, on either side, whose labels differ
+    from it by about ``step`` (max-abs): under every structure of ``structures`` (free entries chosen afresh),
+    and under the answer's own structure with its own free entries.
+
+    ``p - y = c / alpha``: moving ``1 / alpha`` by ``step / max|c|`` moves the label by ``step`` where the
+    softmax is saturated, and by more elsewhere. With a known scale ``t = alpha`` moves along (unless a closed
+    form fixed it); with an unknown one ``t`` (``alpha`` refitted) and ``alpha`` (``t`` held) move separately,
+    ``t`` by the amount that moves the label by ``step`` to first order. If one of them fits too, the gradient
+    is compatible with a continuum of labels (a saturated softmax makes the residual flat), and the answer is
+    not determined to ``step``, however small its own residual.
+    """
+    device = problem.c.device
+    own_free = torch.tensor((best.free * 2)[:2], device=device)
+
+    def moved(t: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> List[_Candidate]:
+        count = t.shape[0]
+        everywhere = describe(problem, structures, t.repeat(len(structures)),
+                              torch.arange(len(structures), device=device).repeat_interleave(count),
+                              alpha=None if alpha is None else alpha.repeat(len(structures)))
+        own = describe(problem, [best.structure], t, torch.zeros(count, dtype=torch.long, device=device),
+                       alpha=alpha, free=own_free.expand(count, 2))
+        return [c for found in (everywhere, own) for name, m in found.items() for c in _candidates(m, STRUCTURES[name])]
+
+    inverse = 1.0 / best.alpha + torch.tensor([step, -step], dtype=torch.float64, device=device) \
+        / float(problem.c.abs().max())
+    inverse = inverse[(inverse * best.alpha > 0) & (inverse.abs() <= 1.0 / problem.t_min)]  # admissible alphas
+    out: List[_Candidate] = []
+    if problem.scale_known:
+        if not t_fixed:
+            out += moved(1.0 / inverse)
+    else:
+        out += moved(torch.full_like(inverse, best.t), alpha=1.0 / inverse)
+        if not t_fixed:
+            probe = 1e-6 * abs(best.t)
+            shifted = describe(problem, [best.structure], torch.tensor([best.t + probe], dtype=torch.float64,
+                                                                       device=device),
+                               torch.zeros(1, dtype=torch.long, device=device), free=own_free.expand(1, 2))
+            rate = float((shifted[best.structure.name].labels[0] - best.label).abs().max()) / probe
+            delta = min(step / rate, 0.5 * abs(best.t)) if rate > 0 else 0.5 * abs(best.t)
+            out += moved(torch.tensor([best.t + delta, best.t - delta], dtype=torch.float64, device=device))
+    return out
 
 
 def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambiguity_ratio: float,
-            same_answer_atol: float, feature_sign: str, closed_form: bool) -> Tuple[_Candidate, bool, float, str]:
-    """Pick ``(answer, determined, margin, message)`` from the refined minima of each hypothesis.
+            same_answer_atol: float, feature_sign: str, t_fixed: bool) -> Tuple[_Candidate, bool, float, str]:
+    """Pick ``(answer, determined, margin, message)`` from the candidate answers of each hypothesis.
 
-    A structure fits at a candidate when its residual is below ``tol`` (far from the trivial answer) and its
-    structured entries agree to within ``ROUNDING_SLACK`` times the error that rounding (and the noise the
-    rank-one ratio reveals) would leave: as sharp as the gradient allows, entry by entry, so that a smoothing
-    mass of 1e-5 per class is not mistaken for zero. The simplest fitting structure wins (``minima`` is ordered
-    simplest first), its lowest residual is the answer, and the answer is unique when every other answer (a
-    label farther than ``same_answer_atol``) of the same or a simpler structure has a residual at least
-    ``ambiguity_ratio`` times larger. Without any such fit, the simplest structure below ``tol`` is the best
-    guess, reported as undetermined.
+    One rule, whichever path produced the candidates (a search's refined minima, or one scalar fixed by a closed
+    form, ``t_fixed``): a structure fits at a candidate when
+
+    * it has equations to spare once its unknown scalars are fitted (``t`` unless a closed form fixed it,
+      ``alpha`` when the gradient scale is unknown), counting only the classes whose gradient is above rounding;
+    * the label is valid (entries in [0, 1] to within rounding) and the feature has the sign ``feature_sign``
+      asks for;
+    * its residual is below ``tol`` (far from the trivial answer), and its structured entries agree to within
+      ``ROUNDING_SLACK`` times the error that rounding (at the precision the gradient actually carries) and the
+      noise the rank-one ratio reveals would leave: entry by entry, so that a smoothing mass of 1e-5 per class
+      is not mistaken for zero.
+
+    The simplest fitting structure wins (``minima`` is ordered simplest first), its lowest residual is the
+    answer, and the answer is determined when every other answer (a label farther than ``same_answer_atol``) of
+    the same or a simpler structure has a residual at least ``ambiguity_ratio`` times larger; and when the labels ``10 * same_answer_atol`` away along the free scalars (see
+    :func:`_neighbours`) fit less well under every structure: their structured entries spread over more rounding
+    units than the answer's (and more than one), and their residual is ``ambiguity_ratio`` times the answer's;
+    an uninformative structure (one that every scalar satisfies) counts as fitting. Without any fit,
+    the simplest structure below ``tol`` is the best guess, reported as undetermined with the reason.
     """
+    unknowns = int(not t_fixed) + int(not problem.scale_known)
     sign = _preferred_sign(problem)
     if feature_sign == "nonnegative" and sign == 0:
         raise ValueError("feature_sign='nonnegative' but the weight gradient's rows have mixed signs: "
                          "the head input cannot be non-negative")
     restrict = sign if feature_sign != "any" else 0
-    label_tol = _label_tolerance(problem.dtype)
     rank = {name: i for i, name in enumerate(minima)}
-    num_classes = problem.num_classes
+    # With an unknown scale, an entry whose gradient term is below rounding says only "p_i ~ y_i ~ 0", which any
+    # saturated softmax satisfies at any scale: it is no equation (a saturated softmax leaves few live entries).
+    # With a known scale such entries still pin t through the normalisation of p.
+    noise = problem.rank_one_ratio / (problem.num_classes * problem.v.shape[0]) ** 0.5
+    live = problem.c.abs() > ROUNDING_SLACK * (problem.precision + noise)
+    num_classes = problem.num_classes if problem.scale_known else int(live.sum())
     candidates, uninformative, invalid = [], [], []
     for name, found in minima.items():
         structure = STRUCTURES[name]
-        informative = closed_form or structure.degrees_of_freedom(num_classes) >= 1
+        informative = structure.degrees_of_freedom(num_classes, unknowns) >= 1
         keep = found.t * restrict >= 0 if restrict else torch.ones_like(found.t, dtype=torch.bool)
-        valid = ((found.labels >= -label_tol) & (found.labels <= 1 + label_tol)).all(-1)
+        valid = found.valid
         invalid += _candidates(found[keep & ~valid], structure)
         (candidates if informative else uninformative).extend(_candidates(found[keep & valid], structure))
     if not candidates:
         fallback = min(uninformative or invalid or [c for name, m in minima.items()
                                                     for c in _candidates(m, STRUCTURES[name])],
                        key=lambda c: c.residual)
-        if any(STRUCTURES[name].degrees_of_freedom(num_classes) < 1 for name in minima) and not closed_form:
-            reason = (f"with {num_classes} classes the {fallback.structure.name} structure has no equation to "
-                      "spare: the gradient cannot determine the label")
+        if uninformative:
+            unknown_scale = "" if problem.scale_known else " once the unknown gradient scale is fitted"
+            live = "" if num_classes == problem.num_classes else f" whose gradient is above rounding (of " \
+                f"{problem.num_classes}: a saturated softmax)"
+            reason = (f"with {num_classes} classes{live} the {fallback.structure.name} structure has no equation "
+                      f"to spare{unknown_scale}: the gradient cannot determine the label")
         else:
             reason = ("no candidate gives a valid label (entries in [0, 1]) with the feature sign: the gradient "
                       "may not come from a softmax cross-entropy head, or feature_sign is wrong")
@@ -189,31 +260,45 @@ def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambi
               and float((c.label - best.label).abs().max()) > same_answer_atol]
     runner_up = min(rivals, default=math.inf)
     margin = runner_up / best.residual if best.residual > 0 else math.inf
-    if closed_form:
-        return best, True, margin, ""
     if not fitting:
-        return best, False, margin, (f"no structure holds to the gradient's precision (residual "
-                                     f"{best.residual:.3g}, tol {tol:.2g}; structured entries spread over "
-                                     f"{best.rounding_units:.3g} rounding units, at most {ROUNDING_SLACK:g} expected)")
+        return best, False, margin, (f"no label format fits to the gradient's precision (best: "
+                                     f"{best.structure.name}, residual {best.residual:.3g}, tol {tol:.2g}; "
+                                     f"structured entries spread over {best.rounding_units:.3g} rounding units, at "
+                                     f"most {ROUNDING_SLACK:g} expected)")
     if margin < ambiguity_ratio:
         return best, False, margin, (f"ambiguous: another answer fits almost as well (residual {runner_up:.3g} "
                                      f"vs {best.residual:.3g})")
+    step = 10 * same_answer_atol
+    if any(c.valid and float((c.label - best.label).abs().max()) > same_answer_atol
+           and (not c.informative or (c.residual <= tol and (c.rounding_units <= max(1.0, best.rounding_units)
+                                                             or c.residual < ambiguity_ratio * best.residual)))
+           for c in _neighbours(problem, best, [STRUCTURES[name] for name in minima], t_fixed=t_fixed, step=step)):
+        return best, False, margin, (f"ambiguous: labels {step:g} away from the answer fit the gradient almost as "
+                                     "well (a flat residual: the softmax is saturated, or the label has too few "
+                                     "equations to spare)")
     return best, True, margin, ""
+
+
+GRADIENT_SCALES = ("known", "unknown")
 
 
 def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
                   bias_grad: Optional[torch.Tensor] = None, label_format: str = "auto", method: str = "exact",
-                  tol: Optional[float] = None, ambiguity_ratio: float = 3.0, same_answer_atol: float = 1e-4,
-                  feature_sign: str = "auto", rank_one_tol: Optional[float] = 1e-2, **search_options
-                  ) -> RecoveryResult:
+                  gradient_scale: str = "known", tol: Optional[float] = None, ambiguity_ratio: float = 3.0,
+                  same_answer_atol: float = 1e-4, feature_sign: str = "auto", rank_one_tol: Optional[float] = 1e-2,
+                  **search_options) -> RecoveryResult:
     """Recover one example's label and head feature from the gradient of its head ``z = W h (+ b)``.
 
     Args:
         weight_grad: ``(C, d)`` observed dL/dW (soft-target cross-entropy of ONE example).
         weight: ``(C, d)`` the head weight W the gradient was computed at.
-        bias, bias_grad: ``(C,)`` each for a head with bias; with ``bias_grad`` the answer is closed form.
+        bias, bias_grad: ``(C,)`` each for a head with bias; with ``bias_grad`` the scalar is closed form.
         label_format: "auto" (detect), "hard", "smoothing" or "mixup" (two classes, optionally smoothed).
-        method: "exact" (ours), "pso" or "lbfgs" (the paper's searches; they need a known format).
+        method: "exact" (ours), "pso" or "lbfgs" (the paper's searches; they need a known format and scale).
+        gradient_scale: "known" (the gradient as the loss gives it) or "unknown": the observed gradients are
+            ``s`` times the true ones for an unknown ``s != 0`` (a weight delta, a clipped gradient); ``s`` is
+            recovered too (``result.gradient_scale``). It costs one more equation: hard and smoothing labels
+            need at least 4 and 5 classes, mixup 5 and 6 (without a bias gradient).
         tol: largest residual accepted as a fit; default :func:`default_tolerance`.
         ambiguity_ratio: an answer is unique when every other answer's residual is at least this many times
             its own.
@@ -221,14 +306,15 @@ def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Opti
         feature_sign: "auto" (when every row of the weight gradient has one sign, as with ReLU or sigmoid
             features, keep only the sign of ``t`` that makes ``h >= 0``), "nonnegative" (require it) or "any".
         rank_one_tol: reject gradients farther than this from rank one (a batch); None to accept any
-            (e.g. with added noise).
+            (e.g. with added noise, or an update of several local steps).
         **search_options: passed to the search (e.g. ``seed`` for "pso").
 
     Returns:
         :class:`RecoveryResult`; ``label`` and ``feature`` in the gradient's dtype and device.
     """
-    _check_options(label_format, method, feature_sign)
-    problem = factor_head(weight_grad, weight, bias, bias_grad, rank_one_tol=rank_one_tol)
+    _check_options(label_format, method, feature_sign, gradient_scale)
+    problem = factor_head(weight_grad, weight, bias, bias_grad, rank_one_tol=rank_one_tol,
+                          scale_known=gradient_scale == "known")
     known = problem.closed_form_t()
     return _recover(problem, None if known is None else (known, "closed_form"), label_format=label_format,
                     method=method, tol=tol, ambiguity_ratio=ambiguity_ratio, same_answer_atol=same_answer_atol,
@@ -237,15 +323,16 @@ def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Opti
 
 def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: Union[str, nn.Linear, None] = None,
                            use_feature_layer: bool = True, consistency_tol: float = 1e-3, label_format: str = "auto",
-                           method: str = "exact", tol: Optional[float] = None, ambiguity_ratio: float = 3.0,
-                           same_answer_atol: float = 1e-4, feature_sign: str = "auto",
+                           method: str = "exact", gradient_scale: str = "known", tol: Optional[float] = None,
+                           ambiguity_ratio: float = 3.0, same_answer_atol: float = 1e-4, feature_sign: str = "auto",
                            rank_one_tol: Optional[float] = 1e-2, **search_options) -> RecoveryResult:
     """:func:`recover_label` on a model's head, helped by the layer below it when that layer allows.
 
     Without a head bias, when the head input is ``act(Linear|Conv(x) + b)`` with ReLU or sigmoid (see
     :mod:`gradleak.recovery.feature_layer`), that layer's bias gradient fixes the scalar ``t`` in closed form,
-    with no assumption on the label; it is used when it explains that gradient within ``consistency_tol``
-    (relative), and the method is then reported as "feature_layer".
+    with no assumption on the label (an unknown gradient scale cancels out of it); it is used when it explains
+    that gradient within ``consistency_tol`` (relative), and the method is then reported as "feature_layer".
+    The label it gives is judged like any other answer.
 
     Args:
         model: any ``nn.Module`` whose classifier head is an ``nn.Linear`` (the last one, or ``head``).
@@ -255,12 +342,12 @@ def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: 
         consistency_tol: how well the layer below must be explained before its answer is used.
         The other options are those of :func:`recover_label`.
     """
-    _check_options(label_format, method, feature_sign)
+    _check_options(label_format, method, feature_sign, gradient_scale)
     found = find_head(model, head)
     named = named_gradients(model, gradients)
     parts = head_gradients(model, named, found)
     problem = factor_head(parts["weight_grad"], parts["weight"], parts["bias"], parts["bias_grad"],
-                          rank_one_tol=rank_one_tol)
+                          rank_one_tol=rank_one_tol, scale_known=gradient_scale == "known")
     known = problem.closed_form_t()
     scale = None if known is None else (known, "closed_form")
     extra: Dict[str, object] = {}
@@ -278,19 +365,28 @@ def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: 
     return result
 
 
-def _check_options(label_format: str, method: str, feature_sign: str) -> None:
+def _check_options(label_format: str, method: str, feature_sign: str, gradient_scale: str) -> None:
     if label_format not in ("auto",) + LABEL_FORMATS:
         raise ValueError(f"label_format must be one of {('auto',) + LABEL_FORMATS}, got {label_format!r}")
     if method not in SEARCHES:
         raise ValueError(f"method must be one of {tuple(SEARCHES)}, got {method!r}")
     if feature_sign not in FEATURE_SIGNS:
         raise ValueError(f"feature_sign must be one of {FEATURE_SIGNS}, got {feature_sign!r}")
+    if gradient_scale not in GRADIENT_SCALES:
+        raise ValueError(f"gradient_scale must be one of {GRADIENT_SCALES}, got {gradient_scale!r}")
+    if gradient_scale == "unknown" and method != "exact":
+        raise ValueError(f"method={method!r} (the paper's search) assumes the gradient's scale is known; "
+                         "with gradient_scale='unknown' use method='exact'")
 
 
 def _recover(problem: HeadProblem, known_scale: Optional[Tuple[float, str]], *, label_format: str, method: str,
              tol: Optional[float], ambiguity_ratio: float, same_answer_atol: float, feature_sign: str,
              search_options: Dict[str, object]) -> RecoveryResult:
-    """Search (unless ``known_scale`` = ``(t, source)`` is given), decide, and package the answer."""
+    """Search (unless ``known_scale`` = ``(t, source)`` is given), decide, and package the answer.
+
+    When a known-scale answer is not determined but the same gradient read with an unknown scale is, the
+    message says so: the input looks like a scaled gradient (an update, a clipped gradient).
+    """
     tol = default_tolerance(problem.rank_one_ratio) if tol is None else float(tol)
     structures = [STRUCTURES[name] for name in FORMAT_STRUCTURES[label_format]
                   if STRUCTURES[name].free_entries < problem.num_classes]
@@ -299,7 +395,7 @@ def _recover(problem: HeadProblem, known_scale: Optional[Tuple[float, str]], *, 
                          f"{problem.num_classes} classes: every label of that form fits the gradient")
     decide = functools.partial(_decide, problem, tol=tol, ambiguity_ratio=ambiguity_ratio,
                                same_answer_atol=same_answer_atol, feature_sign=feature_sign,
-                               closed_form=known_scale is not None)
+                               t_fixed=known_scale is not None)
     if known_scale is not None:
         used_method, evaluations, converged = known_scale[1], 1, True
         minima = _single_minimum(problem, known_scale[0], structures)
@@ -326,17 +422,25 @@ def _recover(problem: HeadProblem, known_scale: Optional[Tuple[float, str]], *, 
         used_method, evaluations, converged = method, outcome.evaluations, outcome.converged
         minima = _single_minimum(problem, outcome.t, structures)
         best, determined, margin, message = decide(minima)
-    label_tol = _label_tolerance(problem.dtype)
+    label_tol = _label_tolerance(problem)
     if problem.rank_one_ratio > NOISY_RANK_ONE_RATIO:
         determined = False
         message = "; ".join(filter(None, [message, f"the gradient is far from rank one (ratio "
-                                          f"{problem.rank_one_ratio:.2g}): not one clean example, the answer is a "
-                                          "best guess"]))
-    if problem.row_sum_error / abs(best.t) > label_tol:
+                                          f"{problem.rank_one_ratio:.2g}): not one clean example (a batch, noise, "
+                                          "or several local steps), the answer is a best guess"]))
+    if problem.row_sum_error / abs(best.alpha) > label_tol:
         determined = False
         message = "; ".join(filter(None, [message, "gradient rows do not sum to zero: the label does not sum to "
-                                          f"one (off by {problem.row_sum_error / abs(best.t):.2g}) or the loss is "
-                                          "not softmax cross-entropy"]))
+                                          f"one (off by {problem.row_sum_error / abs(best.alpha):.2g}) or the loss "
+                                          "is not softmax cross-entropy"]))
+    if not determined and problem.scale_known and method == "exact":
+        scaled = _recover(dataclasses.replace(problem, scale_known=False), known_scale, label_format=label_format,
+                          method=method, tol=tol, ambiguity_ratio=ambiguity_ratio,
+                          same_answer_atol=same_answer_atol, feature_sign=feature_sign,
+                          search_options=search_options)
+        if scaled.determined:
+            message += (f"; the input looks like a gradient scaled by {scaled.gradient_scale:.6g} (a weight update "
+                        "or a clipped gradient): pass gradient_scale='unknown', or use recover_from_update")
     t_tensor = torch.tensor(best.t, dtype=torch.float64, device=problem.c.device)
     y = best.label
     classes, eps, lam = _label_parameters(best)
@@ -349,4 +453,4 @@ def _recover(problem: HeadProblem, known_scale: Optional[Tuple[float, str]], *, 
         residuals={name: float(m.residual.min()) if m.residual.numel() else math.inf for name, m in minima.items()},
         rank_one_ratio=problem.rank_one_ratio, row_sum_error=problem.row_sum_error,
         label_valid=bool((y >= -label_tol).all() and (y <= 1 + label_tol).all()), method=used_method,
-        evaluations=evaluations, converged=converged, tol=tol, message=message)
+        evaluations=evaluations, converged=converged, tol=tol, gradient_scale=best.alpha / best.t, message=message)

@@ -1,6 +1,7 @@
 """Our search: exact, deterministic, vectorised.
 
-``t`` is bounded below (``|t| >= t_min``, from ``|p_i - y_i| <= 1``) and the normalised residual of every
+``t`` is bounded below (``|t| >= t_min``, from ``|p_i - y_i| <= 1``; with an unknown gradient scale, where the
+feature scale is free, by the ``t`` below which the softmax is linear) and the normalised residual of every
 hypothesis tends to 1 as ``|t| -> inf``, so one log-spaced grid over both signs sees every basin. The grid is
 evaluated as one ``(K, C)`` softmax, its local minima are refined together by Gauss-Newton (quadratic
 convergence: the residual is zero at the truth), and all refined minima are returned so that the caller can
@@ -19,10 +20,10 @@ from .structure import (FORMAT_STRUCTURES, STRUCTURES, Minima, Structure, descri
 
 
 def log_grid(problem: HeadProblem, points_per_decade: int, decades: float, sign: int = 0) -> torch.Tensor:
-    """Scalars ``+-t_min * 10^k`` for ``k`` in ``[0, decades]``, ``|t|`` rising within each sign; positive half
+    """Scalars ``+-t_lower * 10^k`` for ``k`` in ``[0, decades]``, ``|t|`` rising within each sign; positive half
     first. ``sign`` = +1 or -1 keeps one half only."""
     n = int(points_per_decade * decades) + 1
-    magnitudes = problem.t_min * torch.logspace(0.0, decades, n, dtype=torch.float64, device=problem.c.device)
+    magnitudes = problem.t_lower * torch.logspace(0.0, decades, n, dtype=torch.float64, device=problem.c.device)
     halves = [magnitudes, -magnitudes] if sign == 0 else [sign * magnitudes]
     return torch.cat(halves)
 
@@ -75,9 +76,9 @@ def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points
     which = torch.cat(start_structure)
     free_entries = torch.tensor([s.free_entries for s in structures], device=device)[which]
     offset_free = torch.tensor([s.offset_free for s in structures], device=device)[which]
-    error = t0.unsqueeze(-1) * torch.softmax(problem.logits(t0), -1) - problem.c
     choices = min(second_class_choices, problem.num_classes - 1)
-    free = free_entries_of(error, t0, free_entries, offset_free, choices=choices)  # (K, choices, 2)
+    free = free_entries_of(problem, t0, torch.softmax(problem.logits(t0), -1), free_entries, offset_free,
+                           choices=choices)  # (K, choices, 2)
     # one-class structures have a single way to choose their free entry: refine them once
     keep = torch.ones_like(free[..., 0], dtype=torch.bool)
     keep[:, 1:] = (free_entries == 2).unsqueeze(-1)
@@ -86,8 +87,7 @@ def find_minima(problem: HeadProblem, structures: Sequence[Structure], *, points
     t0, which, free_entries, offset_free = t0[rows], which[rows], free_entries[rows], offset_free[rows]
     t = gauss_newton(problem, t0, mask_of(free, problem.num_classes), offset_free, steps=refine_steps)
     # polish: near the answer the best free entries are clear; refine again with them
-    error = t.unsqueeze(-1) * torch.softmax(problem.logits(t), -1) - problem.c
-    free = free_entries_of(error, t, free_entries, offset_free)[:, 0]
+    free = free_entries_of(problem, t, torch.softmax(problem.logits(t), -1), free_entries, offset_free)[:, 0]
     t = gauss_newton(problem, t, mask_of(free, problem.num_classes), offset_free, steps=refine_steps)
     return {name: found[distinct_answers(found.labels, same_answer_atol)]
             for name, found in describe(problem, structures, t, which).items()}
