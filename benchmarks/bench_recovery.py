@@ -4,8 +4,9 @@ Every method gets the SAME float32 gradients of real images (foolbox's CIFAR-10 
 timed on the recovery call alone, and every method but "exact-auto" is told the label format, as the paper's
 searches must be. Success is judged by the evaluator: max |label error| < 1e-3 and feature cosine > 0.999.
 "exact-head" uses the head's gradient only, like the paper's searches; "exact" is the default pipeline, which also
-reads the layer below the head when it can; "exact-auto" is that pipeline detecting the format itself. Prints a
-table and writes a CSV.
+reads the layer below the head when it can; "exact-auto" is that pipeline detecting the format itself; the
+"-unknown-scale" variants recover the same gradients with ``gradient_scale="unknown"`` (label, feature and scale),
+and their median time ratio to the known-scale call is printed. Prints a table and writes a CSV.
 
     python benchmarks/bench_recovery.py --samples 10 --threads 2
 """
@@ -29,6 +30,8 @@ METHODS = {
     "exact": dict(method="exact"),
     "exact-head": dict(method="exact", use_feature_layer=False),
     "exact-auto": dict(method="exact", label_format="auto"),
+    "exact-unknown-scale": dict(method="exact", gradient_scale="unknown"),
+    "exact-head-unknown-scale": dict(method="exact", use_feature_layer=False, gradient_scale="unknown"),
     "lbfgs": dict(method="lbfgs", use_feature_layer=False),
     "pso": dict(method="pso", use_feature_layer=False),
 }
@@ -90,6 +93,12 @@ def main() -> None:
                 success = sum(r["success"] for r in cell) / len(cell)
                 ratio = f"{statistics.median(pso) / median:18.1f}" if pso else f"{'-':>18}"
                 print(f"{title:36} {label_format:9} {method:10} {median:10.2f} {success:8.1%} {ratio}")
+    for known, unknown in (("exact", "exact-unknown-scale"), ("exact-head", "exact-head-unknown-scale")):
+        if {known, unknown} <= set(args.methods):
+            ratios = [u["ms"] / k["ms"] for k, u in zip((r for r in rows if r["method"] == known),
+                                                        (r for r in rows if r["method"] == unknown))]
+            print(f"{unknown} / {known}, same gradients: median time ratio {statistics.median(ratios):.2f} "
+                  f"(max {max(ratios):.2f}) over {len(ratios)} samples")
     resnet = [r["ms"] for r in rows if r["config"].startswith("ResNet18") and r["format"] == "smoothing"
               and r["method"] == "exact-head"]
     if resnet:

@@ -10,6 +10,7 @@ from torch import nn
 import gradleak
 from gradleak.labels import mixup_label, smooth_label
 from test_recovery_exact import SETTINGS, _check, _victim
+from victims import fit_with_smoothing
 
 FORMATS = st.sampled_from(["hard", "smoothing", "mixup"])
 SCALES = st.tuples(st.floats(-4.0, 2.0), st.sampled_from([1.0, -1.0])).map(lambda e: e[1] * 10.0 ** e[0])
@@ -74,13 +75,7 @@ def _classifier(head_bias, seed):
 def _train_briefly(model, seed):
     g = torch.Generator().manual_seed(seed)
     inputs, classes = torch.randn(96, 48, generator=g), torch.randint(12, (96,), generator=g)
-    targets = torch.stack([smooth_label(int(k), 12, 0.1, dtype=torch.float32) for k in classes])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
-    for _ in range(60):
-        optimizer.zero_grad()
-        gradleak.soft_cross_entropy(model(inputs), targets).backward()
-        optimizer.step()
-    return model
+    return fit_with_smoothing(model, inputs, classes, 12, lr=0.3, steps=60)
 
 
 @pytest.mark.parametrize("head_bias", [True, False], ids=["closed-form-head-bias", "closed-form-layer-below"])

@@ -10,6 +10,7 @@ from torch import nn
 import gradleak
 from gradleak.cli import main
 from gradleak.models import FullyConnected, LeNet
+from victims import fit_with_smoothing
 
 NUM_CLASSES = 10
 LEARNING_RATES = (1e-3, 1e-2, 0.1, 1.0)
@@ -34,14 +35,8 @@ def _trained_mlp(seed):
     model = _mlp(seed, bias=True, head_bias=False)
     generator = torch.Generator().manual_seed(seed + 1)
     inputs = torch.randn(64, 24, generator=generator)
-    targets = torch.stack([gradleak.smooth_label(int(k), NUM_CLASSES, 0.1, dtype=torch.float32)
-                           for k in torch.randint(NUM_CLASSES, (64,), generator=generator)])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(40):
-        optimizer.zero_grad()
-        gradleak.soft_cross_entropy(model(inputs), targets).backward()
-        optimizer.step()
-    return model
+    return fit_with_smoothing(model, inputs, torch.randint(NUM_CLASSES, (64,), generator=generator), NUM_CLASSES,
+                              lr=0.5, steps=40)
 
 
 VICTIMS = {

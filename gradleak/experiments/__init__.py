@@ -5,6 +5,10 @@ quick, weights, progress`` (each ignores those that do not apply) — what ``gra
 
 * ``"label-recovery"``: :func:`gradleak.experiments.label_recovery.run` (tables 1-2 style);
 * ``"noise"``: :func:`gradleak.experiments.noise.run` (Gaussian/Laplace noise on the whole gradient);
+* ``"dp"``: :func:`gradleak.experiments.dp.run` (one Opacus DP-SGD step: clipping norm x noise multiplier,
+  attacked with the learning rate known and with the scale unknown; needs ``opacus``);
+* ``"local-steps"``: :func:`gradleak.experiments.local_steps.run` (K local SGD steps on one example: the
+  update ``-lr * sum_k g(theta_k)`` against ``K * lr``);
 * ``"landscape"``: :func:`gradleak.experiments.landscape.run` (Figure 1);
 * ``"train"``: :func:`gradleak.training.train_experiment` (checkpoints for the trained rows);
 * ``"reconstruction"``: :func:`gradleak.experiments.reconstruction.run_reconstruction` (imported on first use);
@@ -47,6 +51,8 @@ def _reconstruction(*, dataset: str = "cifar10", network: str = "fcn4", seed: in
 EXPERIMENTS: Dict[str, Callable[..., Any]] = {
     "label-recovery": _lazy(".label_recovery", "run"),
     "noise": _lazy(".noise", "run"),
+    "dp": _lazy(".dp", "run"),
+    "local-steps": _lazy(".local_steps", "run"),
     "landscape": _lazy(".landscape", "run"),
     "train": _lazy("gradleak.training", "train_experiment"),
     "reconstruction": _reconstruction,
