@@ -11,8 +11,6 @@ import pytest
 from gradleak.experiments import EXPERIMENTS
 from gradleak.experiments import dp, local_steps
 
-pytest.importorskip("opacus")
-
 
 def _rows(path):
     return list(csv.DictReader(path.read_text().splitlines()))
@@ -20,6 +18,7 @@ def _rows(path):
 
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory):
+    pytest.importorskip("opacus")
     out = tmp_path_factory.mktemp("dp")
     return out, EXPERIMENTS["dp"](dataset="cifar10", quick=True, seed=5, out=out, progress=False)
 
