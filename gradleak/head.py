@@ -217,16 +217,16 @@ def find_head(model: nn.Module, head: Union[str, nn.Linear, None] = None) -> Tup
     return name, module
 
 
-def named_gradients(model: nn.Module, gradients: GradientsLike) -> Dict[str, torch.Tensor]:
-    """``{parameter name: gradient}`` from a dict or a sequence aligned with ``model.parameters()``."""
+def named_gradients(model: nn.Module, gradients: GradientsLike) -> Mapping[str, torch.Tensor]:
+    """``{parameter name: gradient}`` from a mapping (returned as it is, so that a lazy mapping computes only the
+    entries that are read) or a sequence aligned with ``model.parameters()``."""
     names = [name for name, _ in model.named_parameters()]
     if isinstance(gradients, Mapping):
-        named = dict(gradients)
         known = set(names)
-        unknown = [name for name in named if name not in known]
+        unknown = [name for name in gradients if name not in known]
         if unknown:
             raise ValueError(f"gradients name parameters the model does not have: {unknown[:5]}")
-        return named
+        return gradients
     if isinstance(gradients, Sequence) and not isinstance(gradients, torch.Tensor):
         if len(gradients) != len(names):
             raise ValueError(f"got {len(gradients)} gradients for a model with {len(names)} parameters")

@@ -146,15 +146,42 @@ def _learning_rate(lr: object) -> float:
     return float(lr)
 
 
+class _UndoneSteps(Mapping):
+    """``{name: -update / (steps * lr) - weight_decay * W}``, computed for the entries that are read only (the
+    recovery reads the head and the layer below it; a 55M-parameter network need not be divided through)."""
+
+    def __init__(self, update: Mapping[str, torch.Tensor], parameters: Mapping[str, torch.Tensor], *,
+                 lr: float, steps: int, weight_decay: float) -> None:
+        self._update, self._parameters = update, parameters
+        self._divisor, self._weight_decay = steps * lr, weight_decay
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with torch.no_grad():
+            gradient = -self._update[name] / self._divisor
+            return gradient - self._weight_decay * self._parameters[name] if self._weight_decay else gradient
+
+    def __iter__(self):
+        return iter(self._update)
+
+    def __len__(self) -> int:
+        return len(self._update)
+
+
 def recover_from_update(model: nn.Module, update: WeightsLike, *, lr: Optional[float] = None,
-                        weight_decay: float = 0.0, **options) -> RecoveryResult:
-    """One example's label and head feature from a client's weight update (one plain SGD step).
+                        weight_decay: float = 0.0, local_steps: int = 1, **options) -> RecoveryResult:
+    """One example's label and head feature from a client's weight update (plain SGD on that one example).
 
     With ``lr`` the update becomes the gradient ``g = -update / lr - weight_decay * W`` (``torch.optim.SGD``'s
     step undone, weight decay on every parameter) and is recovered with ``gradient_scale="known"``. Without it
     the update itself is recovered with ``gradient_scale="unknown"``: it is ``s * g`` for one unknown scalar
     ``s``, ``-lr`` for plain SGD, ``-lr * min(1, C / ||g||)`` after DP-SGD's per-example clipping to norm ``C``
     (noise aside).
+
+    Several local steps (``local_steps = K > 1``, which needs ``lr``) send ``-lr * sum_k g(theta_k)``: the
+    average gradient along the client's path, no longer the gradient at the weights the server holds. It is
+    read to first order, divided by ``K * lr``; the fit test then judges how well one example's gradient
+    explains it (the drift along the path shows as a residual, and a label it cannot pin down to 1e-3 comes back
+    undetermined).
 
     Args:
         model: the module at the weights the client started from (``W``).
@@ -164,13 +191,15 @@ def recover_from_update(model: nn.Module, update: WeightsLike, *, lr: Optional[f
         lr: the client's learning rate, or None when the server does not know it.
         weight_decay: the client's SGD weight decay; it needs ``lr`` (the decay term ``-lr * weight_decay * W``
             scales with the learning rate, so it cannot be removed from an update of unknown scale).
+        local_steps: the client's SGD steps K on its one example (a FedAvg server sets it with ``lr``).
         **options: passed to :func:`gradleak.recover_from_gradients` (``label_format``, ``method``, ``head``,
             ...); ``gradient_scale`` is set here.
 
     Returns:
         :class:`RecoveryResult` whose ``gradient_scale`` is always relative to the update:
-        ``update = gradient_scale * g - lr * weight_decay * W``. It is ``-lr`` exactly when ``lr`` is given, and
-        the recovered scale otherwise. ``label`` ``(C,)`` and ``feature`` ``(d,)`` are in the parameters' dtype.
+        ``update = gradient_scale * g - lr * weight_decay * W``. It is ``-lr * local_steps`` exactly when ``lr``
+        is given, and the recovered scale otherwise. ``label`` ``(C,)`` and ``feature`` ``(d,)`` are in the
+        parameters' dtype.
     """
     if "gradient_scale" in options:
         raise TypeError("recover_from_update sets gradient_scale itself: pass lr when the scale is known, "
@@ -178,16 +207,20 @@ def recover_from_update(model: nn.Module, update: WeightsLike, *, lr: Optional[f
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, Real) or not math.isfinite(weight_decay) \
             or weight_decay < 0:
         raise ValueError(f"weight_decay must be a non-negative finite number, got {weight_decay!r}")
+    if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
+        raise ValueError(f"local_steps must be a positive int, got {local_steps!r}")
     named = named_parameter_arrays(model, update)
     if lr is None:
         if weight_decay != 0:
             raise ValueError("weight_decay needs lr: the update's decay term -lr * weight_decay * W scales with the "
                              "unknown learning rate and cannot be separated from the gradient; pass lr, or "
                              "weight_decay=0 (the decay then counts as noise on the gradient, see rank_one_ratio)")
+        if local_steps > 1:
+            raise ValueError("local_steps > 1 needs lr: an update of unknown scale is read as one step whatever K is "
+                             "(the scale absorbs K); pass lr, or leave local_steps=1")
         return recover_from_gradients(model, named, gradient_scale="unknown", **options)
     lr = _learning_rate(lr)
     parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        gradients = {name: -value / lr - weight_decay * parameters[name] for name, value in named.items()}
+    gradients = _UndoneSteps(named, parameters, lr=lr, steps=local_steps, weight_decay=weight_decay)
     result = recover_from_gradients(model, gradients, gradient_scale="known", **options)
-    return dataclasses.replace(result, gradient_scale=-lr)
+    return dataclasses.replace(result, gradient_scale=-lr * local_steps)

@@ -94,13 +94,14 @@ def _sgd_updates(model, weight_decay=0.0):
             yield lr, label, feature, _numpy_update(model, _sgd_client(model, x, label, lr, weight_decay))
 
 
-def _judge(results):
+def _judge(results, complete_from=0.1):
     """Assert the honest-answer property on ``(lr, misses)`` pairs: no answer is confidently wrong at any lr; at
-    lr >= 0.1 every answer is determined and right. Below, float32 rounding of ``new - old`` (relative error
-    ~ulp(W) / (lr |g|)) may leave an answer undetermined, never wrong."""
+    lr >= ``complete_from`` every answer is determined and right. Below, float32 rounding of ``new - old``
+    (relative error ~ulp(W) / (lr |g|)) may leave an answer undetermined, never wrong."""
     wrong = [(lr, m) for lr, m in results if m and not m[0].startswith("undetermined")]
     assert not wrong, wrong[:3]
-    assert not [(lr, m) for lr, m in results if m and lr >= 0.1], results
+    if complete_from is not None:
+        assert not [(lr, m) for lr, m in results if m and lr >= complete_from], results
 
 
 @pytest.mark.parametrize("victim", list(VICTIMS))
@@ -122,7 +123,10 @@ def test_sgd_client_update_with_unknown_lr(victim):
     for lr, label, feature, update in _sgd_updates(model):
         result = gradleak.recover_from_update(model, update)
         results.append((lr, _misses(result, label, feature, scale=-lr)))
-    _judge(results)
+    # Without any bias nothing but the label structure fixes t, and these untrained MLPs predict almost uniformly
+    # (logits spread over ~0.2): there an unknown scale trades against the smoothing mass, and the answer's
+    # standard error at float32 precision is a few 1e-4, so "undetermined" is the honest answer at any lr.
+    _judge(results, complete_from=None if victim == "mlp-no-biases" else 0.1)
 
 
 def _batchnorm_model():
@@ -279,3 +283,44 @@ def test_cli_recover_from_an_sgd_update(capsys, flags, scale):
     assert report["true_gradient_scale"] == scale
     assert report["determined"] and report["max_label_error"] < 1e-3
     assert abs(report["gradient_scale"] / scale - 1) < 1e-3
+
+
+@pytest.mark.parametrize("victim", ["mlp-no-head-bias", "mlp-trained-smoothing", "lenet"])
+def test_several_local_steps_never_give_a_confident_wrong_answer(victim):
+    """K steps send -lr * sum_k g(theta_k): read to first order (divided by K * lr), the drift along the path
+    must show as an undetermined answer, never as a wrong one."""
+    model = VICTIMS[victim]()
+    determined = 0
+    for seed, lr in enumerate((1e-3, 1e-2, 1e-1)):
+        x = _input(model, seed)
+        for label in _truths(seed):
+            for steps in (2, 5):
+                client = copy.deepcopy(model)
+                optimizer = torch.optim.SGD(client.parameters(), lr=lr)
+                for _ in range(steps):
+                    optimizer.zero_grad()
+                    gradleak.soft_cross_entropy(client(x.unsqueeze(0)), label.unsqueeze(0)).backward()
+                    optimizer.step()
+                update = {name: new.detach() - old.detach()
+                          for (name, new), old in zip(client.named_parameters(), model.parameters())}
+                for result in (gradleak.recover_from_update(model, update, lr=lr, local_steps=steps,
+                                                            rank_one_tol=None),
+                               gradleak.recover_from_update(model, update, rank_one_tol=None)):
+                    error = float((result.label - label).abs().max())
+                    assert not (result.determined and error > 1e-3), (lr, steps, error, result.message)
+                    determined += result.determined
+                assert result.gradient_scale < 0
+    assert determined < 2 * 3 * 3 * 2  # the drift is seen: not every answer is claimed
+
+
+def test_local_steps_scale_and_errors():
+    model = VICTIMS["lenet"]()
+    label = _truths(0)[0]
+    update = dict(zip((name for name, _ in model.named_parameters()),
+                      (torch.as_tensor(u) for u in _numpy_update(model, _sgd_client(model, _input(model, 0), label, 0.01))
+                       [:len(list(model.parameters()))])))
+    assert gradleak.recover_from_update(model, update, lr=0.005, local_steps=2).gradient_scale == pytest.approx(-0.01)
+    with pytest.raises(ValueError, match="local_steps > 1 needs lr"):
+        gradleak.recover_from_update(model, update, local_steps=3)
+    with pytest.raises(ValueError, match="local_steps must be a positive int"):
+        gradleak.recover_from_update(model, update, lr=0.01, local_steps=0)

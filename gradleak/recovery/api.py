@@ -14,7 +14,8 @@ from ..head import GradientsLike, HeadProblem, factor_head, find_head, head_grad
 from ..labels import LABEL_FORMATS
 from .base import SEARCHES
 from .feature_layer import find_feature_layer, scale_from_feature_layer
-from .structure import FORMAT_STRUCTURES, ROUNDING_SLACK, STRUCTURES, Minima, Structure, describe
+from .structure import (FORMAT_STRUCTURES, ROUNDING_SLACK, STRUCTURES, Minima, Structure, describe,
+                        label_standard_error)
 
 FEATURE_SIGNS = ("auto", "nonnegative", "any")
 #: Beyond this rank-one ratio (accepted only with ``rank_one_tol=None``) no answer is reported as determined.
@@ -192,6 +193,11 @@ def _neighbours(problem: HeadProblem, best: _Candidate, structures: Sequence[Str
     return out
 
 
+def _contains(general: Structure, special: Structure) -> bool:
+    """Whether every label of ``special`` is also a label of ``general`` (a hard label is a smoothing label)."""
+    return general.free_entries >= special.free_entries and general.offset_free >= special.offset_free
+
+
 def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambiguity_ratio: float,
             same_answer_atol: float, feature_sign: str, t_fixed: bool) -> Tuple[_Candidate, bool, float, str]:
     """Pick ``(answer, determined, margin, message)`` from the candidate answers of each hypothesis.
@@ -276,6 +282,22 @@ def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambi
         return best, False, margin, (f"ambiguous: labels {step:g} away from the answer fit the gradient almost as "
                                      "well (a flat residual: the softmax is saturated, or the label has too few "
                                      "equations to spare)")
+    # judged under every hypothesis that contains the answer (a hard label is also a smoothing label with eps 0):
+    # the simplest structure wins only if the more general ones would not move its label either
+    order = torch.argsort(best.label, descending=True).tolist()
+    error = max(float(label_standard_error(problem, STRUCTURES[name], best.t, best.alpha,
+                                           (best.free + tuple(i for i in order if i not in best.free))[:2]
+                                           [:STRUCTURES[name].free_entries], t_free=not t_fixed).max())
+                for name in minima if _contains(STRUCTURES[name], best.structure)
+                and STRUCTURES[name].degrees_of_freedom(num_classes, unknowns) >= 1)
+    # the part of the gradient that is not rank one (noise, or the drift of several local steps, which is not
+    # averaged away like noise) can shift c by up to its relative size: the label by that over |alpha|
+    error = max(error, problem.rank_one_ratio / abs(best.alpha))
+    if ambiguity_ratio * error > step:
+        return best, False, margin, (f"the gradient pins the label only to about +-{error:.2g} (from the residual "
+                                     f"{best.residual:.3g} it leaves and its rank-one ratio "
+                                     f"{problem.rank_one_ratio:.2g}): not to {step:g}; an update of several local "
+                                     "steps, noise, or a softmax too flat or too saturated for the free scalars")
     return best, True, margin, ""
 
 

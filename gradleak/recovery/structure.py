@@ -342,3 +342,45 @@ def gauss_newton(problem: HeadProblem, t: torch.Tensor, mask: torch.Tensor, offs
         if bool(settled.all()):
             break
     return t
+
+
+def label_standard_error(problem: HeadProblem, structure: Structure, t: float, alpha: float, free: Sequence[int],
+                         *, t_free: bool) -> torch.Tensor:
+    """Standard error ``(C,)`` of each label entry of the answer ``(t, alpha)``, from the residual it leaves.
+
+    Linearised least squares: the residual vector ``f = P (alpha p(t) - c)`` over the structured entries has
+    Jacobian ``J`` in the free scalars (``t`` unless a closed form fixed it; ``alpha`` when the scale is
+    unknown), the observed residual (at least the gradient's rounding and rank-one noise) estimates the noise
+    per entry, ``s^2 = |f|^2 / (n - k)``, and ``Cov = s^2 (J^T J)^-1`` carries over to ``y = p(t) - c / alpha``
+    through its own Jacobian. A gradient that a label structure explains only roughly (an update of several
+    local steps, noise) or that barely moves the fit along a free scalar (a near-uniform or saturated softmax
+    with an unknown scale) leaves a large error: the label is then not pinned down, whatever its residual.
+    """
+    dtype, device = torch.float64, problem.c.device
+    t_tensor = torch.tensor([t], dtype=dtype, device=device)
+    p = torch.softmax(problem.logits(t_tensor), -1)
+    mask = mask_of(torch.tensor([(tuple(free) * 2)[:2]], device=device), problem.num_classes)
+    offset = torch.tensor([structure.offset_free], device=device)
+    weight, centre = _projector(mask, offset, dtype)
+    slope = p * (problem.a - (p * problem.a).sum(-1, keepdim=True))  # dp/dt
+    f_columns, y_columns = [], []
+    if t_free:
+        if problem.scale_known:  # alpha = t moves along
+            f_columns.append(_project(p + t * slope, weight, centre))
+            y_columns.append(slope + problem.c / t ** 2)
+        else:
+            f_columns.append(_project(alpha * slope, weight, centre))
+            y_columns.append(slope)
+    if not problem.scale_known:
+        f_columns.append(_project(p, weight, centre))
+        y_columns.append(problem.c.unsqueeze(0) / alpha ** 2)
+    if not f_columns:
+        return torch.zeros(problem.num_classes, dtype=dtype, device=device)
+    jacobian = torch.cat(f_columns).T            # (C, k)
+    label_jacobian = torch.cat(y_columns).T      # (C, k)
+    residual = _project(alpha * p - problem.c, weight, centre)[0]
+    count = int(weight.sum()) - int(structure.offset_free) - jacobian.shape[1]
+    floor = problem.precision + problem.rank_one_ratio / (problem.num_classes * problem.v.shape[0]) ** 0.5
+    variance = max(float(residual.square().sum()) / max(count, 1), floor ** 2)
+    covariance = variance * torch.linalg.pinv(jacobian.T @ jacobian)
+    return ((label_jacobian @ covariance) * label_jacobian).sum(-1).clamp_min(0).sqrt()
