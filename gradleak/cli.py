@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.set_defaults(handler=_reconstruct)
 
     experiment = sub.add_parser("experiment", help="run one of the paper's experiments (tables and figures)")
-    experiment.add_argument("name", help="label-recovery | noise | landscape | train | reconstruction | report")
+    experiment.add_argument("name", help="label-recovery | noise | landscape | train | reconstruction | report | dp | "
+                                         "local-steps")
     experiment.add_argument("--dataset")
     experiment.add_argument("--network")
     experiment.add_argument("--samples", type=int)
@@ -158,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--image-size", dest="image_size", type=int, help="resize the samples (fcn4: 64)")
     experiment.add_argument("--augmentation", help="train: smoothing | mixup | none")
     experiment.add_argument("--stds", nargs="+", type=float, help="noise: standard deviations (x gradient RMS)")
+    experiment.add_argument("--clips", nargs="+", type=float,
+                            help="dp: clipping norms (times the example's gradient norm unless --clip-scale absolute)")
+    experiment.add_argument("--clip-scale", dest="clip_scale", choices=["relative", "absolute"], help="dp")
+    experiment.add_argument("--noise-multipliers", dest="noise_multipliers", nargs="+", type=float,
+                            help="dp: Opacus noise multipliers")
+    experiment.add_argument("--steps", nargs="+", type=int, help="local-steps: the client's local SGD steps K")
+    experiment.add_argument("--lrs", nargs="+", type=float, help="local-steps: the client's learning rates")
+    experiment.add_argument("--scales", nargs="+", choices=["known", "unknown"],
+                            help="dp, local-steps: whether the server is told the learning rate")
     experiment.add_argument("--quick", action="store_true", default=None, help="the small preset CI runs")
     experiment.set_defaults(handler=_experiment)
     return parser
