@@ -28,13 +28,16 @@ def _scaled(kwargs, s):
 
 
 @SETTINGS
-@given(C=st.integers(6, 1000), d=st.sampled_from([8, 64, 300]), fmt=FORMATS, value=st.floats(0.0, 1.0),
+@given(C=st.integers(5, 1000), d=st.sampled_from([8, 64, 300]), fmt=FORMATS, value=st.floats(0.0, 1.0),
        bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]), s=SCALES,
        seed=st.integers(0, 10**6))
 def test_unknown_scale_recovers_label_feature_and_scale(C, d, fmt, value, bias, dtype, s, seed):
     label = _label(fmt, C, seed, value)
     kwargs, h = _victim(C, d, label, bias=bias, dtype=dtype, seed=seed)
     result = gradleak.recover_label(**_scaled(kwargs, s), gradient_scale="unknown")
+    if fmt == "mixup" and C < 6:  # one equation to spare at most (design.md section 6): right or undetermined
+        if not result.determined:
+            return
     assert result.determined, result.message
     _check(result, label, h, dtype)
     assert result.gradient_scale == pytest.approx(s, rel=1e-3 if dtype == torch.float32 else 1e-8)

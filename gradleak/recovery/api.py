@@ -198,61 +198,89 @@ def _contains(general: Structure, special: Structure) -> bool:
     return general.free_entries >= special.free_entries and general.offset_free >= special.offset_free
 
 
+def _equations(problem: HeadProblem) -> int:
+    """The classes that count as equations. With an unknown scale, an entry whose gradient term is below rounding
+    says only "p_i ~ y_i ~ 0", which a saturated softmax satisfies at any scale: it is no equation. With a known
+    scale such entries still pin t, through the normalisation of p."""
+    if problem.scale_known:
+        return problem.num_classes
+    noise = problem.rank_one_ratio / (problem.num_classes * problem.v.shape[0]) ** 0.5
+    return int((problem.c.abs() > ROUNDING_SLACK * (problem.precision + noise)).sum())
+
+
+def _fits_as_well(neighbour: _Candidate, best: _Candidate, *, tol: float, ambiguity_ratio: float,
+                  same_answer_atol: float) -> bool:
+    """Whether a valid neighbouring label explains the gradient about as well as ``best``: it is another label,
+    and its structure says nothing (uninformative), or it fits with about the answer's rounding units or
+    residual."""
+    if not neighbour.valid or float((neighbour.label - best.label).abs().max()) <= same_answer_atol:
+        return False
+    if not neighbour.informative:
+        return True
+    return neighbour.residual <= tol and (neighbour.rounding_units <= max(1.0, best.rounding_units)
+                                          or neighbour.residual < ambiguity_ratio * best.residual)
+
+
+def _label_error(problem: HeadProblem, best: _Candidate, structures: Sequence[Structure], *, t_fixed: bool,
+                 equations: int, unknowns: int) -> float:
+    """How far the gradient pins the answer's label (max-abs): its standard error under every hypothesis that
+    contains the answer (the simplest structure wins only if the more general ones would not move its label
+    either), and at least the rank-one ratio over ``|alpha|`` (the part of the gradient that is not one
+    example's, noise or the drift of several local steps, can shift ``c`` by up to its relative size)."""
+    order = torch.argsort(best.label, descending=True).tolist()
+    free = best.free + tuple(i for i in order if i not in best.free)
+    errors = [float(label_standard_error(problem, s, best.t, best.alpha, free[:s.free_entries],
+                                         t_free=not t_fixed).max())
+              for s in structures if _contains(s, best.structure) and s.degrees_of_freedom(equations, unknowns) >= 1]
+    return max(errors + [problem.rank_one_ratio / abs(best.alpha)])
+
+
 def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambiguity_ratio: float,
             same_answer_atol: float, feature_sign: str, t_fixed: bool) -> Tuple[_Candidate, bool, float, str]:
     """Pick ``(answer, determined, margin, message)`` from the candidate answers of each hypothesis.
 
     One rule, whichever path produced the candidates (a search's refined minima, or one scalar fixed by a closed
-    form, ``t_fixed``): a structure fits at a candidate when
+    form: ``t_fixed``). A candidate is eligible when its structure has equations to spare once its unknown
+    scalars are fitted (``t`` unless a closed form fixed it, ``alpha`` when the scale is unknown; see
+    :func:`_equations`), its label is valid (entries in [0, 1] to within rounding) and its feature has the sign
+    ``feature_sign`` asks for. It fits when its residual is below ``tol`` (far from the trivial answer) and its
+    structured entries agree to within ``ROUNDING_SLACK`` times the error that rounding (at the precision the
+    gradient's values carry) and the noise the rank-one ratio reveals would leave, entry by entry. The answer is
+    the lowest residual of the simplest fitting structure (``minima`` is ordered simplest first), and it is
+    determined when all of these hold:
 
-    * it has equations to spare once its unknown scalars are fitted (``t`` unless a closed form fixed it,
-      ``alpha`` when the gradient scale is unknown), counting only the classes whose gradient is above rounding;
-    * the label is valid (entries in [0, 1] to within rounding) and the feature has the sign ``feature_sign``
-      asks for;
-    * its residual is below ``tol`` (far from the trivial answer), and its structured entries agree to within
-      ``ROUNDING_SLACK`` times the error that rounding (at the precision the gradient actually carries) and the
-      noise the rank-one ratio reveals would leave: entry by entry, so that a smoothing mass of 1e-5 per class
-      is not mistaken for zero.
+    1. every other answer (a label farther than ``same_answer_atol``) of the same or a simpler structure has a
+       residual at least ``ambiguity_ratio`` times larger (``margin``);
+    2. no label ``10 * same_answer_atol`` away along the free scalars fits about as well under any structure
+       (:func:`_neighbours`, :func:`_fits_as_well`): no flat valley, no saturated softmax;
+    3. the label's error (:func:`_label_error`) times ``ambiguity_ratio`` stays below that same resolution.
 
-    The simplest fitting structure wins (``minima`` is ordered simplest first), its lowest residual is the
-    answer, and the answer is determined when every other answer (a label farther than ``same_answer_atol``) of
-    the same or a simpler structure has a residual at least ``ambiguity_ratio`` times larger; and when the labels ``10 * same_answer_atol`` away along the free scalars (see
-    :func:`_neighbours`) fit less well under every structure: their structured entries spread over more rounding
-    units than the answer's (and more than one), and their residual is ``ambiguity_ratio`` times the answer's;
-    an uninformative structure (one that every scalar satisfies) counts as fitting. Without any fit,
-    the simplest structure below ``tol`` is the best guess, reported as undetermined with the reason.
+    Without any fit, the simplest structure below ``tol`` is the best guess, reported as undetermined.
     """
     unknowns = int(not t_fixed) + int(not problem.scale_known)
+    equations = _equations(problem)
     sign = _preferred_sign(problem)
     if feature_sign == "nonnegative" and sign == 0:
         raise ValueError("feature_sign='nonnegative' but the weight gradient's rows have mixed signs: "
                          "the head input cannot be non-negative")
     restrict = sign if feature_sign != "any" else 0
     rank = {name: i for i, name in enumerate(minima)}
-    # With an unknown scale, an entry whose gradient term is below rounding says only "p_i ~ y_i ~ 0", which any
-    # saturated softmax satisfies at any scale: it is no equation (a saturated softmax leaves few live entries).
-    # With a known scale such entries still pin t through the normalisation of p.
-    noise = problem.rank_one_ratio / (problem.num_classes * problem.v.shape[0]) ** 0.5
-    live = problem.c.abs() > ROUNDING_SLACK * (problem.precision + noise)
-    num_classes = problem.num_classes if problem.scale_known else int(live.sum())
+    structures = [STRUCTURES[name] for name in minima]
     candidates, uninformative, invalid = [], [], []
-    for name, found in minima.items():
-        structure = STRUCTURES[name]
-        informative = structure.degrees_of_freedom(num_classes, unknowns) >= 1
+    for structure, found in zip(structures, minima.values()):
         keep = found.t * restrict >= 0 if restrict else torch.ones_like(found.t, dtype=torch.bool)
-        valid = found.valid
-        invalid += _candidates(found[keep & ~valid], structure)
-        (candidates if informative else uninformative).extend(_candidates(found[keep & valid], structure))
+        invalid += _candidates(found[keep & ~found.valid], structure)
+        eligible = structure.degrees_of_freedom(equations, unknowns) >= 1
+        (candidates if eligible else uninformative).extend(_candidates(found[keep & found.valid], structure))
     if not candidates:
-        fallback = min(uninformative or invalid or [c for name, m in minima.items()
-                                                    for c in _candidates(m, STRUCTURES[name])],
-                       key=lambda c: c.residual)
+        fallback = min(uninformative or invalid or [c for s, m in zip(structures, minima.values())
+                                                    for c in _candidates(m, s)], key=lambda c: c.residual)
         if uninformative:
-            unknown_scale = "" if problem.scale_known else " once the unknown gradient scale is fitted"
-            live = "" if num_classes == problem.num_classes else f" whose gradient is above rounding (of " \
-                f"{problem.num_classes}: a saturated softmax)"
-            reason = (f"with {num_classes} classes{live} the {fallback.structure.name} structure has no equation "
-                      f"to spare{unknown_scale}: the gradient cannot determine the label")
+            scale = "" if problem.scale_known else " once the unknown gradient scale is fitted"
+            saturated = "" if equations == problem.num_classes else \
+                f" whose gradient is above rounding (of {problem.num_classes}: a saturated softmax)"
+            reason = (f"with {equations} classes{saturated} the {fallback.structure.name} structure has no "
+                      f"equation to spare{scale}: the gradient cannot determine the label")
         else:
             reason = ("no candidate gives a valid label (entries in [0, 1]) with the feature sign: the gradient "
                       "may not come from a softmax cross-entropy head, or feature_sign is wrong")
@@ -266,6 +294,7 @@ def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambi
               and float((c.label - best.label).abs().max()) > same_answer_atol]
     runner_up = min(rivals, default=math.inf)
     margin = runner_up / best.residual if best.residual > 0 else math.inf
+    step = 10 * same_answer_atol
     if not fitting:
         return best, False, margin, (f"no label format fits to the gradient's precision (best: "
                                      f"{best.structure.name}, residual {best.residual:.3g}, tol {tol:.2g}; "
@@ -274,25 +303,12 @@ def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambi
     if margin < ambiguity_ratio:
         return best, False, margin, (f"ambiguous: another answer fits almost as well (residual {runner_up:.3g} "
                                      f"vs {best.residual:.3g})")
-    step = 10 * same_answer_atol
-    if any(c.valid and float((c.label - best.label).abs().max()) > same_answer_atol
-           and (not c.informative or (c.residual <= tol and (c.rounding_units <= max(1.0, best.rounding_units)
-                                                             or c.residual < ambiguity_ratio * best.residual)))
-           for c in _neighbours(problem, best, [STRUCTURES[name] for name in minima], t_fixed=t_fixed, step=step)):
+    if any(_fits_as_well(c, best, tol=tol, ambiguity_ratio=ambiguity_ratio, same_answer_atol=same_answer_atol)
+           for c in _neighbours(problem, best, structures, t_fixed=t_fixed, step=step)):
         return best, False, margin, (f"ambiguous: labels {step:g} away from the answer fit the gradient almost as "
                                      "well (a flat residual: the softmax is saturated, or the label has too few "
                                      "equations to spare)")
-    # judged under every hypothesis that contains the answer (a hard label is also a smoothing label with eps 0):
-    # the simplest structure wins only if the more general ones would not move its label either
-    order = torch.argsort(best.label, descending=True).tolist()
-    error = max(float(label_standard_error(problem, STRUCTURES[name], best.t, best.alpha,
-                                           (best.free + tuple(i for i in order if i not in best.free))[:2]
-                                           [:STRUCTURES[name].free_entries], t_free=not t_fixed).max())
-                for name in minima if _contains(STRUCTURES[name], best.structure)
-                and STRUCTURES[name].degrees_of_freedom(num_classes, unknowns) >= 1)
-    # the part of the gradient that is not rank one (noise, or the drift of several local steps, which is not
-    # averaged away like noise) can shift c by up to its relative size: the label by that over |alpha|
-    error = max(error, problem.rank_one_ratio / abs(best.alpha))
+    error = _label_error(problem, best, structures, t_fixed=t_fixed, equations=equations, unknowns=unknowns)
     if ambiguity_ratio * error > step:
         return best, False, margin, (f"the gradient pins the label only to about +-{error:.2g} (from the residual "
                                      f"{best.residual:.3g} it leaves and its rank-one ratio "
