@@ -96,3 +96,13 @@ def reconstruction_grid(true_images: torch.Tensor, reconstructions: Mapping[str,
         os.makedirs(parent, exist_ok=True)
     figure.savefig(path, dpi=dpi)
     return path
+
+
+def save_figure(fig, path: PathLike, *, dpi: int = 120):
+    """Lay out a pyplot figure, write it to ``path`` and release it (pyplot keeps every open figure alive)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

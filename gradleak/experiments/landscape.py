@@ -20,6 +20,7 @@ from ..head import factor_head, head_gradients
 from ..recovery.paper import paper_objective
 from ..recovery.structure import STRUCTURES, residuals
 from .common import draw_trials, markdown_table, output_dir, setup, victim
+from ..plots import save_figure
 
 FIELDS = ["weights", "panel", "lambda", "t", "paper_loss", "residual"]
 
@@ -138,7 +139,4 @@ def plot(results: List[Dict[str, Any]], path: Path, title: str) -> Path:
         for a in axes[row]:
             a.grid(True, alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -46,6 +46,7 @@ from ..labels import mix_inputs
 from .common import (FEATURE_COS_TOL, SUCCESS_TOL, Attempt, ResumableCSV, Setup, Trial, Victim, as_float,
                      draw_trials, grade, is_true, markdown_table, median, output_dir, resolve_formats, setup, victim,
                      wilson_interval)
+from ..plots import save_figure
 
 DEFAULT_NETWORKS = ("lenet", "fcn4")
 DEFAULT_STEPS = (1, 2, 3, 5, 10)
@@ -365,10 +366,7 @@ def plot_update_curves(summary: Sequence[Mapping[str, Any]], path: Path, *, x: s
                 ax.minorticks_off()
             ax.grid(True, which="both", alpha=0.3)
         axes[row, 0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot(summary: Sequence[Mapping[str, Any]], path: Path) -> Path:

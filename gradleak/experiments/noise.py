@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .common import (ResumableCSV, as_float, attack, draw_trials, grade, is_true, median, output_dir,
                      resolve_formats, resolve_methods, setup, victim, wilson_interval)
+from ..plots import save_figure
 
 NOISE_KINDS = ("gaussian", "laplace")
 DEFAULT_STDS = (0.0, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1)
@@ -188,7 +189,4 @@ def plot(summary: Sequence[Dict[str, Any]], path: Path) -> Path:
                           "leftmost point: std 0)")
             ax.grid(True, which="both", alpha=0.3)
         axes[row, 0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
