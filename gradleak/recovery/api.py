@@ -165,13 +165,14 @@ def _neighbours(problem: HeadProblem, best: _Candidate, structures: Sequence[Str
     own_free = torch.tensor((best.free * 2)[:2], device=device)
 
     def moved(t: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> List[_Candidate]:
-        count = t.shape[0]
-        everywhere = describe(problem, structures, t.repeat(len(structures)),
-                              torch.arange(len(structures), device=device).repeat_interleave(count),
-                              alpha=None if alpha is None else alpha.repeat(len(structures)))
-        own = describe(problem, [best.structure], t, torch.zeros(count, dtype=torch.long, device=device),
-                       alpha=alpha, free=own_free.expand(count, 2))
-        return [c for found in (everywhere, own) for name, m in found.items() for c in _candidates(m, STRUCTURES[name])]
+        # one pass: every structure with its free entries chosen (-1), then the answer's own with its own
+        count, copies = t.shape[0], len(structures) + 1
+        which = torch.cat([torch.arange(len(structures), device=device).repeat_interleave(count),
+                           torch.full((count,), structures.index(best.structure), device=device)])
+        free = torch.cat([torch.full((len(structures) * count, 2), -1, device=device), own_free.expand(count, 2)])
+        found = describe(problem, structures, t.repeat(copies), which, free=free,
+                         alpha=None if alpha is None else alpha.repeat(copies))
+        return [c for name, m in found.items() for c in _candidates(m, STRUCTURES[name])]
 
     inverse = 1.0 / best.alpha + torch.tensor([step, -step], dtype=torch.float64, device=device) \
         / float(problem.c.abs().max())

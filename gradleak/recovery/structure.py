@@ -256,12 +256,14 @@ def describe(problem: HeadProblem, structures: Sequence[Structure], t: torch.Ten
              alpha: Optional[torch.Tensor] = None, free: Optional[torch.Tensor] = None) -> Dict[str, Minima]:
     """Everything the decision needs about candidates ``t`` (n,), candidate ``k`` under ``structures[which[k]]``;
     per structure, sorted best first (one vectorised pass for all structures). ``alpha`` (n,) and ``free``
-    (n, 2) fix the candidates' ``alpha`` and free entries instead of choosing them."""
+    (n, 2) fix the candidates' ``alpha`` and free entries instead of choosing them (rows of ``free`` set to -1
+    are chosen)."""
     free_entries = torch.tensor([s.free_entries for s in structures], device=t.device)[which]
     offset_free = torch.tensor([s.offset_free for s in structures], device=t.device)[which]
     p = torch.softmax(problem.logits(t), dim=-1)
-    if free is None:
-        free = free_entries_of(problem, t, p, free_entries, offset_free, alpha=alpha)[:, 0]
+    if free is None or bool((free < 0).any()):
+        chosen = free_entries_of(problem, t, p, free_entries, offset_free, alpha=alpha)[:, 0]
+        free = chosen if free is None else torch.where(free < 0, chosen, free)
     mask = mask_of(free, problem.num_classes)
     weight, centre = _projector(mask, offset_free, t.dtype)
     if alpha is None:
