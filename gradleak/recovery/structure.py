@@ -48,6 +48,8 @@ STRUCTURES: Dict[str, Structure] = {s.name: s for s in (
 # From the simplest to the most general; auto-detection takes the first that fits.
 ORDER: Tuple[str, ...] = ("hard", "smoothing", "mixup", "mixup_smoothing")
 # The hypotheses tried for each requested label format, simplest first.
+#: With an unknown scale, the first free entry of a two-class structure is sought among this many candidates.
+PAIR_FIRSTS = 4
 #: How many expected rounding errors the structured entries may spread over and still count as equal (and label
 #: entries stray outside [0, 1]).
 ROUNDING_SLACK = 100.0
@@ -122,9 +124,19 @@ def free_entries_of(problem: HeadProblem, t: torch.Tensor, p: torch.Tensor, free
         top = (error * alpha.sign().unsqueeze(-1)).argmax(-1)
         second = _second_free_score(error, top, offset_free)
     else:
-        everything = torch.ones_like(p)
-        top = _deletion_scores(p, problem.c, everything, offset_free).argmax(-1)
-        second = _deletion_scores(p, problem.c, everything.scatter(-1, top.unsqueeze(-1), 0.0), offset_free)
+        # removing j then k lowers the residual by score_j + score_{k | j} exactly: the best pair among the
+        # PAIR_FIRSTS best first entries (a greedy first entry can be the wrong one for a two-class label)
+        first = _deletion_scores(p, problem.c, torch.ones_like(p), offset_free)
+        firsts = first.topk(min(PAIR_FIRSTS, p.shape[-1]), dim=-1).indices                     # (K, m)
+        count = firsts.shape[-1]
+        rest = torch.ones(p.shape[0], count, p.shape[-1], dtype=p.dtype, device=p.device)
+        rest = rest.scatter(-1, firsts.unsqueeze(-1), 0.0)
+        seconds = _deletion_scores(p.unsqueeze(1).expand_as(rest), problem.c, rest,
+                                   offset_free.unsqueeze(-1).expand(-1, count))               # (K, m, C)
+        gain = first.gather(-1, firsts) + seconds.amax(-1)
+        pair = torch.where(free_entries == 2, gain.argmax(-1), torch.zeros_like(free_entries))
+        top = firsts.gather(-1, pair.unsqueeze(-1))[:, 0]
+        second = seconds[torch.arange(p.shape[0], device=p.device), pair]
     second = second.topk(choices, dim=-1).indices
     second = torch.where(free_entries.unsqueeze(-1) == 2, second, top.unsqueeze(-1))
     return torch.stack([top.unsqueeze(-1).expand_as(second), second], dim=-1)
