@@ -127,6 +127,9 @@ def free_entries_of(problem: HeadProblem, t: torch.Tensor, p: torch.Tensor, free
         # removing j then k lowers the residual by score_j + score_{k | j} exactly: the best pair among the
         # PAIR_FIRSTS best first entries (a greedy first entry can be the wrong one for a two-class label)
         first = _deletion_scores(p, problem.c, torch.ones_like(p), offset_free)
+        if not bool((free_entries == 2).any()):  # one free entry: the best single deletion
+            top = first.argmax(-1)
+            return torch.stack([top, top], dim=-1).unsqueeze(1).expand(-1, choices, 2)
         firsts = first.topk(min(PAIR_FIRSTS, p.shape[-1]), dim=-1).indices                     # (K, m)
         count = firsts.shape[-1]
         rest = torch.ones(p.shape[0], count, p.shape[-1], dtype=p.dtype, device=p.device)
