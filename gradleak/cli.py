@@ -18,16 +18,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _recover(args: argparse.Namespace) -> int:
-    import copy
-
     import torch
 
-    from .client import single_example_gradients, soft_cross_entropy
+    from .client import single_example_gradients
     from .data import DATASETS, load_samples
     from .labels import mix_inputs, mixup_label, smooth_label
     from .models import build_model
     from .recovery import recover_from_gradients
-    from .update import recover_from_update, update_from_weights
+    from .update import recover_from_update
+    from .updates_client import sgd_update
 
     if args.lr is not None and not args.lr > 0:
         print(f"--lr must be positive, got {args.lr}", file=sys.stderr)
@@ -52,13 +51,9 @@ def _recover(args: argparse.Namespace) -> int:
         result = recover_from_gradients(model, grads, gradient_scale="unknown" if args.unknown_scale else "known",
                                         **options)
     else:
-        # the victim: one plain SGD step on its example; the attacker sees the new weights as Flower ships them
+        # the victim: one plain SGD step on its example; the attacker sees the update new - old
         true_scale = -args.lr
-        victim = copy.deepcopy(model)
-        optimizer = torch.optim.SGD(victim.parameters(), lr=args.lr)
-        soft_cross_entropy(victim(x.unsqueeze(0)), truth.unsqueeze(0)).backward()
-        optimizer.step()
-        update = update_from_weights(model, [value.numpy() for value in victim.state_dict().values()])
+        update = sgd_update(model, x, truth, lr=args.lr)
         result = recover_from_update(model, update, lr=None if args.unknown_scale else args.lr, **options)
     report = {k: v for k, v in vars(result).items() if k not in ("label", "feature", "extra")}
     report["max_label_error"] = float((result.label - truth).abs().max())

@@ -74,6 +74,12 @@ class HeadProblem:
         return self.c.shape[0]
 
     @property
+    def entry_noise(self) -> float:
+        """Noise per entry of ``c`` implied by the rank-one residual: ``ratio ||G||`` spread over ``C d`` entries
+        reaches each entry of ``c = G v / sigma`` as ``ratio / sqrt(C d)``."""
+        return self.rank_one_ratio / (self.num_classes * self.v.shape[0]) ** 0.5
+
+    @property
     def t_lower(self) -> float:
         """Smallest ``|t|`` worth searching: ``t_min`` when the scale is known; otherwise the feature scale is
         free, and below logits spread over 1e-4 the softmax is linear in ``t`` (the label no longer moves)."""

@@ -1,5 +1,4 @@
 """Unknown gradient scale (``gradient_scale="unknown"``) and the fit test that every path's answer must pass."""
-import math
 
 import pytest
 import torch

@@ -148,11 +148,17 @@ class Victim:
     feature: torch.Tensor    # (d,) the true head input
 
 
-def victim(model: nn.Module, images: torch.Tensor, trial: Trial) -> Victim:
-    """The single-example gradient of ``trial`` (in the model's dtype) and the truth kept for grading."""
+def victim_input(images: torch.Tensor, trial: Trial) -> torch.Tensor:
+    """The input the victim trains on: ``images[i]``, or the two images mixed by ``lam`` for mixup (C, H, W)."""
     x = images[trial.indices[0]]
     if trial.label_format == "mixup":
         x = mix_inputs(x, images[trial.indices[1]], trial.spec.lam)
+    return x
+
+
+def victim(model: nn.Module, images: torch.Tensor, trial: Trial) -> Victim:
+    """The single-example gradient of ``trial`` (in the model's dtype) and the truth kept for grading."""
+    x = victim_input(images, trial)
     label = trial.spec.to_tensor(torch.float64)
     grads = single_example_gradients(model, x, label)
     with torch.no_grad():

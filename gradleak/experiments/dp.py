@@ -42,9 +42,9 @@ import numpy as np
 from torch import nn
 
 from ..labels import LABEL_FORMATS
-from .common import ResumableCSV, output_dir, resolve_formats, victim
+from .common import ResumableCSV, output_dir, resolve_formats, victim, victim_input
 from .local_steps import (ATTACK_FIELDS, SCALES, attack_update, check_options, each_trial, grade_update,
-                          plot_update_curves, trial_input, write_update_results)
+                          plot_update_curves, write_update_results)
 from .noise import gradient_rms
 
 DEFAULT_NETWORKS = ("lenet", "fcn4", "resnet18")
@@ -132,7 +132,7 @@ def run(*, dataset: str = "cifar10", network: Union[str, Sequence[str], None] = 
             opacus_ready[where["network"]] = model, _replaced(env.model, model) if changes else ""
         model, fix = opacus_ready[where["network"]]
         truth = victim(model, env.images, trial)
-        x = trial_input(env.images, trial)
+        x = victim_input(env.images, trial)
         grad_norm = math.sqrt(sum(float(g.double().square().sum()) for g in truth.gradients.values()))
         rms = gradient_rms(truth.gradients)
         for clip, sigma in todo:

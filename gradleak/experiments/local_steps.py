@@ -11,7 +11,7 @@ detected):
 
 * ``scale="unknown"``: ``recover_from_update(model, update)``, no learning rate: the update is ``s * g`` for an
   unknown ``s``;
-* ``scale="known"``: ``recover_from_update(model, update, lr=K * lr)``: the server knows the client's learning
+* ``scale="known"``: ``recover_from_update(model, update, lr=lr, local_steps=K)``: the server knows the client's learning
   rate AND its number of local steps (both are FedAvg settings the server itself sends), so it takes
   ``-update / (K * lr)``, the average gradient along the trajectory, as the gradient (``-update / lr`` would be
   off by the factor K, a wrongly scaled gradient for every K > 1).
@@ -42,11 +42,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..labels import mix_inputs
+from ..plots import save_figure
 from .common import (FEATURE_COS_TOL, SUCCESS_TOL, Attempt, ResumableCSV, Setup, Trial, Victim, as_float,
                      draw_trials, grade, is_true, markdown_table, median, output_dir, resolve_formats, setup, victim,
-                     wilson_interval)
-from ..plots import save_figure
+                     victim_input, wilson_interval)
 
 DEFAULT_NETWORKS = ("lenet", "fcn4")
 DEFAULT_STEPS = (1, 2, 3, 5, 10)
@@ -105,14 +104,6 @@ def each_trial(networks: Sequence[str], *, dataset: str, weights: str, formats: 
                         "sample": trial.sample}, trial
 
 
-def trial_input(images: torch.Tensor, trial: Trial) -> torch.Tensor:
-    """The input the victim trains on: ``images[i]``, or the two images mixed by ``lam`` for mixup (C, H, W)."""
-    x = images[trial.indices[0]]
-    if trial.label_format == "mixup":
-        x = mix_inputs(x, images[trial.indices[1]], trial.spec.lam)
-    return x
-
-
 def prediction_drift(model: nn.Module, update: Mapping[str, torch.Tensor], x: torch.Tensor) -> float:
     """Evaluator: how far the client's steps moved its prediction on its example,
     ``max_i |softmax(z(theta_0 + update))_i - softmax(z(theta_0))_i|`` for the ``(C, H, W)`` input ``x``.
@@ -132,13 +123,14 @@ def prediction_drift(model: nn.Module, update: Mapping[str, torch.Tensor], x: to
 
 
 def attack_update(model: nn.Module, update: Mapping[str, torch.Tensor], *, lr: Optional[float],
-                  label_format: str = "auto") -> Tuple[Attempt, Dict[str, Any]]:
+                  local_steps: int = 1, label_format: str = "auto") -> Tuple[Attempt, Dict[str, Any]]:
     """The server's attack on one update: :func:`gradleak.recover_from_update` with ``rank_one_tol=None``.
 
     Args:
         model: the network at the weights the client started from.
         update: ``{parameter name: new - old}``.
         lr: the learning rate the server assumes (known scale), or None (unknown scale).
+        local_steps: the client's local steps K the server assumes with ``lr`` (ignored without it).
         label_format: what the attacker is told ("auto": detected).
 
     Returns:
@@ -150,7 +142,8 @@ def attack_update(model: nn.Module, update: Mapping[str, torch.Tensor], *, lr: O
 
     start = time.perf_counter()
     try:
-        res = recover_from_update(model, update, lr=lr, label_format=label_format, rank_one_tol=None)
+        res = recover_from_update(model, update, lr=lr, local_steps=local_steps if lr is not None else 1,
+                                  label_format=label_format, rank_one_tol=None)
     except (ValueError, RuntimeError) as error:
         elapsed = (time.perf_counter() - start) * 1e3
         return (Attempt(None, None, elapsed, message=f"{type(error).__name__}: {error}"),
@@ -303,7 +296,7 @@ def run(*, dataset: str = "cifar10", network: Union[str, Sequence[str], None] = 
         if not todo:
             continue
         truth = victim(env.model, env.images, trial)
-        x = trial_input(env.images, trial)
+        x = victim_input(env.images, trial)
         for lr in todo:
             updates = sgd_updates(env.model, x, truth.label, lr=lr, steps=steps)
             rows = []
@@ -312,7 +305,8 @@ def run(*, dataset: str = "cifar10", network: Union[str, Sequence[str], None] = 
                 for scale in scales:
                     if table.has(**where, steps=k, lr=repr(lr), scale=scale):
                         continue
-                    attempt, diagnostics = attack_update(env.model, update, lr=k * lr if scale == "known" else None)
+                    attempt, diagnostics = attack_update(env.model, update, lr=lr if scale == "known" else None,
+                                                         local_steps=k)
                     rows.append({**where, "steps": k, "lr": lr, "k_lr": k * lr, "drift": drift, "scale": scale,
                                  **grade_update(attempt, diagnostics, truth, -k * lr)})
             table.append(rows)

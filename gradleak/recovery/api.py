@@ -205,8 +205,7 @@ def _equations(problem: HeadProblem) -> int:
     scale such entries still pin t, through the normalisation of p."""
     if problem.scale_known:
         return problem.num_classes
-    noise = problem.rank_one_ratio / (problem.num_classes * problem.v.shape[0]) ** 0.5
-    return int((problem.c.abs() > ROUNDING_SLACK * (problem.precision + noise)).sum())
+    return int((problem.c.abs() > ROUNDING_SLACK * (problem.precision + problem.entry_noise)).sum())
 
 
 def _fits_as_well(neighbour: _Candidate, best: _Candidate, *, tol: float, ambiguity_ratio: float,

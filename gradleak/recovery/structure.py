@@ -47,12 +47,12 @@ STRUCTURES: Dict[str, Structure] = {s.name: s for s in (
 )}
 # From the simplest to the most general; auto-detection takes the first that fits.
 ORDER: Tuple[str, ...] = ("hard", "smoothing", "mixup", "mixup_smoothing")
-# The hypotheses tried for each requested label format, simplest first.
 #: With an unknown scale, the first free entry of a two-class structure is sought among this many candidates.
 PAIR_FIRSTS = 4
 #: How many expected rounding errors the structured entries may spread over and still count as equal (and label
 #: entries stray outside [0, 1]).
 ROUNDING_SLACK = 100.0
+# The hypotheses tried for each requested label format, simplest first.
 FORMAT_STRUCTURES: Dict[str, Tuple[str, ...]] = {
     "hard": ("hard",),
     "smoothing": ("smoothing",),
@@ -295,11 +295,10 @@ def describe(problem: HeadProblem, structures: Sequence[Structure], t: torch.Ten
     residual = torch.where(informative, residual, torch.ones_like(residual))
     # What rounding alone would leave, entry by entry: the victim computed z = W h and p - y in the gradient's
     # precision u, so z carries ~u |t| sigma |W||v| absolute error, and p_i and y_i ~u of themselves. Noise that
-    # breaks the rank-one structure (ratio ||G|| spread over C d entries) reaches each entry of c = G v / sigma
-    # as ~ratio / sqrt(C d), i.e. ratio / (|alpha| sqrt(C d)) per label entry, and the logits through v the
-    # same way. The structured entries are compared with their common value weighted by these errors (a
-    # weighted least-squares fit).
-    noise = problem.rank_one_ratio / (problem.num_classes * problem.v.shape[0]) ** 0.5
+    # breaks the rank-one structure reaches each entry of c as ``problem.entry_noise``, i.e. that over |alpha|
+    # per label entry, and the logits through v the same way. The structured entries are compared with their
+    # common value weighted by these errors (a weighted least-squares fit).
+    noise = problem.entry_noise
     scale = 1 + t.abs().unsqueeze(-1) * problem.a_abs.max()
     expected = ((problem.precision + noise) * scale * (p + labels.abs()) + noise / alpha.abs().unsqueeze(-1)
                 + torch.finfo(t.dtype).tiny)
@@ -315,6 +314,19 @@ def describe(problem: HeadProblem, structures: Sequence[Structure], t: torch.Ten
         mine = (which == index).nonzero().flatten()
         out[structure.name] = everything[mine[residual[mine].argsort()]]
     return out
+
+
+def _slope_in_t(problem: HeadProblem, p: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor,
+                centre: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(d f / d t, d p / d t)`` for the residual vector ``f = P (alpha p(t) - c)``, (K, C) each, ``p`` the softmax
+    at ``t``: with a known scale ``alpha = t`` moves along (``P p`` joins the slope), with an unknown one ``alpha``
+    is held."""
+    centred = problem.a - (p * problem.a).sum(-1, keepdim=True)
+    slope = _project(alpha.unsqueeze(-1) * p * centred, weight, centre)
+    dp = p * centred
+    if problem.scale_known:
+        slope = slope + _project(p, weight, centre)
+    return slope, dp
 
 
 def gauss_newton(problem: HeadProblem, t: torch.Tensor, mask: torch.Tensor, offset_free: torch.Tensor,
@@ -337,14 +349,12 @@ def gauss_newton(problem: HeadProblem, t: torch.Tensor, mask: torch.Tensor, offs
     previous = None
     for _ in range(steps):
         p = torch.softmax(problem.logits(t), dim=-1)
-        alpha = multiplier(problem, t, p, weight, centre).unsqueeze(-1)
-        error = _project(alpha * p - problem.c, weight, centre)
-        slope = _project(alpha * p * (problem.a - (p * problem.a).sum(-1, keepdim=True)), weight, centre)
-        if problem.scale_known:  # alpha = t moves with t
-            jacobian = slope + _project(p, weight, centre)
-        else:
+        alpha = multiplier(problem, t, p, weight, centre)
+        error = _project(alpha.unsqueeze(-1) * p - problem.c, weight, centre)
+        jacobian, _ = _slope_in_t(problem, p, alpha, weight, centre)
+        if not problem.scale_known:  # variable projection: the part along P p is alpha's to absorb
             along = _project(p, weight, centre)
-            jacobian = slope - along * (slope * along).sum(-1, keepdim=True) \
+            jacobian = jacobian - along * (jacobian * along).sum(-1, keepdim=True) \
                 / along.square().sum(-1, keepdim=True).clamp_min(tiny)
         size = error.norm(dim=-1)
         step = -(error * jacobian).sum(-1) / (jacobian * jacobian).sum(-1).clamp_min(tiny)
@@ -379,15 +389,11 @@ def label_standard_error(problem: HeadProblem, structure: Structure, t: float, a
     mask = mask_of(torch.tensor([(tuple(free) * 2)[:2]], device=device), problem.num_classes)
     offset = torch.tensor([structure.offset_free], device=device)
     weight, centre = _projector(mask, offset, dtype)
-    slope = p * (problem.a - (p * problem.a).sum(-1, keepdim=True))  # dp/dt
     f_columns, y_columns = [], []
     if t_free:
-        if problem.scale_known:  # alpha = t moves along
-            f_columns.append(_project(p + t * slope, weight, centre))
-            y_columns.append(slope + problem.c / t ** 2)
-        else:
-            f_columns.append(_project(alpha * slope, weight, centre))
-            y_columns.append(slope)
+        f_slope, dp = _slope_in_t(problem, p, torch.tensor([alpha], dtype=dtype, device=device), weight, centre)
+        f_columns.append(f_slope)
+        y_columns.append(dp + problem.c / t ** 2 if problem.scale_known else dp)  # y = p - c / alpha
     if not problem.scale_known:
         f_columns.append(_project(p, weight, centre))
         y_columns.append(problem.c.unsqueeze(0) / alpha ** 2)
@@ -397,7 +403,7 @@ def label_standard_error(problem: HeadProblem, structure: Structure, t: float, a
     label_jacobian = torch.cat(y_columns).T      # (C, k)
     residual = _project(alpha * p - problem.c, weight, centre)[0]
     count = int(weight.sum()) - int(structure.offset_free) - jacobian.shape[1]
-    floor = problem.precision + problem.rank_one_ratio / (problem.num_classes * problem.v.shape[0]) ** 0.5
+    floor = problem.precision + problem.entry_noise
     variance = max(float(residual.square().sum()) / max(count, 1), floor ** 2)
     covariance = variance * torch.linalg.pinv(jacobian.T @ jacobian)
     return ((label_jacobian @ covariance) * label_jacobian).sum(-1).clamp_min(0).sqrt()
