@@ -1,12 +1,75 @@
-"""The ``gradleak`` command line."""
+"""The ``gradleak`` command line.
+
+Errors a user can fix (a bad option value, a missing file, a sample out of range) print one line and exit with 2,
+as argparse does; anything else is a bug: one line and exit 1, the traceback with ``--debug``.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
+from .data import DATASETS
+from .models import MODELS
+
+LABELS = ("hard", "smoothing", "mixup")
+ATTACKER_FORMATS = ("auto",) + LABELS
+RECOVERY_METHODS = ("exact", "pso", "lbfgs")
+RECONSTRUCTION_METHODS = ("analytic", "ig", "dlg")
+LABEL_VARIANTS = ("recovered", "true", "hard", "dlg")
+
+
+class UsageError(ValueError):
+    """A problem with what the user asked for: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line (the usage itself is one ``--help`` away)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _bounded(kind: Callable[[str], Any], name: str, low: float, high: float = math.inf, *, open_low: bool = False,
+             open_high: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses with ``kind`` and accepts values between ``low`` and ``high`` (each end
+    included unless open): a bad value becomes argparse's one-line usage error (exit status 2)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        above = value > low if open_low else value >= low
+        below = value < high if open_high else value <= high
+        if not (above and below):
+            lower = f"{'>' if open_low else '>='} {low:g}"
+            upper = "" if high == math.inf else f" and {'<' if open_high else '<='} {high:g}"
+            raise argparse.ArgumentTypeError(f"{name} must be {lower}{upper}, got {text}")
+        return value
+    return parse
+
+
+def _strict_json(value: Any) -> Any:
+    """Non-finite floats become null (standard JSON has no Infinity or NaN); tuples become lists."""
+    if isinstance(value, dict):
+        return {str(k): _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _rounded(values: Any, digits: int = 7) -> List[float]:
+    return [round(float(v), digits) for v in values]
+
+
+# ------------------------------------------------------------------------------------------------ subcommands
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import format_table, run_demo
@@ -21,45 +84,75 @@ def _recover(args: argparse.Namespace) -> int:
     import torch
 
     from .client import single_example_gradients
-    from .data import DATASETS, load_samples
+    from .experiments.common import setup
     from .labels import mix_inputs, mixup_label, smooth_label
-    from .models import build_model
     from .recovery import recover_from_gradients
     from .update import recover_from_update
     from .updates_client import sgd_update
 
-    if args.lr is not None and not args.lr > 0:
-        print(f"--lr must be positive, got {args.lr}", file=sys.stderr)
-        return 2
-    info = DATASETS[args.dataset]
-    images, labels = load_samples(args.dataset, size=args.size)
-    model = build_model(args.network, info.num_classes, seed=args.seed)
-    a, b = args.sample, (args.sample + 1) % len(labels)
+    env = setup(args.dataset, args.network, args.weights, seed=args.seed, image_size=args.size)
+    images, labels, classes = env.images, env.labels, env.num_classes
+    if args.sample >= len(labels):
+        raise UsageError(f"--sample {args.sample} is outside the {len(labels)} built-in {args.dataset} samples "
+                         f"(0 to {len(labels) - 1})")
+    a = args.sample
     if args.label == "mixup":
-        while int(labels[b]) == int(labels[a]):
-            b = (b + 1) % len(labels)
+        b = next((i % len(labels) for i in range(a + 1, a + len(labels)) if labels[i % len(labels)] != labels[a]),
+                 None)
+        if b is None:
+            raise UsageError(f"mixup needs a second sample of another class; {args.dataset} has none")
         x = mix_inputs(images[a], images[b], args.lam)
-        truth = mixup_label(int(labels[a]), int(labels[b]), args.lam, info.num_classes, dtype=torch.float32)
+        truth = mixup_label(int(labels[a]), int(labels[b]), args.lam, classes, dtype=torch.float32)
+        victim = {"label": "mixup", "classes": [int(labels[a]), int(labels[b])], "lam": args.lam}
     else:
+        eps = args.eps if args.label == "smoothing" else 0.0
         x = images[a]
-        truth = smooth_label(int(labels[a]), info.num_classes, args.eps if args.label == "smoothing" else 0.0,
-                             dtype=torch.float32)
-    options = dict(label_format=args.format, method=args.method)
+        truth = smooth_label(int(labels[a]), classes, eps, dtype=torch.float32)
+        victim = {"label": args.label, "classes": [int(labels[a])], "eps": eps}
+    options = dict(label_format=args.format, method=args.method, use_feature_layer=not args.head_only)
     if args.lr is None:
         true_scale = 1.0
-        grads = single_example_gradients(model, x, truth)
-        result = recover_from_gradients(model, grads, gradient_scale="unknown" if args.unknown_scale else "known",
+        grads = single_example_gradients(env.model, x, truth)
+        result = recover_from_gradients(env.model, grads, gradient_scale="unknown" if args.unknown_scale else "known",
                                         **options)
     else:
         # the victim: one plain SGD step on its example; the attacker sees the update new - old
         true_scale = -args.lr
-        update = sgd_update(model, x, truth, lr=args.lr)
-        result = recover_from_update(model, update, lr=None if args.unknown_scale else args.lr, **options)
-    report = {k: v for k, v in vars(result).items() if k not in ("label", "feature", "extra")}
-    report["max_label_error"] = float((result.label - truth).abs().max())
-    report["true_gradient_scale"] = true_scale
-    print(json.dumps(report, indent=1, default=str))
+        update = sgd_update(env.model, x, truth, lr=args.lr)
+        result = recover_from_update(env.model, update, lr=None if args.unknown_scale else args.lr, **options)
+    print(json.dumps(_strict_json(_recovery_report(result, truth, victim, true_scale, args)), indent=1,
+                     allow_nan=False))
     return 0
+
+
+def _recovery_report(result: Any, truth: Any, victim: dict, true_scale: float, args: argparse.Namespace) -> dict:
+    """The full result as plain JSON values: the attacker's answer (label, weights per class, feature summary,
+    diagnostics), then the evaluator's comparison with the victim's truth."""
+    feature = result.feature.double()
+    if result.label_format == "mixup":
+        # lam is the weight of classes[1], the higher-numbered class; both weights are listed to avoid doubt
+        a, b = result.classes
+        weights = {str(a): (1 - result.lam) * (1 - result.eps), str(b): result.lam * (1 - result.eps)}
+    else:
+        weights = {str(result.classes[0]): 1 - result.eps}
+    answer = {
+        "label_format": result.label_format, "classes": list(result.classes), "class_weights": weights,
+        "eps": result.eps, "lam": result.lam,
+        "lam_is_weight_of_class": result.classes[1] if result.label_format == "mixup" else None,
+        "determined": result.determined, "message": result.message, "method": result.method,
+        "label": _rounded(result.label),
+        "feature": {"dim": feature.numel(), "norm": float(feature.norm()), "min": float(feature.min()),
+                    "max": float(feature.max()), "nonzero": int((feature != 0).sum()),
+                    "first": _rounded(feature[:8])},
+        "gradient_scale": result.gradient_scale, "scale_t": result.scale, "residual": result.residual,
+        "margin": result.margin, "residuals": result.residuals, "rank_one_ratio": result.rank_one_ratio,
+        "row_sum_error": result.row_sum_error, "label_valid": result.label_valid, "tol": result.tol,
+        "evaluations": result.evaluations, "converged": result.converged,
+    }
+    evaluation = {"victim": dict(victim, network=args.network, dataset=args.dataset, sample=args.sample),
+                  "true_label": _rounded(truth), "max_label_error": float((result.label - truth).abs().max()),
+                  "true_gradient_scale": true_scale}
+    return {"recovered": answer, "evaluation": evaluation}
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
@@ -67,110 +160,194 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
     from .experiments.reconstruction import run_reconstruction
 
+    if args.image is not None:
+        if not Path(args.image).is_file():
+            raise UsageError(f"--image {args.image!r}: no such file")
+        if args.target is None:
+            raise UsageError("--image needs --target, the class of the image (the victim's label is built from it)")
     report = run_reconstruction(args.network, args.dataset, args.label, args.methods, label_variants=args.variants,
                                 sample=args.sample, seed=args.seed, iterations=args.iterations, out_dir=args.out,
                                 image=args.image, target=args.target,
                                 dtype=torch.float64 if args.float64 else torch.float32, progress=not args.quiet)
+    recovery = report["recovery"]
+    print(f"label recovery: {recovery['label_format']}, determined {recovery['determined']}, "
+          f"max label error {recovery['label_error']:.2e}")
+    print(f"{'run':24} {'PSNR dB':>8} {'SSIM':>7} {'LPIPS':>7} {'seconds':>8}")
     for run, metrics in report["results"].items():
-        scores = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-        print(f"{run:24} {scores}")
-    print(f"written: {', '.join(str(f) for f in report['files'].values())}" if report.get("files") else "")
+        lpips = "-" if metrics.get("lpips") is None else f"{metrics['lpips']:.3f}"
+        print(f"{run:24} {metrics['psnr']:8.2f} {metrics['ssim']:7.4f} {lpips:>7} {metrics['seconds']:8.2f}")
+    if report.get("files"):
+        print(f"written: {', '.join(str(f) for f in report['files'].values())}")
     return 0
 
 
 def _experiment(args: argparse.Namespace) -> int:
     from .experiments import EXPERIMENTS
 
-    if args.name not in EXPERIMENTS:
-        print(f"unknown experiment {args.name!r}; choose from {', '.join(EXPERIMENTS)}", file=sys.stderr)
-        return 2
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "name", "handler") and v is not None}
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("command", "name", "handler", "debug") and v is not None}
     result = EXPERIMENTS[args.name](**options)
     if isinstance(result, dict):  # the headline values (paths, accuracies); the files hold the rest
-        print(json.dumps({k: v for k, v in result.items() if isinstance(v, (str, int, float))}, indent=1))
+        headline = {k: v for k, v in result.items() if isinstance(v, (str, int, float))}
+        print(json.dumps(_strict_json(headline), indent=1, allow_nan=False))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradleak", description="What one example's gradient leaks: label, "
-                                     "last-layer feature, input.")
-    sub = parser.add_subparsers(dest="command", required=True)
+# ------------------------------------------------------------------------------------------------ the parser
 
-    demo = sub.add_parser("demo", help="recover soft labels from real CIFAR-10 gradients (LeNet, ResNet18)")
-    demo.add_argument("--samples", type=int, default=8, help="samples per network and label format")
-    demo.add_argument("--seed", type=int, default=2023)
+EXPERIMENT_HELP = """\
+experiments (the options each one reads; the others are ignored):
+  label-recovery  Tables 1-2: --dataset --network --weights --samples --formats --methods --image-size --seed
+  noise           noise on the whole gradient: the above and --stds
+  dp              one Opacus DP-SGD step: --network --samples --formats --clips --clip-scale
+                  --noise-multipliers --scales --seed
+  local-steps     K local SGD steps: --network --samples --formats --steps --lrs --scales --seed
+  landscape       Figure 1: --dataset --network --seed
+  train           a checkpoint for the trained rows: --dataset --network --augmentation --out (a .pt path)
+  reconstruction  one sample reconstructed: --dataset --network --methods (analytic ig dlg) --seed
+  report          one accuracy table from every label-recovery run under --out
+every experiment reads --out (resumable folder), --quick (the small preset CI runs) and --quiet."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    parser = _Parser(prog="gradleak", formatter_class=defaults,
+                                     description="What one example's gradient leaks: label, last-layer feature, "
+                                                 "input.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    networks, datasets = sorted(MODELS), sorted(DATASETS)
+    count = _bounded(int, "the number of samples", 1)
+    index = _bounded(int, "the sample index", 0)
+
+    demo = sub.add_parser("demo", formatter_class=defaults,
+                          help="recover soft labels from real CIFAR-10 gradients (LeNet, ResNet18)")
+    demo.add_argument("--samples", type=count, default=8, help="samples per network and label format")
+    demo.add_argument("--seed", type=int, default=2023, help="seeds the networks and the victims' labels")
     demo.add_argument("--out", default="gradleak-demo", help="folder for demo.csv and demo.json")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(handler=_demo)
 
-    recover = sub.add_parser("recover", help="recover one built-in sample's label and print the full result")
-    recover.add_argument("--dataset", default="cifar10")
-    recover.add_argument("--network", default="lenet")
-    recover.add_argument("--size", type=int, default=None, help="resize the images (e.g. 64 for fcn4/alexnet)")
-    recover.add_argument("--sample", type=int, default=0)
-    recover.add_argument("--label", choices=["hard", "smoothing", "mixup"], default="smoothing",
-                         help="the victim's label")
-    recover.add_argument("--eps", type=float, default=0.2)
-    recover.add_argument("--lam", type=float, default=0.3)
-    recover.add_argument("--format", default="auto", help="what the attacker assumes: auto|hard|smoothing|mixup")
-    recover.add_argument("--method", default="exact", help="exact|pso|lbfgs")
-    recover.add_argument("--seed", type=int, default=0)
-    recover.add_argument("--lr", type=float, help="the victim takes one plain SGD step with this learning rate and "
-                         "the attacker gets the weight update new - old (recovered with this lr)")
+    recover = sub.add_parser("recover", formatter_class=defaults,
+                             help="recover one built-in sample's label and print the full result as JSON",
+                             description="A victim computes the gradient of one built-in sample with the label "
+                                         "you choose; the attacker recovers label and feature from it. Prints "
+                                         "JSON: 'recovered' (what the attacker concluded) and 'evaluation' "
+                                         "(the comparison with the truth). For mixup, lam is the weight of "
+                                         "classes[1], the higher-numbered class; class_weights lists both.")
+    recover.add_argument("--dataset", choices=datasets, default="cifar10", help="the built-in samples")
+    recover.add_argument("--network", choices=networks, default="lenet", help="the victim's network (untrained "
+                         "unless --weights)")
+    recover.add_argument("--weights", default="untrained", help="'untrained' or a checkpoint from "
+                         "'gradleak experiment train'")
+    recover.add_argument("--size", type=_bounded(int, "--size", 8), default=None,
+                         help="image side (default: the network's paper setting, else the dataset's)")
+    recover.add_argument("--sample", type=index, default=0, help="index of the built-in sample")
+    recover.add_argument("--label", choices=LABELS, default="smoothing", help="the victim's label")
+    recover.add_argument("--eps", type=_bounded(float, "--eps", 0.0, 1.0, open_high=True), default=0.2,
+                         help="the victim's smoothing mass (--label smoothing)")
+    recover.add_argument("--lam", type=_bounded(float, "--lam", 0.0, 1.0), default=0.3,
+                         help="the victim's mixup weight of the second sample's class (--label mixup)")
+    recover.add_argument("--format", choices=ATTACKER_FORMATS, default="auto",
+                         help="the label format the attacker assumes (auto: detect it)")
+    recover.add_argument("--method", choices=RECOVERY_METHODS, default="exact",
+                         help="exact: gradleak (closed forms, then the exact search); pso, lbfgs: the paper's "
+                              "searches on the head, as named (they need --format)")
+    recover.add_argument("--head-only", dest="head_only", action="store_true",
+                         help="exact from the head's gradient alone, without the layer below (as the paper)")
+    recover.add_argument("--seed", type=int, default=0, help="seeds the network")
+    recover.add_argument("--lr", type=_bounded(float, "--lr", 0.0, open_low=True), default=None,
+                         help="the victim takes one plain SGD step with this learning rate and the attacker gets "
+                              "the weight update new - old (recovered with this lr unless --unknown-scale)")
     recover.add_argument("--unknown-scale", dest="unknown_scale", action="store_true",
                          help="the attacker is not told the scale: the lr of --lr, or that the gradient is unscaled")
     recover.set_defaults(handler=_recover)
 
-    reconstruct = sub.add_parser("reconstruct", help="rebuild the input from its gradient (analytic / matching)")
-    reconstruct.add_argument("--network", default="fcn4")
-    reconstruct.add_argument("--dataset", default="cifar10", help="built-in samples, and the normalisation of --image")
-    reconstruct.add_argument("--label", choices=["hard", "smoothing", "mixup"], default="smoothing",
-                             help="the victim's label format")
-    reconstruct.add_argument("--methods", nargs="+", default=["analytic"], help="analytic | ig | dlg")
-    reconstruct.add_argument("--variants", nargs="+", default=["recovered"],
-                             help="labels for gradient matching: recovered | true | hard | dlg")
-    reconstruct.add_argument("--sample", type=int, default=0)
-    reconstruct.add_argument("--image", help="a user image file instead of a built-in sample")
-    reconstruct.add_argument("--target", type=int, help="the class of --image")
-    reconstruct.add_argument("--iterations", type=int)
-    reconstruct.add_argument("--seed", type=int, default=2023)
+    reconstruct = sub.add_parser("reconstruct", formatter_class=defaults,
+                                 help="rebuild the input from its gradient (analytic / gradient matching)")
+    reconstruct.add_argument("--network", choices=networks, default="fcn4", help="the victim's network (untrained)")
+    reconstruct.add_argument("--dataset", choices=datasets, default="cifar10",
+                             help="built-in samples, and the normalisation of --image")
+    reconstruct.add_argument("--label", choices=LABELS, default="smoothing", help="the victim's label format")
+    reconstruct.add_argument("--methods", nargs="+", choices=RECONSTRUCTION_METHODS, default=["analytic"],
+                             help="analytic (fully connected nets), ig (Inverting Gradients), dlg (DLG)")
+    reconstruct.add_argument("--variants", nargs="+", choices=LABEL_VARIANTS, default=["recovered"],
+                             help="labels for gradient matching: recovered (ours), true, hard, dlg (joint)")
+    reconstruct.add_argument("--sample", type=index, default=0, help="index of the built-in sample")
+    reconstruct.add_argument("--image", help="a user image file instead of a built-in sample (needs --target)")
+    reconstruct.add_argument("--target", type=index, help="the class of --image")
+    reconstruct.add_argument("--iterations", type=count, help="matching iterations (default: the method's own)")
+    reconstruct.add_argument("--seed", type=int, default=2023, help="seeds the network, eps/lam and the dummy")
     reconstruct.add_argument("--float64", action="store_true", help="victim model and gradient in float64")
     reconstruct.add_argument("--out", default="gradleak-reconstruct", help="folder for the PNG grid and JSON")
-    reconstruct.add_argument("--quiet", action="store_true")
+    reconstruct.add_argument("--quiet", action="store_true", help="no progress bar")
     reconstruct.set_defaults(handler=_reconstruct)
 
-    experiment = sub.add_parser("experiment", help="run one of the paper's experiments (tables and figures)")
-    experiment.add_argument("name", help="label-recovery | noise | landscape | train | reconstruction | report | dp | "
-                                         "local-steps")
-    experiment.add_argument("--dataset")
-    experiment.add_argument("--network")
-    experiment.add_argument("--samples", type=int)
-    experiment.add_argument("--seed", type=int)
+    from .experiments import EXPERIMENTS
+
+    experiment = sub.add_parser("experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                help="run one of the paper's experiments (tables and figures)",
+                                epilog=EXPERIMENT_HELP)
+    experiment.add_argument("name", choices=sorted(EXPERIMENTS), help="the experiment")
+    experiment.add_argument("--dataset", choices=datasets, help="built-in dataset")
+    experiment.add_argument("--network", choices=networks, help="the victim's network")
+    experiment.add_argument("--samples", type=count, help="trials per label format (or samples)")
+    experiment.add_argument("--seed", type=int, help="seeds the networks and the victims")
     experiment.add_argument("--weights", help="'untrained' or a checkpoint path")
-    experiment.add_argument("--out", help="output folder (resumable)")
-    experiment.add_argument("--formats", nargs="+", help="victim label formats: smoothing mixup hard")
+    experiment.add_argument("--out", help="output folder (resumable); train: the checkpoint path")
+    experiment.add_argument("--formats", nargs="+", choices=LABELS, help="victim label formats")
     experiment.add_argument("--methods", nargs="+",
-                            help="exact exact-head exact-auto lbfgs pso lbfgs+pso idlg yin rlg (label-recovery, noise)")
-    experiment.add_argument("--image-size", dest="image_size", type=int, help="resize the samples (fcn4: 64)")
-    experiment.add_argument("--augmentation", help="train: smoothing | mixup | none")
-    experiment.add_argument("--stds", nargs="+", type=float, help="noise: standard deviations (x gradient RMS)")
-    experiment.add_argument("--clips", nargs="+", type=float,
+                            help="label-recovery, noise: exact exact-head exact-auto lbfgs pso lbfgs+pso idlg yin "
+                                 "rlg; reconstruction: analytic ig dlg")
+    experiment.add_argument("--variants", nargs="+", choices=LABEL_VARIANTS,
+                            help="reconstruction, label-variants: labels for gradient matching")
+    experiment.add_argument("--iterations", type=count, help="reconstruction, label-variants: matching iterations")
+    experiment.add_argument("--image-size", dest="image_size", type=_bounded(int, "--image-size", 8),
+                            help="resize the samples (default: the network's paper setting)")
+    experiment.add_argument("--augmentation", choices=("smoothing", "mixup", "none"), help="train")
+    experiment.add_argument("--stds", nargs="+", type=_bounded(float, "--stds", 0.0),
+                            help="noise: standard deviations (x gradient RMS)")
+    experiment.add_argument("--clips", nargs="+", type=_bounded(float, "--clips", 0.0),
                             help="dp: clipping norms (times the example's gradient norm unless --clip-scale absolute)")
     experiment.add_argument("--clip-scale", dest="clip_scale", choices=["relative", "absolute"], help="dp")
-    experiment.add_argument("--noise-multipliers", dest="noise_multipliers", nargs="+", type=float,
-                            help="dp: Opacus noise multipliers")
-    experiment.add_argument("--steps", nargs="+", type=int, help="local-steps: the client's local SGD steps K")
-    experiment.add_argument("--lrs", nargs="+", type=float, help="local-steps: the client's learning rates")
+    experiment.add_argument("--noise-multipliers", dest="noise_multipliers", nargs="+",
+                            type=_bounded(float, "--noise-multipliers", 0.0), help="dp: Opacus noise multipliers")
+    experiment.add_argument("--steps", nargs="+", type=_bounded(int, "--steps", 1),
+                            help="local-steps: the client's local SGD steps K")
+    experiment.add_argument("--lrs", nargs="+", type=_bounded(float, "--lrs", 0.0), help="local-steps: the client's "
+                            "learning rates")
     experiment.add_argument("--scales", nargs="+", choices=["known", "unknown"],
                             help="dp, local-steps: whether the server is told the learning rate")
     experiment.add_argument("--quick", action="store_true", default=None, help="the small preset CI runs")
+    experiment.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress bars")
     experiment.set_defaults(handler=_experiment)
+    from .fl.cli import add_audit_parser  # `gradleak audit`: flwr is imported only when it runs
+    add_audit_parser(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (UsageError, ValueError, FileNotFoundError, ImportError) as error:
+        # the library's own checks name the problem (a bad value, a missing file or optional package)
+        if args.debug:
+            raise
+        print(f"gradleak {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(f"gradleak {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug: one line here, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"gradleak {args.command}: internal error: {type(error).__name__}: {error} (run with --debug for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,8 @@ label's structure has to determine (see :mod:`gradleak.recovery`).
 
 When the gradient arrives scaled by an unknown ``s != 0`` (a weight delta ``-lr * g``, a clipped gradient), the
 same factorisation holds with ``p - y = c / alpha`` and ``s = alpha / t``: ``alpha`` is a second unknown, which
-the label's structure fixes by a small linear least-squares fit for every ``t`` (design.md section 6).
+the label's structure fixes by a small linear least-squares fit for every ``t`` (variable projection; see the
+README, "How it works").
 """
 from __future__ import annotations
 

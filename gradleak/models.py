@@ -7,8 +7,8 @@ Every network is a :class:`Classifier`: ``model.body`` maps an input batch to th
     model(x)           # (B, C) logits == model.head(model.features(x))
 
 ``model.head`` is the last ``nn.Linear`` in ``model.named_modules()`` order, which is how
-:func:`gradleak.head.find_head` finds it. Written from the paper's description (section 4.2 of
-``paper.md``); torchvision is not used.
+:func:`gradleak.head.find_head` finds it. Written from the paper's description of its networks and its
+official code's choices; torchvision is not used.
 
 Initialisation (:func:`initialize`, also used by every constructor):
 
@@ -468,6 +468,10 @@ def resnet50(num_classes: int, stem: str = "imagenet", channels: int = 3, *, hea
 # --------------------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------------------
+
+#: Input side each network runs at when the caller does not choose (the paper's settings: FCN-4 and the
+#: ImageNet-sized nets on 64x64 inputs, AlexNet needing at least 63); absent: the dataset's own size.
+NETWORK_IMAGE_SIZE: Dict[str, int] = {"fcn4": 64, "alexnet": 64, "resnet50": 64}
 
 MODELS: Dict[str, Callable[..., Classifier]] = {
     "fcn4": fcn4,

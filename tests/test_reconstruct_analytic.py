@@ -161,7 +161,7 @@ def test_runner_writes_figure_and_json_for_fcn4(tmp_path):
 
 
 def test_invert_fully_connected_returns_the_input_tensor():
-    """The facade of design.md section 4: ``x = gradleak.invert_fully_connected(model, gradients, res)``."""
+    """The documented facade: ``x = gradleak.invert_fully_connected(model, gradients, res)``."""
     import gradleak
 
     torch.manual_seed(3)

@@ -98,6 +98,38 @@ def test_results_keep_dtype_and_the_paper_methods_run():
         assert result.evaluations > 0
 
 
+@pytest.mark.parametrize("head_bias", [False, True])
+@pytest.mark.parametrize("method", ["lbfgs", "pso"])
+def test_a_named_search_runs_even_where_a_closed_form_applies(method, head_bias):
+    """The closed forms (head bias, layer below) are steps of the exact pipeline: a user who asks for the paper's
+    search gets that search, and its answer is judged like any other."""
+    model = _mlp(head_bias=head_bias)
+    label = smooth_label(4, 10, 0.2)
+    grads, feature = _gradients(model, label)
+    assert gradleak.recover_from_gradients(model, grads).method == ("closed_form" if head_bias else "feature_layer")
+    result = gradleak.recover_from_gradients(model, grads, label_format="smoothing", method=method,
+                                             **({"population": 50, "iterations": 20} if method == "pso" else {}))
+    assert result.method == method and result.evaluations > 1
+    assert "feature_layer_residual" not in result.extra
+    if result.determined:
+        torch.testing.assert_close(result.label, label)
+
+
+def test_mixup_forced_on_a_single_class_label_is_undetermined():
+    """A smoothed label read as a mixup puts all the weight on one class; which class is "second" is then
+    arbitrary, so the answer cannot be determined, though the label itself is right."""
+    model = _mlp()
+    label = smooth_label(4, 10, 0.2)
+    grads, _ = _gradients(model, label)
+    result = gradleak.recover_from_gradients(model, grads, label_format="mixup")
+    torch.testing.assert_close(result.label, label)
+    assert not result.determined and "second class" in result.message
+    assert min(result.lam, 1 - result.lam) < 1e-6
+    genuine = gradleak.recover_from_gradients(model, _gradients(model, mixup_label(4, 6, 0.01, 10))[0],
+                                              label_format="mixup")
+    assert genuine.determined and genuine.classes == (4, 6) and genuine.lam == pytest.approx(0.01, abs=1e-9)
+
+
 def test_paper_methods_need_a_format():
     model = _mlp(hidden_bias=False)
     grads, _ = _gradients(model, smooth_label(5, 10, 0.25))

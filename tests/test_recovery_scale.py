@@ -34,7 +34,7 @@ def test_unknown_scale_recovers_label_feature_and_scale(C, d, fmt, value, bias, 
     label = _label(fmt, C, seed, value)
     kwargs, h = _victim(C, d, label, bias=bias, dtype=dtype, seed=seed)
     result = gradleak.recover_label(**_scaled(kwargs, s), gradient_scale="unknown")
-    if fmt == "mixup" and C < 6:  # one equation to spare at most (design.md section 6): right or undetermined
+    if fmt == "mixup" and C < 6:  # one equation to spare at most (one more unknown, the scale): right or undetermined
         if not result.determined:
             return
     assert result.determined, result.message

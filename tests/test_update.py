@@ -280,9 +280,10 @@ def test_errors_name_the_problem(batchnorm_victim):
 def test_cli_recover_from_an_sgd_update(capsys, flags, scale):
     assert main(["recover", "--network", "lenet", "--label", "smoothing", "--eps", "0.2"] + flags) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["true_gradient_scale"] == scale
-    assert report["determined"] and report["max_label_error"] < 1e-3
-    assert abs(report["gradient_scale"] / scale - 1) < 1e-3
+    recovered, evaluation = report["recovered"], report["evaluation"]
+    assert evaluation["true_gradient_scale"] == scale
+    assert recovered["determined"] and evaluation["max_label_error"] < 1e-3
+    assert abs(recovered["gradient_scale"] / scale - 1) < 1e-3
 
 
 @pytest.mark.parametrize("victim", ["mlp-no-head-bias", "mlp-trained-smoothing", "lenet"])

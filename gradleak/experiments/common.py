@@ -22,7 +22,7 @@ from ..baselines import LABEL_BASELINES, baseline_from_gradients
 from ..client import single_example_gradients
 from ..data import DATASETS, load_samples, samples_by_class
 from ..labels import LABEL_FORMATS, LabelSpec, mix_inputs
-from ..models import build_model
+from ..models import NETWORK_IMAGE_SIZE, build_model
 
 PathLike = Union[str, Path]
 #: Input side per dataset when the caller does not choose (None: the dataset's own).
@@ -56,7 +56,10 @@ def setup(dataset: str, network: str, weights: str = "untrained", *, seed: int =
           image_size: Optional[int] = None, init: Optional[str] = None) -> Setup:
     """Build (``weights="untrained"``, seeded init) or load (a checkpoint path) ``network`` for ``dataset``.
 
-    A checkpoint fixes the input size and channels; its class count must match the dataset's.
+    An untrained network runs at ``image_size``, else the paper's side for the network
+    (:data:`gradleak.models.NETWORK_IMAGE_SIZE`), else :data:`EXPERIMENT_IMAGE_SIZE` or the dataset's own, with
+    the dataset's channels. A checkpoint fixes the input size and channels; its class count must match the
+    dataset's.
     """
     from ..training import load_checkpoint
 
@@ -64,7 +67,7 @@ def setup(dataset: str, network: str, weights: str = "untrained", *, seed: int =
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
     info = DATASETS[dataset]
     if weights in (None, "untrained"):
-        size = image_size or EXPERIMENT_IMAGE_SIZE.get(dataset) or info.image_size
+        size = image_size or NETWORK_IMAGE_SIZE.get(network) or EXPERIMENT_IMAGE_SIZE.get(dataset) or info.image_size
         kwargs: Dict[str, Any] = {"channels": info.channels}
         if network in ("lenet", "fcn4"):
             kwargs["image_size"] = size
@@ -106,7 +109,7 @@ def _format_rng(seed: int, label_format: str) -> np.random.RandomState:
 
 
 def draw_trials(labels: torch.Tensor, num_classes: int, label_format: str, count: int, seed: int) -> List[Trial]:
-    """The paper's sampling protocol (paper.md 4.3), seeded, drawn once; failures are never re-drawn.
+    """The sampling protocol of the paper's official notebooks, seeded, drawn once; failures are never re-drawn.
 
     * smoothing: classes in turn (those present in ``labels``), one image of the class drawn with replacement,
       ``eps ~ U(0, 0.5)``;

@@ -53,8 +53,6 @@ DEFAULT_LRS = (1e-3, 1e-2, 1e-1)
 QUICK_STEPS = (1, 2, 10)
 QUICK_LRS = (1e-3, 1e-1)
 SCALES = ("known", "unknown")
-#: Input side per network when the caller does not choose: the paper runs FCN-4 on 64x64 images.
-NETWORK_IMAGE_SIZE: Dict[str, int] = {"fcn4": 64}
 #: Columns every update attack writes (after the experiment's own keys).
 ATTACK_FIELDS = ["scale", "success", "label_success", "label_error", "label_l1", "feature_cos", "feature_rel_error",
                  "determined", "confident_wrong", "true_scale", "est_scale", "scale_error", "rank_one_ratio",
@@ -91,13 +89,12 @@ def each_trial(networks: Sequence[str], *, dataset: str, weights: str, formats: 
                ) -> Iterator[Tuple[Setup, Dict[str, Any], Trial]]:
     """Every trial of every network, with a tqdm bar per network: ``(setup, row fields, trial)``.
 
-    Each network is set up by :func:`common.setup` (FCN-4 on the paper's 64x64 inputs unless ``image_size``
+    Each network is set up by :func:`common.setup` (at the network's paper input size unless ``image_size``
     says otherwise); its trials are :func:`common.draw_trials`' (``count`` per format, seeded). The row fields
     are ``dataset, network, weights, format, sample``.
     """
     for name in networks:
-        size = image_size if image_size is not None else NETWORK_IMAGE_SIZE.get(name)
-        env = setup(dataset, name, weights, seed=seed, image_size=size)
+        env = setup(dataset, name, weights, seed=seed, image_size=image_size)
         trials = [t for f in formats for t in draw_trials(env.labels, env.num_classes, f, count, seed)]
         for trial in tqdm(trials, desc=f"{desc} {dataset}/{name}/{env.weights}", disable=not progress):
             yield env, {"dataset": dataset, "network": name, "weights": env.weights, "format": trial.label_format,

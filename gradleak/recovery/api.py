@@ -253,7 +253,9 @@ def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambi
        residual at least ``ambiguity_ratio`` times larger (``margin``);
     2. no label ``10 * same_answer_atol`` away along the free scalars fits about as well under any structure
        (:func:`_neighbours`, :func:`_fits_as_well`): no flat valley, no saturated softmax;
-    3. the label's error (:func:`_label_error`) times ``ambiguity_ratio`` stays below that same resolution.
+    3. the label's error (:func:`_label_error`) times ``ambiguity_ratio`` stays below that same resolution;
+    4. a two-class answer gives each class a weight above that resolution (otherwise the label is one class's,
+       and which class is "second" is arbitrary: a mixup forced on a smoothed label).
 
     Without any fit, the simplest structure below ``tol`` is the best guess, reported as undetermined.
     """
@@ -314,7 +316,21 @@ def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambi
                                      f"{best.residual:.3g} it leaves and its rank-one ratio "
                                      f"{problem.rank_one_ratio:.2g}): not to {step:g}; an update of several local "
                                      "steps, noise, or a softmax too flat or too saturated for the free scalars")
+    minor = _minor_weight(best)
+    if minor is not None and minor <= step:
+        return best, False, margin, (f"one class holds (almost) all the label's weight (the other {minor:.2g}, "
+                                     f"below {step:g}): the second class of a {best.structure.label_format} is not "
+                                     "determined; the label is a single class's (label_format='smoothing' or "
+                                     "'auto' reads it)")
     return best, True, margin, ""
+
+
+def _minor_weight(answer: "_Candidate") -> Optional[float]:
+    """The smaller class weight of a two-class answer (above the common smoothing value), else None."""
+    _, eps, lam = _label_parameters(answer)
+    if lam is None:
+        return None
+    return min(lam, 1.0 - lam) * (1.0 - eps) if math.isfinite(lam) else 0.0
 
 
 GRADIENT_SCALES = ("known", "unknown")
@@ -332,7 +348,8 @@ def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Opti
         weight: ``(C, d)`` the head weight W the gradient was computed at.
         bias, bias_grad: ``(C,)`` each for a head with bias; with ``bias_grad`` the scalar is closed form.
         label_format: "auto" (detect), "hard", "smoothing" or "mixup" (two classes, optionally smoothed).
-        method: "exact" (ours), "pso" or "lbfgs" (the paper's searches; they need a known format and scale).
+        method: "exact" (ours: the head bias closed form when ``bias_grad`` is given, else the exact search),
+            "pso" or "lbfgs" (the paper's searches, always run as named; they need a known format and scale).
         gradient_scale: "known" (the gradient as the loss gives it) or "unknown": the observed gradients are
             ``s`` times the true ones for an unknown ``s != 0`` (a weight delta, a clipped gradient); ``s`` is
             recovered too (``result.gradient_scale``). It costs one more equation: hard and smoothing labels
@@ -353,7 +370,7 @@ def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Opti
     _check_options(label_format, method, feature_sign, gradient_scale)
     problem = factor_head(weight_grad, weight, bias, bias_grad, rank_one_tol=rank_one_tol,
                           scale_known=gradient_scale == "known")
-    known = problem.closed_form_t()
+    known = problem.closed_form_t() if method == "exact" else None
     return _recover(problem, None if known is None else (known, "closed_form"), label_format=label_format,
                     method=method, tol=tol, ambiguity_ratio=ambiguity_ratio, same_answer_atol=same_answer_atol,
                     feature_sign=feature_sign, search_options=search_options)
@@ -370,13 +387,15 @@ def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: 
     :mod:`gradleak.recovery.feature_layer`), that layer's bias gradient fixes the scalar ``t`` in closed form,
     with no assumption on the label (an unknown gradient scale cancels out of it); it is used when it explains
     that gradient within ``consistency_tol`` (relative), and the method is then reported as "feature_layer".
-    The label it gives is judged like any other answer.
+    The label it gives is judged like any other answer. Both closed forms (head bias, layer below) are steps of
+    ``method="exact"`` only: ``"pso"`` and ``"lbfgs"`` run the paper's search on the head, as named.
 
     Args:
         model: any ``nn.Module`` whose classifier head is an ``nn.Linear`` (the last one, or ``head``).
         gradients: ``{parameter name: gradient}`` or a sequence aligned with ``model.parameters()``.
         head: the head's module name or the module itself, when it is not the last ``nn.Linear``.
-        use_feature_layer: False to rely on the head's gradient alone (as the paper does).
+        use_feature_layer: False to rely on the head's gradient alone (as the paper does; ``--head-only`` on the
+            command line).
         consistency_tol: how well the layer below must be explained before its answer is used.
         The other options are those of :func:`recover_label`.
     """
@@ -386,10 +405,11 @@ def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: 
     parts = head_gradients(model, named, found)
     problem = factor_head(parts["weight_grad"], parts["weight"], parts["bias"], parts["bias_grad"],
                           rank_one_tol=rank_one_tol, scale_known=gradient_scale == "known")
-    known = problem.closed_form_t()
+    exact = method == "exact"  # the closed forms are steps of the exact pipeline; a named search always runs
+    known = problem.closed_form_t() if exact else None
     scale = None if known is None else (known, "closed_form")
     extra: Dict[str, object] = {}
-    layer = find_feature_layer(model, found[0]) if use_feature_layer and known is None else None
+    layer = find_feature_layer(model, found[0]) if exact and use_feature_layer and known is None else None
     if layer is not None and layer.bias_name in named:
         fit = scale_from_feature_layer(problem, layer, named[layer.bias_name])
         if fit is not None:
