@@ -1,6 +1,10 @@
 """Input validation shared by the public functions: clear errors instead of tracebacks from deep in torch."""
 from __future__ import annotations
 
+import argparse
+import math
+from typing import Any, Callable
+
 import torch
 
 
@@ -26,3 +30,23 @@ def positive_int(value: object, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be positive, got {value}")
     return value
+
+
+def bounded(kind: Callable[[str], Any], name: str, low: float, high: float = math.inf, *, open_low: bool = False,
+             open_high: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses with ``kind`` and accepts values between ``low`` and ``high`` (each end
+    included unless open): a bad value becomes argparse's one-line usage error (exit status 2)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        above = value > low if open_low else value >= low
+        below = value < high if open_high else value <= high
+        if not (above and below):
+            lower = f"{'>' if open_low else '>='} {low:g}"
+            upper = "" if high == math.inf else f" and {'<' if open_high else '<='} {high:g}"
+            raise argparse.ArgumentTypeError(f"{name} must be {lower}{upper}, got {text}")
+        return value
+    return parse

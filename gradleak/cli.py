@@ -11,8 +11,9 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, List, Optional
 
+from ._checks import bounded
 from .data import DATASETS
 from .models import MODELS
 
@@ -32,26 +33,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _bounded(kind: Callable[[str], Any], name: str, low: float, high: float = math.inf, *, open_low: bool = False,
-             open_high: bool = False) -> Callable[[str], Any]:
-    """An argparse ``type`` that parses with ``kind`` and accepts values between ``low`` and ``high`` (each end
-    included unless open): a bad value becomes argparse's one-line usage error (exit status 2)."""
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        above = value > low if open_low else value >= low
-        below = value < high if open_high else value <= high
-        if not (above and below):
-            lower = f"{'>' if open_low else '>='} {low:g}"
-            upper = "" if high == math.inf else f" and {'<' if open_high else '<='} {high:g}"
-            raise argparse.ArgumentTypeError(f"{name} must be {lower}{upper}, got {text}")
-        return value
-    return parse
 
 
 def _strict_json(value: Any) -> Any:
@@ -217,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     networks, datasets = sorted(MODELS), sorted(DATASETS)
-    count = _bounded(int, "the number of samples", 1)
-    index = _bounded(int, "the sample index", 0)
+    count = bounded(int, "the number of samples", 1)
+    index = bounded(int, "the sample index", 0)
 
     demo = sub.add_parser("demo", formatter_class=defaults,
                           help="recover soft labels from real CIFAR-10 gradients (LeNet, ResNet18)")
@@ -240,13 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "unless --weights)")
     recover.add_argument("--weights", default="untrained", help="'untrained' or a checkpoint from "
                          "'gradleak experiment train'")
-    recover.add_argument("--size", type=_bounded(int, "--size", 8), default=None,
+    recover.add_argument("--size", type=bounded(int, "--size", 8), default=None,
                          help="image side (default: the network's paper setting, else the dataset's)")
     recover.add_argument("--sample", type=index, default=0, help="index of the built-in sample")
     recover.add_argument("--label", choices=LABELS, default="smoothing", help="the victim's label")
-    recover.add_argument("--eps", type=_bounded(float, "--eps", 0.0, 1.0, open_high=True), default=0.2,
+    recover.add_argument("--eps", type=bounded(float, "--eps", 0.0, 1.0, open_high=True), default=0.2,
                          help="the victim's smoothing mass (--label smoothing)")
-    recover.add_argument("--lam", type=_bounded(float, "--lam", 0.0, 1.0), default=0.3,
+    recover.add_argument("--lam", type=bounded(float, "--lam", 0.0, 1.0), default=0.3,
                          help="the victim's mixup weight of the second sample's class (--label mixup)")
     recover.add_argument("--format", choices=ATTACKER_FORMATS, default="auto",
                          help="the label format the attacker assumes (auto: detect it)")
@@ -256,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--head-only", dest="head_only", action="store_true",
                          help="exact from the head's gradient alone, without the layer below (as the paper)")
     recover.add_argument("--seed", type=int, default=0, help="seeds the network")
-    recover.add_argument("--lr", type=_bounded(float, "--lr", 0.0, open_low=True), default=None,
+    recover.add_argument("--lr", type=bounded(float, "--lr", 0.0, open_low=True), default=None,
                          help="the victim takes one plain SGD step with this learning rate and the attacker gets "
                               "the weight update new - old (recovered with this lr unless --unknown-scale)")
     recover.add_argument("--unknown-scale", dest="unknown_scale", action="store_true",
@@ -302,19 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--variants", nargs="+", choices=LABEL_VARIANTS,
                             help="reconstruction, label-variants: labels for gradient matching")
     experiment.add_argument("--iterations", type=count, help="reconstruction, label-variants: matching iterations")
-    experiment.add_argument("--image-size", dest="image_size", type=_bounded(int, "--image-size", 8),
+    experiment.add_argument("--image-size", dest="image_size", type=bounded(int, "--image-size", 8),
                             help="resize the samples (default: the network's paper setting)")
     experiment.add_argument("--augmentation", choices=("smoothing", "mixup", "none"), help="train")
-    experiment.add_argument("--stds", nargs="+", type=_bounded(float, "--stds", 0.0),
+    experiment.add_argument("--stds", nargs="+", type=bounded(float, "--stds", 0.0),
                             help="noise: standard deviations (x gradient RMS)")
-    experiment.add_argument("--clips", nargs="+", type=_bounded(float, "--clips", 0.0),
+    experiment.add_argument("--clips", nargs="+", type=bounded(float, "--clips", 0.0),
                             help="dp: clipping norms (times the example's gradient norm unless --clip-scale absolute)")
     experiment.add_argument("--clip-scale", dest="clip_scale", choices=["relative", "absolute"], help="dp")
     experiment.add_argument("--noise-multipliers", dest="noise_multipliers", nargs="+",
-                            type=_bounded(float, "--noise-multipliers", 0.0), help="dp: Opacus noise multipliers")
-    experiment.add_argument("--steps", nargs="+", type=_bounded(int, "--steps", 1),
+                            type=bounded(float, "--noise-multipliers", 0.0), help="dp: Opacus noise multipliers")
+    experiment.add_argument("--steps", nargs="+", type=bounded(int, "--steps", 1),
                             help="local-steps: the client's local SGD steps K")
-    experiment.add_argument("--lrs", nargs="+", type=_bounded(float, "--lrs", 0.0), help="local-steps: the client's "
+    experiment.add_argument("--lrs", nargs="+", type=bounded(float, "--lrs", 0.0), help="local-steps: the client's "
                             "learning rates")
     experiment.add_argument("--scales", nargs="+", choices=["known", "unknown"],
                             help="dp, local-steps: whether the server is told the learning rate")
