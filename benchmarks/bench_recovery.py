@@ -25,7 +25,6 @@ from gradleak.data import load_samples
 from gradleak.experiments.common import draw_trials, victim
 from gradleak.models import build_model
 
-PAPER_OFFICIAL_MS = 870.0  # official notebook: 1,000 CIFAR-10 ResNet18 label-smoothing trials in 14 min 29 s (its CPU)
 METHODS = {
     "exact": dict(method="exact"),
     "exact-head": dict(method="exact", use_feature_layer=False),
@@ -99,12 +98,6 @@ def main() -> None:
                                                         (r for r in rows if r["method"] == unknown))]
             print(f"{unknown} / {known}, same gradients: median time ratio {statistics.median(ratios):.2f} "
                   f"(max {max(ratios):.2f}) over {len(ratios)} samples")
-    resnet = [r["ms"] for r in rows if r["config"].startswith("ResNet18") and r["format"] == "smoothing"
-              and r["method"] == "exact-head"]
-    if resnet:
-        print(f"\nResNet18 label smoothing, exact-head: {statistics.median(resnet):.2f} ms per sample, "
-              f"{PAPER_OFFICIAL_MS / statistics.median(resnet):.0f}x faster than the official code's "
-              f"~{PAPER_OFFICIAL_MS:.0f} ms (the official notebook's record; different machine)")
     print(f"per-sample rows: {args.out}")
 
 
