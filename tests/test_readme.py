@@ -17,7 +17,10 @@ CODE_BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 def _named_paths():
     links = re.findall(r"\]\(([^)#\s]+)\)", README)  # [text](path) and ![alt](path)
     prose = CODE_BLOCK.sub("", README)
-    spans = [span for span in re.findall(r"`([^`\n]+)`", prose) if PATH.match(span)]
+    # inline paths inside the repository's own folders (an output such as `audit/records.jsonl` is not one)
+    folders = {entry.name for entry in ROOT.iterdir() if entry.is_dir() and not entry.name.startswith(".")}
+    spans = [span for span in re.findall(r"`([^`\n]+)`", prose)
+             if PATH.match(span) and (span.split("/")[0] in folders or (ROOT / span).is_file())]
     scripts = re.findall(r"^\s*python (\S+\.py)", README, re.M)  # scripts the commands run
     return sorted({p for p in links + spans + scripts if "://" not in p})
 
