@@ -1,9 +1,11 @@
 """Figures (matplotlib's Agg canvas, no display and no global pyplot state)."""
 from __future__ import annotations
 
+import math
 import os
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -68,9 +70,8 @@ def reconstruction_grid(true_images: torch.Tensor, reconstructions: Mapping[str,
     scores = {name: (psnr(shown, truth_display.to(shown.device)), ssim(shown, truth_display.to(shown.device)))
               for name, shown in displays.items()}
 
-    figure = Figure(figsize=(tile_inches * (1 + len(columns)), tile_inches * 1.18 * rows + (0.4 if title else 0)))
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(rows, 1 + len(columns), squeeze=False)
+    height = tile_inches * 1.18 * rows + (0.4 if title else 0)
+    figure, axes = new_figure(rows, 1 + len(columns), figsize=(tile_inches * (1 + len(columns)), height))
     for row in range(rows):
         tiles = [("ground truth", truth_display[row], None)]
         tiles += [(name, displays[name][row], (scores[name][0][row], scores[name][1][row])) for name in columns]
@@ -98,11 +99,46 @@ def reconstruction_grid(true_images: torch.Tensor, reconstructions: Mapping[str,
     return path
 
 
+def new_figure(rows: int, columns: int, *, figsize: Tuple[float, float]) -> Tuple[Figure, np.ndarray]:
+    """A figure on its own Agg canvas (not registered with pyplot) and its ``(rows, columns)`` array of axes."""
+    figure = Figure(figsize=figsize)
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(rows, columns, squeeze=False)
+
+
 def save_figure(fig, path: PathLike, *, dpi: int = 120):
-    """Lay out a pyplot figure, write it to ``path`` and release it (pyplot keeps every open figure alive)."""
+    """Lay out a figure (pyplot's or :func:`new_figure`'s), write it to ``path`` and release it (pyplot keeps every
+    figure it opened alive until closed; closing one it does not know is a no-op)."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+# Every curve gets its own marker AND its own dash pattern, so that curves lying exactly on top of each other stay
+# visible: hollow markers shrink from curve to curve (each one rings the next), dashes let the line beneath show.
+CURVE_MARKERS = ("o", "s", "^", "D", "v", "P")
+CURVE_DASHES = ("-", "--", ":", "-.")
+_LARGEST_MARKER, _MARKER_STEP, _SMALLEST_MARKER = 10.0, 1.8, 4.0
+
+
+def curve_styles(names: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """``Axes.plot`` keyword arguments for each of ``names`` (in order): colour, marker, dash pattern, sizes.
+
+    The ``i``-th name gets colour ``C{i}``, marker ``CURVE_MARKERS[i % 6]`` and dashes ``CURVE_DASHES[i % 4]``,
+    so up to 12 names have distinct (marker, dash) pairs. Earlier names are drawn larger and underneath.
+    """
+    names = list(dict.fromkeys(names))
+    distinct = math.lcm(len(CURVE_MARKERS), len(CURVE_DASHES))
+    if len(names) > distinct:
+        raise ValueError(f"at most {distinct} curves can be told apart by marker and dashes, got {len(names)}")
+    styles = {}
+    for index, name in enumerate(names):
+        styles[name] = dict(color=f"C{index % 10}", marker=CURVE_MARKERS[index % len(CURVE_MARKERS)],
+                            linestyle=CURVE_DASHES[index % len(CURVE_DASHES)],
+                            markersize=max(_LARGEST_MARKER - _MARKER_STEP * index, _SMALLEST_MARKER),
+                            markerfacecolor="none", markeredgewidth=1.4, linewidth=max(2.2 - 0.3 * index, 1.2),
+                            zorder=2 + index, label=name)
+    return styles

@@ -95,6 +95,10 @@ def test_noise_at_zero_equals_clean_run(quick_run, tmp_path):
     noisy = [r for r in rows if float(r["std"]) > 0]
     assert all(float(r["sigma"]) > 0 for r in noisy)
     assert (tmp_path / "noise.png").stat().st_size > 0 and (tmp_path / "noise_summary.csv").exists()
+    lines = (tmp_path / "noise_summary.md").read_text().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| dataset |"))
+    assert lines[header].endswith("| std | n | exact | exact-head |")
+    assert len(lines) - header - 2 == 2 * 2   # one row per (noise, std), the methods side by side
     assert {s["std"] for s in result["summary"]} == {0.0, 1e-3}
 
 
@@ -116,9 +120,16 @@ def test_landscape_quick(tmp_path):
     assert {r["panel"] for r in rows} == {"full", "zoom"}
     (summary,) = result["summary"]
     # untrained LeNet: one clean basin at the true scalar, for the paper's loss and for our residual
-    assert abs(summary["paper_argmin"] - summary["true_lambda"]) < 0.05 * abs(summary["true_lambda"])
-    assert abs(summary["ours_argmin"] - summary["true_lambda"]) < 0.05 * abs(summary["true_lambda"])
+    assert abs(summary["paper_argmin_t"] - summary["true_t"]) < 0.05 * abs(summary["true_t"])
+    assert abs(summary["ours_argmin_t"] - summary["true_t"]) < 0.05 * abs(summary["true_t"])
+    # the CSV's free class is the one the switches report, and t is lambda times one constant
+    switches = [i for i in range(1, len(rows)) if rows[i]["panel"] == rows[i - 1]["panel"] == "full"
+                and rows[i]["free_class"] != rows[i - 1]["free_class"]]
+    assert len(switches) == len(summary["switches"])
+    ratios = [float(r["t"]) / float(r["lambda"]) for r in rows]
+    assert max(ratios) - min(ratios) < 1e-12 * abs(ratios[0])
     assert (tmp_path / "landscape.png").stat().st_size > 0
+    assert "true t" in (tmp_path / "landscape.md").read_text()
 
 
 def test_registry_and_clear_errors(tmp_path):

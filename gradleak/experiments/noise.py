@@ -8,7 +8,8 @@ Laplace noise has scale ``sigma / sqrt(2)`` so that both kinds have the same sta
 
 Recovery uses ``rank_one_tol=None`` (a noisy gradient is not exactly rank one). The same noisy gradient is
 attacked by every method; at ``std = 0`` nothing is added and the results equal the clean experiment's.
-Outputs: ``noise.csv`` (one row per trial, noise, std, method), ``noise_summary.csv``, ``noise.png``.
+Outputs: ``noise.csv`` (one row per trial, noise, std, method), ``noise_summary.csv``, ``noise_summary.md`` (the
+same, one table) and ``noise.png``.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .common import (ResumableCSV, as_float, attack, draw_trials, grade, is_true, median, output_dir,
-                     resolve_formats, resolve_methods, setup, victim, wilson_interval)
-from ..plots import save_figure
+from .common import (SUCCESS_TOL, ResumableCSV, as_float, attack, draw_trials, grade, is_true, markdown_table, median,
+                     output_dir, resolve_formats, resolve_methods, setup, victim, wilson_interval)
+from ..plots import curve_styles, new_figure, save_figure
 
 NOISE_KINDS = ("gaussian", "laplace")
 DEFAULT_STDS = (0.0, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1)
@@ -73,7 +74,7 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
         noises: Sequence[str] = NOISE_KINDS, stds: Sequence[float] = DEFAULT_STDS, scale: str = "relative",
         samples: Optional[int] = None, seed: int = 2023, out: Optional[Union[str, Path]] = None,
         quick: bool = False, progress: bool = True, figure: bool = True, **_ignored) -> Dict[str, Any]:
-    """Label recovery vs noise level; writes ``noise.csv``, ``noise_summary.csv`` and ``noise.png`` in ``out``.
+    """Label recovery vs noise level; writes ``noise.csv``, ``noise_summary.csv`` / ``.md`` and ``noise.png``.
 
     Args:
         formats, methods, samples, seed, quick: as for :func:`label_recovery.run` (same trials for the same
@@ -131,6 +132,8 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
         writer = csv.DictWriter(handle, list(summary[0]) if summary else ["noise"])
         writer.writeheader()
         writer.writerows(summary)
+    files["summary_md"] = str(folder / "noise_summary.md")
+    Path(files["summary_md"]).write_text(summary_markdown(summary))
     if figure and summary:
         files["figure"] = str(plot(summary, folder / "noise.png"))
     return {"summary": summary, "files": files, "out": str(folder)}
@@ -161,32 +164,65 @@ def summarize(rows: Sequence[Dict[str, str]]) -> List[Dict[str, Any]]:
     return summary
 
 
-def plot(summary: Sequence[Dict[str, Any]], path: Path) -> Path:
-    """Accuracy (tol 1e-3) and median label error vs noise std, one row per (noise, format), one line per method."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def summary_markdown(summary: Sequence[Dict[str, Any]]) -> str:
+    """:func:`summarize`'s rows as one Markdown table: a row per (setting, noise, format, std), a column per method,
+    each cell ``accuracy % / median label error`` and, when there are any, the undetermined count (``ku``)."""
+    methods = list(dict.fromkeys(s["method"] for s in summary))
+    settings = ("dataset", "network", "weights", "noise", "format", "scale", "std")
+    cells: Dict[tuple, Dict[str, str]] = defaultdict(dict)
+    counts: Dict[tuple, set] = defaultdict(set)
+    for s in summary:
+        key = tuple(s[k] for k in settings)
+        undetermined = f" ({s['undetermined']}u)" if s["undetermined"] else ""
+        cells[key][s["method"]] = f"{100 * s['accuracy']:.0f} / {s['median_label_error']:.1e}{undetermined}"
+        counts[key].add(s["n"])
+    rows = [[*key[:-1], f"{key[-1]:g}", "/".join(str(n) for n in sorted(counts[key]))]
+            + [cells[key].get(m, "") for m in methods] for key in sorted(cells)]
+    return (f"# Label recovery with noise on the whole gradient\n\nEach cell: accuracy (%, max |label error| < "
+            f"{SUCCESS_TOL:g}, the label only) / median max |label error|; \"(ku)\": k answers the method flagged "
+            "as undetermined (counted by their label error all the same). std: the noise's standard deviation, "
+            "times the example's gradient RMS when the scale is relative.\n\n"
+            + markdown_table([*settings, "n", *methods], rows))
 
+
+def draw(summary: Sequence[Dict[str, Any]]):
+    """Accuracy (tol 1e-3) and median label error vs noise std: one row per (noise, format), one curve per method.
+
+    Every method keeps one colour, marker and dash pattern in every panel (:func:`gradleak.plots.curve_styles`),
+    so methods whose curves coincide (all at 100 %) stay visible. Returns the matplotlib ``Figure``.
+    """
     panels = sorted({(s["noise"], s["format"]) for s in summary})
-    fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.2 * len(panels)), squeeze=False)
+    styles = curve_styles([s["method"] for s in summary])
+    # std 0 cannot sit on a log axis: it is drawn a decade left of the smallest positive std, and labelled 0
+    positive = sorted({s["std"] for s in summary if s["std"] > 0})
+    zero_at = positive[0] / 10 if positive else 1e-6
+    fig, axes = new_figure(len(panels), 2, figsize=(10, 3.3 * len(panels)))
     for row, (kind, label_format) in enumerate(panels):
         mine = [s for s in summary if s["noise"] == kind and s["format"] == label_format]
-        for method in dict.fromkeys(s["method"] for s in mine):
+        for method, style in styles.items():
             curve = sorted((s for s in mine if s["method"] == method), key=lambda s: s["std"])
-            # std 0 cannot sit on a log axis: draw it at a tenth of the smallest positive std
-            positive = [s["std"] for s in curve if s["std"] > 0]
-            floor = min(positive) / 10 if positive else 1e-6
-            x = [s["std"] if s["std"] > 0 else floor for s in curve]
-            axes[row, 0].plot(x, [100 * s["accuracy"] for s in curve], marker="o", label=method)
-            axes[row, 1].plot(x, [s["median_label_error"] for s in curve], marker="o", label=method)
-        scale = mine[0]["scale"]
-        axes[row, 0].set(xscale="log", ylabel="accuracy (%)", ylim=(-5, 105),
-                         title=f"{kind} noise, {label_format}: max-err < 1e-3")
-        axes[row, 1].set(xscale="log", yscale="log", ylabel="median max |label error|",
-                         title=f"{kind} noise, {label_format}")
+            if not curve:
+                continue
+            x = [s["std"] if s["std"] > 0 else zero_at for s in curve]
+            axes[row, 0].plot(x, [100 * s["accuracy"] for s in curve], **style)
+            # a median error of exactly 0 cannot sit on a log axis either: drawn at 1e-16
+            axes[row, 1].plot(x, [max(s["median_label_error"], 1e-16) for s in curve], **style)
+        relative = mine[0]["scale"] == "relative"
+        axes[row, 0].set(ylabel=f"accuracy (%): max |label error| < {SUCCESS_TOL:g}", ylim=(-5, 105),
+                         title=f"{kind} noise, {label_format}: accuracy")
+        axes[row, 1].set(yscale="log", ylabel="median max |label error|",
+                         title=f"{kind} noise, {label_format}: median label error")
         for ax in axes[row]:
-            ax.set_xlabel(f"noise std ({'x gradient RMS' if scale == 'relative' else 'absolute'}; "
-                          "leftmost point: std 0)")
+            ax.set(xscale="log", xlabel=f"noise std ({'x gradient RMS' if relative else 'absolute'})")
+            if len(positive) < len({s["std"] for s in summary}):
+                ticks = [zero_at] + positive
+                ax.set_xticks(ticks, ["0"] + [f"{t:g}" for t in positive])
+                ax.minorticks_off()
             ax.grid(True, which="both", alpha=0.3)
-        axes[row, 0].legend(fontsize=8)
-    return save_figure(fig, path)
+            ax.legend(fontsize=8)
+    return fig
+
+
+def plot(summary: Sequence[Dict[str, Any]], path: Path) -> Path:
+    """Write :func:`draw` to ``path`` (``noise.png``)."""
+    return save_figure(draw(summary), path)
