@@ -185,9 +185,13 @@ experiments (the options each one reads; the others are ignored):
   local-steps     K local SGD steps: --network --samples --formats --steps --lrs --scales --seed
   landscape       Figure 1: --dataset --network --seed
   train           a checkpoint for the trained rows: --dataset --network --augmentation --out (a .pt path)
-  reconstruction  one sample reconstructed: --dataset --network --methods (analytic ig dlg) --seed
+  reconstruction  one sample reconstructed: --dataset --network --methods (analytic ig dlg) --variants
+                  --iterations --seed
+  label-variants  the README's gradient-matching table: --dataset --network --samples --seed --methods (dlg ig)
+                  --variants --iterations --image-size
   report          one accuracy table from every label-recovery run under --out
-every experiment reads --out (resumable folder), --quick (the small preset CI runs) and --quiet."""
+every experiment reads --out (resumable folder), --quick (the small preset CI runs) and --quiet;
+label-recovery, dp and local-steps read --ray [ADDRESS] (their trials as Ray tasks: the same CSV)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--formats", nargs="+", choices=LABELS, help="victim label formats")
     experiment.add_argument("--methods", nargs="+",
                             help="label-recovery, noise: exact exact-head exact-auto lbfgs pso lbfgs+pso idlg yin "
-                                 "rlg; reconstruction: analytic ig dlg")
+                                 "rlg; reconstruction: analytic ig dlg; label-variants: dlg ig")
     experiment.add_argument("--variants", nargs="+", choices=LABEL_VARIANTS,
                             help="reconstruction, label-variants: labels for gradient matching")
     experiment.add_argument("--iterations", type=count, help="reconstruction, label-variants: matching iterations")
@@ -301,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="dp, local-steps: whether the server is told the learning rate")
     experiment.add_argument("--quick", action="store_true", default=None, help="the small preset CI runs")
     experiment.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress bars")
+    experiment.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                            help="label-recovery, dp, local-steps: run the trials as Ray tasks on a local Ray (no "
+                                 "ADDRESS) or the cluster at ADDRESS ('auto', 'ray://host:10001'); the same CSV as a "
+                                 "serial run")
     experiment.set_defaults(handler=_experiment)
     from .fl.cli import add_audit_parser  # `gradleak audit`: flwr is imported only when it runs
     add_audit_parser(sub)

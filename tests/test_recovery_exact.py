@@ -65,6 +65,12 @@ def test_mixup(C, d, lam, eps, bias, dtype, seed):
     label = mixup_label(a, b, lam, C, eps=eps)
     kwargs, h = _victim(C, d, label, bias=bias, dtype=dtype, seed=seed)
     result = gradleak.recover_label(**kwargs, label_format="mixup")
+    minor = min(lam, 1 - lam) * (1 - eps)  # the weight of the lesser class
+    assume(not 0.5e-3 < minor < 2e-3)  # away from the 1e-3 resolution, where either reading is right
+    if minor <= 0.5e-3:  # one class holds (almost) all the weight: which class is "second" is arbitrary
+        assert not result.determined and "second class" in result.message
+        torch.testing.assert_close(result.label, label.to(dtype), atol=1e-3, rtol=0)
+        return
     assert result.determined, result.message
     _check(result, label, h, dtype)
 

@@ -1,7 +1,8 @@
 """Experiments: one module per table or figure family; results as CSV/Markdown/PNG files and returned dicts.
 
 :data:`EXPERIMENTS` maps a name to a function taking keyword arguments ``dataset, network, samples, seed, out,
-quick, weights, progress`` (each ignores those that do not apply) — what ``gradleak experiment <name>`` calls:
+quick, weights, progress, ray`` (each ignores those that do not apply; ``ray``, a Ray address, spreads the
+trials of label-recovery, dp and local-steps over a Ray cluster) — what ``gradleak experiment <name>`` calls:
 
 * ``"label-recovery"``: :func:`gradleak.experiments.label_recovery.run` (tables 1-2 style);
 * ``"noise"``: :func:`gradleak.experiments.noise.run` (Gaussian/Laplace noise on the whole gradient);
@@ -12,6 +13,9 @@ quick, weights, progress`` (each ignores those that do not apply) — what ``gra
 * ``"landscape"``: :func:`gradleak.experiments.landscape.run` (Figure 1);
 * ``"train"``: :func:`gradleak.training.train_experiment` (checkpoints for the trained rows);
 * ``"reconstruction"``: :func:`gradleak.experiments.reconstruction.run_reconstruction` (imported on first use);
+* ``"label-variants"``: :func:`gradleak.experiments.reconstruction.run_label_variants` (the README's table of
+  gradient matching with the recovered, true, hard and DLG's joint label; also reads ``methods``, ``variants``,
+  ``iterations``);
 * ``"report"``: :func:`gradleak.experiments.report.run` (one table from every label-recovery run in a folder).
 
 Modules are imported when an experiment is called, so importing this package stays cheap.
@@ -19,6 +23,7 @@ Modules are imported when an experiment is called, so importing this package sta
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Callable, Dict
 
 __all__ = ["EXPERIMENTS", "run_experiment"]
@@ -37,11 +42,15 @@ def _reconstruction(*, dataset: str = "cifar10", network: str = "fcn4", seed: in
                     quick: bool = False, progress: bool = True, samples=None, weights=None, **kwargs: Any) -> Any:
     """Adapter to the reconstruction experiment's own signature (another module; its defaults apply).
 
-    ``samples`` and ``weights`` do not apply (one built-in sample, untrained network) and are ignored.
+    ``samples``, ``weights`` and every option ``run_reconstruction`` does not take (``ray``, ``stds``, ...) do not
+    apply (one built-in sample, untrained network) and are ignored, as the other experiments ignore theirs.
     """
     from .reconstruction import run_reconstruction
 
-    options = dict(kwargs)
+    accepted = inspect.signature(run_reconstruction).parameters
+    options = {k: v for k, v in kwargs.items() if k in accepted or k == "variants"}
+    if "variants" in options:  # the CLI's name for run_reconstruction's label_variants
+        options["label_variants"] = options.pop("variants")
     if quick:
         options.setdefault("iterations", 50)
     return run_reconstruction(network, dataset, seed=seed, out_dir=None if out is None else str(out),
@@ -56,6 +65,7 @@ EXPERIMENTS: Dict[str, Callable[..., Any]] = {
     "landscape": _lazy(".landscape", "run"),
     "train": _lazy("gradleak.training", "train_experiment"),
     "reconstruction": _reconstruction,
+    "label-variants": _lazy(".reconstruction", "run_label_variants"),
     "report": _lazy(".report", "run"),
 }
 

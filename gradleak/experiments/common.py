@@ -7,6 +7,7 @@ evaluator (label / feature metrics against the truth) -> rows.
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import math
 import time
@@ -85,6 +86,25 @@ def setup(dataset: str, network: str, weights: str = "untrained", *, seed: int =
         name = path.stem
     images, labels = load_samples(dataset, size=size)
     return Setup(model=model, weights=name, images=images, labels=labels, num_classes=info.num_classes)
+
+
+def shared_setup(dataset: str, network: str, weights: str = "untrained", *, seed: int = 0,
+                 image_size: Optional[int] = None, init: Optional[str] = None) -> Setup:
+    """:func:`setup`, built once per process and then shared: the same arguments give the same network (seeded
+    initialisation, or the checkpoint), so a trial sent to a Ray worker carries these arguments, not the network,
+    and every worker builds it once. Callers leave the shared network as it is (clients train copies of it).
+
+    A checkpoint is read again when its file changes (its modification time and size are part of the key).
+    """
+    path = Path(weights) if weights not in (None, "untrained") else None
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path is not None and path.exists() else None
+    return _setup_once(dataset, network, weights, seed, image_size, init, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _setup_once(dataset: str, network: str, weights: str, seed: int, image_size: Optional[int],
+                init: Optional[str], stamp: Optional[Tuple[int, int]]) -> Setup:
+    return setup(dataset, network, weights, seed=seed, image_size=image_size, init=init)
 
 
 # ----------------------------------------------------------------------------------------------- sampling

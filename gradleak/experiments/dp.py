@@ -34,18 +34,21 @@ colour per clipping norm, solid: unknown scale, dashed: known).
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 from torch import nn
 
 from ..labels import LABEL_FORMATS
-from .common import ResumableCSV, output_dir, resolve_formats, victim, victim_input
-from .local_steps import (ATTACK_FIELDS, SCALES, attack_update, check_options, each_trial, grade_update,
-                          plot_update_curves, write_update_results)
+from ..updates_client import dp_sgd_update, opacus_compatible
+from .common import ResumableCSV, Trial, output_dir, resolve_formats, shared_setup, victim, victim_input
+from .local_steps import (ATTACK_FIELDS, SCALES, attack_update, check_options, grade_update, network_trials,
+                          plot_update_curves, trial_fields, write_update_results)
 from .noise import gradient_rms
+from .parallel import map_trials
 
 DEFAULT_NETWORKS = ("lenet", "fcn4", "resnet18")
 DEFAULT_CLIPS = (0.1, 0.5, 10.0)
@@ -79,7 +82,8 @@ def run(*, dataset: str = "cifar10", network: Union[str, Sequence[str], None] = 
         clip_scale: str = "relative", noise_multipliers: Optional[Sequence[float]] = None, lr: float = 0.1,
         scales: Sequence[str] = SCALES, samples: Optional[int] = None, seed: int = 2023,
         out: Optional[Union[str, Path]] = None, quick: bool = False, progress: bool = True,
-        image_size: Optional[int] = None, figure: bool = True, **_ignored) -> Dict[str, Any]:
+        image_size: Optional[int] = None, figure: bool = True, ray: Optional[str] = None,
+        **_ignored) -> Dict[str, Any]:
     """Recovery from Opacus DP-SGD updates; writes ``dp.csv``, ``dp_summary.csv`` / ``.md`` and ``dp.png``.
 
     Args:
@@ -101,12 +105,12 @@ def run(*, dataset: str = "cifar10", network: Union[str, Sequence[str], None] = 
             (unless given).
         image_size: input side for every network (None: the dataset's, 64 for FCN-4).
         figure: write the PNG.
+        ray: None runs the trials here; "local" or a Ray cluster's address spreads them over Ray
+            (:func:`.parallel.map_trials`; the same rows in the same order, ``time_ms`` aside).
 
     Returns:
         ``dict(summary=[...], files={...}, new_rows=int, out=str)``.
     """
-    from ..updates_client import dp_sgd_update, opacus_compatible
-
     networks = check_options(network, ("lenet",) if quick else DEFAULT_NETWORKS, weights, scales)
     if clip_scale not in CLIP_SCALES:
         raise ValueError(f"clip_scale must be one of {CLIP_SCALES}, got {clip_scale!r}")
@@ -119,36 +123,19 @@ def run(*, dataset: str = "cifar10", network: Union[str, Sequence[str], None] = 
     folder = output_dir(out, "dp")
     table = ResumableCSV(folder / "dp.csv", FIELDS, KEY)
     new_rows = 0
-    opacus_ready: Dict[str, Tuple[nn.Module, str]] = {}
-    for env, where, trial in each_trial(networks, dataset=dataset, weights=weights, formats=formats, count=count,
-                                        seed=seed, image_size=image_size, progress=progress, desc="dp"):
-        where["clip_scale"] = clip_scale
-        todo = [(c, s) for c in clips for s in noises
-                if any(not table.has(**where, clip=repr(c), noise_multiplier=repr(s), scale=k) for k in scales)]
-        if not todo:
-            continue
-        if where["network"] not in opacus_ready:
-            model, changes = opacus_compatible(env.model)
-            opacus_ready[where["network"]] = model, _replaced(env.model, model) if changes else ""
-        model, fix = opacus_ready[where["network"]]
-        truth = victim(model, env.images, trial)
-        x = victim_input(env.images, trial)
-        grad_norm = math.sqrt(sum(float(g.double().square().sum()) for g in truth.gradients.values()))
-        rms = gradient_rms(truth.gradients)
-        for clip, sigma in todo:
-            max_grad_norm = clip * grad_norm if clip_scale == "relative" else clip
-            update, info = dp_sgd_update(model, x, truth.label, lr=lr, max_grad_norm=max_grad_norm,
-                                         noise_multiplier=sigma,
-                                         seed=noise_seed(seed, trial.label_format, trial.sample, clip, sigma))
-            setting = {**where, "opacus_fix": fix, "clip": clip, "max_grad_norm": max_grad_norm,
-                       "grad_norm": info.grad_norm, "clip_factor": info.clip_factor, "noise_multiplier": sigma,
-                       "noise_std": info.noise_std, "noise_rel": info.noise_std / (abs(info.scale) * rms), "lr": lr}
-            rows = []
-            for scale in scales:
-                if table.has(**where, clip=repr(clip), noise_multiplier=repr(sigma), scale=scale):
-                    continue
-                attempt, diagnostics = attack_update(model, update, lr=lr if scale == "known" else None)
-                rows.append({**setting, "scale": scale, **grade_update(attempt, diagnostics, truth, info.scale)})
+    for setting, env, trials in network_trials(networks, dataset=dataset, weights=weights, formats=formats,
+                                               count=count, seed=seed, image_size=image_size):
+        jobs = []
+        for trial in trials:
+            where = {**trial_fields(setting, env, trial), "clip_scale": clip_scale}
+            missing = {(c, s, k) for c in clips for s in noises for k in scales
+                       if not table.has(**where, clip=repr(c), noise_multiplier=repr(s), scale=k)}
+            if missing:
+                jobs.append((trial, missing))
+        task = functools.partial(attack_dp_trial, setting=setting, clip_scale=clip_scale, clips=clips, noises=noises,
+                                 lr=lr, scales=scales)
+        for rows in map_trials(task, jobs, ray_address=ray, progress=progress,
+                               desc=f"dp {dataset}/{setting['network']}/{env.weights}"):
             table.append(rows)
             new_rows += len(rows)
     fixed = sorted({f"{r['network']} ({r['opacus_fix']})" for r in table.rows if r["opacus_fix"]})
@@ -163,6 +150,53 @@ def run(*, dataset: str = "cifar10", network: Union[str, Sequence[str], None] = 
     return write_update_results(table, "dp", SUMMARY_KEYS, ("clip", "noise_multiplier"),
                                 title="Label recovery from DP-SGD (Opacus) updates", notes=notes, plot_fn=plot,
                                 figure=figure, new_rows=new_rows)
+
+
+@functools.lru_cache(maxsize=4)
+def _opacus_network(network: nn.Module) -> Tuple[nn.Module, str]:
+    """The network Opacus trains in place of ``network`` (made once per process for each shared network) and what
+    ``ModuleValidator.fix`` replaced in it ("" when nothing)."""
+    model, changes = opacus_compatible(network)
+    return model, _replaced(network, model) if changes else ""
+
+
+def attack_dp_trial(job: Tuple[Trial, Set[Tuple[float, float, str]]], *, setting: Mapping[str, Any],
+                    clip_scale: str, clips: Sequence[float], noises: Sequence[float], lr: float,
+                    scales: Sequence[str]) -> List[Dict[str, Any]]:
+    """One trial's ``dp.csv`` rows: one Opacus step per (clip, noise multiplier), each update attacked with each
+    scale.
+
+    Args:
+        job: ``(trial, missing)``, ``missing`` the ``(clip, noise multiplier, scale)`` rows still to do (a resumed
+            run skips the others).
+        setting: :func:`common.shared_setup`'s arguments (the networks are built once per process from them).
+        clip_scale, clips, noises, lr, scales: the sweep (see :func:`run`), in the rows' order.
+    """
+    trial, missing = job
+    env = shared_setup(**setting)
+    model, fix = _opacus_network(env.model)
+    where = {**trial_fields(setting, env, trial), "clip_scale": clip_scale}
+    truth = victim(model, env.images, trial)
+    x = victim_input(env.images, trial)
+    grad_norm = math.sqrt(sum(float(g.double().square().sum()) for g in truth.gradients.values()))
+    rms = gradient_rms(truth.gradients)
+    rows = []
+    for clip, sigma in ((c, s) for c in clips for s in noises):
+        to_attack = [k for k in scales if (clip, sigma, k) in missing]
+        if not to_attack:
+            continue
+        max_grad_norm = clip * grad_norm if clip_scale == "relative" else clip
+        update, info = dp_sgd_update(model, x, truth.label, lr=lr, max_grad_norm=max_grad_norm,
+                                     noise_multiplier=sigma,
+                                     seed=noise_seed(setting["seed"], trial.label_format, trial.sample, clip, sigma))
+        update_fields = {**where, "opacus_fix": fix, "clip": clip, "max_grad_norm": max_grad_norm,
+                          "grad_norm": info.grad_norm, "clip_factor": info.clip_factor, "noise_multiplier": sigma,
+                          "noise_std": info.noise_std, "noise_rel": info.noise_std / (abs(info.scale) * rms),
+                          "lr": lr}
+        for scale in to_attack:
+            attempt, diagnostics = attack_update(model, update, lr=lr if scale == "known" else None)
+            rows.append({**update_fields, "scale": scale, **grade_update(attempt, diagnostics, truth, info.scale)})
+    return rows
 
 
 def plot(summary: Sequence[Mapping[str, Any]], path: Path) -> Path:

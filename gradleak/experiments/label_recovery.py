@@ -9,21 +9,22 @@ re-drawn. Outputs in ``out``:
   already there are skipped on a re-run (resumable);
 * ``summary.csv`` / ``summary.md``: accuracy with 95 % Wilson intervals, median errors, feature recovery,
   the count of trials the diagnostics flagged as undetermined, median time and speed relative to PSO.
+
+With ``ray`` the trials run as Ray tasks (:func:`.parallel.map_trials`) and ``samples.csv`` is the same file.
 """
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from tqdm.auto import tqdm
-
-from .common import (FEATURE_COS_TOL, FEATURE_REL_TOL, METHODS, SUCCESS_TOL, ResumableCSV, as_float, attack,
-                     draw_trials, grade,
-                     is_true, markdown_table, median, output_dir, resolve_formats, resolve_methods, setup, victim,
-                     wilson_interval)
+from .common import (FEATURE_COS_TOL, FEATURE_REL_TOL, METHODS, SUCCESS_TOL, ResumableCSV, Trial, as_float, attack,
+                     draw_trials, grade, is_true, markdown_table, median, output_dir, resolve_formats, resolve_methods,
+                     shared_setup, victim, wilson_interval)
+from .parallel import map_trials
 
 DEFAULT_METHODS = ("exact", "exact-head", "lbfgs", "pso", "idlg")
 SAMPLE_FIELDS = ["dataset", "network", "weights", "format", "sample", "method", "success", "label_error",
@@ -42,7 +43,8 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
         formats: Union[str, Sequence[str]] = ("smoothing", "mixup"),
         methods: Union[str, Sequence[str]] = DEFAULT_METHODS, samples: Optional[int] = None, seed: int = 2023,
         out: Optional[Union[str, Path]] = None, quick: bool = False, progress: bool = True,
-        image_size: Optional[int] = None, init: Optional[str] = None, **_ignored) -> Dict[str, Any]:
+        image_size: Optional[int] = None, init: Optional[str] = None, ray: Optional[str] = None,
+        **_ignored) -> Dict[str, Any]:
     """Run the label-recovery experiment and write ``samples.csv``, ``summary.csv`` and ``summary.md``.
 
     Args:
@@ -59,6 +61,9 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
         out: output folder (default ``results/label-recovery``).
         quick: few trials, and "pso" replaced by the reduced-budget "pso-quick" (labelled as such).
         progress: tqdm bar over trials.
+        ray: None runs the trials here; "local" spreads them over a local Ray, any other value is a Ray cluster's
+            address (:func:`.parallel.map_trials`). ``samples.csv`` gets the same rows in the same order either
+            way (``time_ms`` aside).
 
     Returns:
         ``dict(summary=[row dicts], files={...}, new_rows=int, out=str)``.
@@ -67,7 +72,9 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
     methods = resolve_methods(methods, quick)
     count = (QUICK_SAMPLES if quick else 50) if samples is None else int(samples)
     folder = output_dir(out, "label-recovery")
-    env = setup(dataset, network, weights, seed=seed, image_size=image_size, init=init)
+    setting = {"dataset": dataset, "network": network, "weights": weights, "seed": seed, "image_size": image_size,
+               "init": init}
+    env = shared_setup(**setting)
     table = ResumableCSV(folder / "samples.csv", SAMPLE_FIELDS, SAMPLE_KEY)
     base = {"dataset": dataset, "network": network, "weights": env.weights}
     jobs = []
@@ -77,25 +84,40 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
             if todo:
                 jobs.append((trial, todo))
     new_rows = 0
-    for trial, todo in tqdm(jobs, desc=f"label recovery {dataset}/{network}/{env.weights}", disable=not progress):
-        truth = victim(env.model, env.images, trial)
-        rows = []
-        for name in todo:
-            attempt = attack(name, env.model, truth.gradients, trial.label_format, seed=seed + trial.sample)
-            rows.append({**base, "format": trial.label_format, "sample": trial.sample, "method": name,
-                         **grade(attempt, truth), "determined": attempt.determined, "time_ms": attempt.time_ms,
-                         "used": attempt.used, "pred_format": attempt.pred_format,
-                         "pred_classes": attempt.pred_classes, "true_classes": trial.spec.classes,
-                         "pred_eps": attempt.pred_eps, "true_eps": trial.spec.eps, "pred_lam": attempt.pred_lam,
-                         "true_lam": trial.spec.lam, "residual": attempt.residual,
-                         "evaluations": attempt.evaluations, "converged": attempt.converged,
-                         "images": trial.indices, "message": attempt.message})
+    for rows in map_trials(functools.partial(attack_trial, setting=setting), jobs, ray_address=ray,
+                           progress=progress, desc=f"label recovery {dataset}/{network}/{env.weights}"):
         table.append(rows)
         new_rows += len(rows)
     summary = summarize(table.rows)
     files = write_summary(summary, folder)
     files["samples"] = str(folder / "samples.csv")
     return {"summary": summary, "files": files, "new_rows": new_rows, "out": str(folder)}
+
+
+def attack_trial(job: Tuple[Trial, Sequence[str]], *, setting: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """One trial's ``samples.csv`` rows: its victim gradient, attacked by each of the named methods.
+
+    Args:
+        job: ``(trial, method names)``.
+        setting: :func:`common.shared_setup`'s arguments (the network is built once per process from them, here
+            or in a Ray worker); its ``seed`` also seeds PSO, per sample.
+    """
+    trial, methods = job
+    env = shared_setup(**setting)
+    truth = victim(env.model, env.images, trial)
+    rows = []
+    for name in methods:
+        attempt = attack(name, env.model, truth.gradients, trial.label_format, seed=setting["seed"] + trial.sample)
+        rows.append({"dataset": setting["dataset"], "network": setting["network"], "weights": env.weights,
+                     "format": trial.label_format, "sample": trial.sample, "method": name,
+                     **grade(attempt, truth), "determined": attempt.determined, "time_ms": attempt.time_ms,
+                     "used": attempt.used, "pred_format": attempt.pred_format,
+                     "pred_classes": attempt.pred_classes, "true_classes": trial.spec.classes,
+                     "pred_eps": attempt.pred_eps, "true_eps": trial.spec.eps, "pred_lam": attempt.pred_lam,
+                     "true_lam": trial.spec.lam, "residual": attempt.residual,
+                     "evaluations": attempt.evaluations, "converged": attempt.converged,
+                     "images": trial.indices, "message": attempt.message})
+    return rows
 
 
 def summarize(rows: Sequence[Dict[str, str]]) -> List[Dict[str, Any]]:

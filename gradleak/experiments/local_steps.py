@@ -32,20 +32,22 @@ The helpers here (the update attack, its grading, the summaries) are shared with
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..plots import save_figure
+from ..updates_client import sgd_updates
 from .common import (FEATURE_COS_TOL, SUCCESS_TOL, Attempt, ResumableCSV, Setup, Trial, Victim, as_float,
-                     draw_trials, grade, is_true, markdown_table, median, output_dir, resolve_formats, setup, victim,
-                     victim_input, wilson_interval)
+                     draw_trials, grade, is_true, markdown_table, median, output_dir, resolve_formats, shared_setup,
+                     victim, victim_input, wilson_interval)
+from .parallel import map_trials
 
 DEFAULT_NETWORKS = ("lenet", "fcn4")
 DEFAULT_STEPS = (1, 2, 3, 5, 10)
@@ -84,21 +86,24 @@ def check_options(network: Union[str, Sequence[str], None], default: Sequence[st
     return networks
 
 
-def each_trial(networks: Sequence[str], *, dataset: str, weights: str, formats: Sequence[str], count: int,
-               seed: int, image_size: Optional[int], progress: bool, desc: str
-               ) -> Iterator[Tuple[Setup, Dict[str, Any], Trial]]:
-    """Every trial of every network, with a tqdm bar per network: ``(setup, row fields, trial)``.
+def network_trials(networks: Sequence[str], *, dataset: str, weights: str, formats: Sequence[str], count: int,
+                   seed: int, image_size: Optional[int]) -> Iterator[Tuple[Dict[str, Any], Setup, List[Trial]]]:
+    """Per network: ``(setting, setup, trials)``.
 
-    Each network is set up by :func:`common.setup` (at the network's paper input size unless ``image_size``
-    says otherwise); its trials are :func:`common.draw_trials`' (``count`` per format, seeded). The row fields
-    are ``dataset, network, weights, format, sample``.
+    ``setting`` holds :func:`common.shared_setup`'s arguments (at the network's paper input size unless
+    ``image_size`` says otherwise): a trial's task rebuilds the network from them wherever it runs. The trials
+    are :func:`common.draw_trials`' (``count`` per format, seeded).
     """
     for name in networks:
-        env = setup(dataset, name, weights, seed=seed, image_size=image_size)
-        trials = [t for f in formats for t in draw_trials(env.labels, env.num_classes, f, count, seed)]
-        for trial in tqdm(trials, desc=f"{desc} {dataset}/{name}/{env.weights}", disable=not progress):
-            yield env, {"dataset": dataset, "network": name, "weights": env.weights, "format": trial.label_format,
-                        "sample": trial.sample}, trial
+        setting = {"dataset": dataset, "network": name, "weights": weights, "seed": seed, "image_size": image_size}
+        env = shared_setup(**setting)
+        yield setting, env, [t for f in formats for t in draw_trials(env.labels, env.num_classes, f, count, seed)]
+
+
+def trial_fields(setting: Mapping[str, Any], env: Setup, trial: Trial) -> Dict[str, Any]:
+    """The row fields that name a trial: ``dataset, network, weights, format, sample``."""
+    return {"dataset": setting["dataset"], "network": setting["network"], "weights": env.weights,
+            "format": trial.label_format, "sample": trial.sample}
 
 
 def prediction_drift(model: nn.Module, update: Mapping[str, torch.Tensor], x: torch.Tensor) -> float:
@@ -254,7 +259,8 @@ def run(*, dataset: str = "cifar10", network: Union[str, Sequence[str], None] = 
         formats: Union[str, Sequence[str]] = ("smoothing", "mixup"), steps: Optional[Sequence[int]] = None,
         lrs: Optional[Sequence[float]] = None, scales: Sequence[str] = SCALES, samples: Optional[int] = None,
         seed: int = 2023, out: Optional[Union[str, Path]] = None, quick: bool = False, progress: bool = True,
-        image_size: Optional[int] = None, figure: bool = True, **_ignored) -> Dict[str, Any]:
+        image_size: Optional[int] = None, figure: bool = True, ray: Optional[str] = None,
+        **_ignored) -> Dict[str, Any]:
     """Recovery from K-step SGD updates; writes ``local_steps.csv``, the summaries and ``local_steps.png``.
 
     Args:
@@ -272,12 +278,12 @@ def run(*, dataset: str = "cifar10", network: Union[str, Sequence[str], None] = 
         quick: the CI preset: LeNet only (unless ``network``), 2 trials per format, fewer K and lr (unless given).
         image_size: input side for every network (None: the dataset's, 64 for FCN-4).
         figure: write the PNG.
+        ray: None runs the trials here; "local" or a Ray cluster's address spreads them over Ray
+            (:func:`.parallel.map_trials`; the same rows in the same order, ``time_ms`` aside).
 
     Returns:
         ``dict(summary=[...], files={...}, new_rows=int, out=str)``.
     """
-    from ..updates_client import sgd_updates
-
     networks = check_options(network, ("lenet",) if quick else DEFAULT_NETWORKS, weights, scales)
     formats = resolve_formats(formats)
     steps = sorted({int(k) for k in (steps or (QUICK_STEPS if quick else DEFAULT_STEPS))})
@@ -286,26 +292,18 @@ def run(*, dataset: str = "cifar10", network: Union[str, Sequence[str], None] = 
     folder = output_dir(out, "local-steps")
     table = ResumableCSV(folder / "local_steps.csv", FIELDS, KEY)
     new_rows = 0
-    for env, where, trial in each_trial(networks, dataset=dataset, weights=weights, formats=formats, count=count,
-                                        seed=seed, image_size=image_size, progress=progress, desc="local steps"):
-        todo = [lr for lr in lrs if any(not table.has(**where, steps=k, lr=repr(lr), scale=s)
-                                        for k in steps for s in scales)]
-        if not todo:
-            continue
-        truth = victim(env.model, env.images, trial)
-        x = victim_input(env.images, trial)
-        for lr in todo:
-            updates = sgd_updates(env.model, x, truth.label, lr=lr, steps=steps)
-            rows = []
-            for k, update in zip(steps, updates):
-                drift = prediction_drift(env.model, update, x)
-                for scale in scales:
-                    if table.has(**where, steps=k, lr=repr(lr), scale=scale):
-                        continue
-                    attempt, diagnostics = attack_update(env.model, update, lr=lr if scale == "known" else None,
-                                                         local_steps=k)
-                    rows.append({**where, "steps": k, "lr": lr, "k_lr": k * lr, "drift": drift, "scale": scale,
-                                 **grade_update(attempt, diagnostics, truth, -k * lr)})
+    for setting, env, trials in network_trials(networks, dataset=dataset, weights=weights, formats=formats,
+                                               count=count, seed=seed, image_size=image_size):
+        jobs = []
+        for trial in trials:
+            where = trial_fields(setting, env, trial)
+            missing = {(lr, k, s) for lr in lrs for k in steps for s in scales
+                       if not table.has(**where, steps=k, lr=repr(lr), scale=s)}
+            if missing:
+                jobs.append((trial, missing))
+        task = functools.partial(attack_local_steps, setting=setting, lrs=lrs, steps=steps, scales=scales)
+        for rows in map_trials(task, jobs, ray_address=ray, progress=progress,
+                               desc=f"local steps {dataset}/{setting['network']}/{env.weights}"):
             table.append(rows)
             new_rows += len(rows)
     notes = ("A client runs K plain SGD steps (torch.optim.SGD) on its one example and sends new - old weights. "
@@ -316,6 +314,38 @@ def run(*, dataset: str = "cifar10", network: Union[str, Sequence[str], None] = 
                                                        "steps", "k_lr"], ("lr", "steps", "k_lr"),
                                 title="Label recovery from K local SGD steps", notes=notes, plot_fn=plot,
                                 figure=figure, new_rows=new_rows, medians=("drift",))
+
+
+def attack_local_steps(job: Tuple[Trial, Set[Tuple[float, int, str]]], *, setting: Mapping[str, Any],
+                       lrs: Sequence[float], steps: Sequence[int], scales: Sequence[str]) -> List[Dict[str, Any]]:
+    """One trial's ``local_steps.csv`` rows: the client's K-step updates for each learning rate, each attacked
+    with each scale.
+
+    Args:
+        job: ``(trial, missing)``, ``missing`` the ``(lr, K, scale)`` rows still to do (a resumed run skips the
+            others).
+        setting: :func:`common.shared_setup`'s arguments (the network is built once per process from them).
+        lrs, steps, scales: the sweep, in the rows' order.
+    """
+    trial, missing = job
+    env = shared_setup(**setting)
+    where = trial_fields(setting, env, trial)
+    truth = victim(env.model, env.images, trial)
+    x = victim_input(env.images, trial)
+    rows = []
+    missing_lrs = {lr for lr, _, _ in missing}
+    for lr in (lr for lr in lrs if lr in missing_lrs):
+        updates = sgd_updates(env.model, x, truth.label, lr=lr, steps=steps)
+        for k, update in zip(steps, updates):
+            drift = prediction_drift(env.model, update, x)
+            for scale in scales:
+                if (lr, k, scale) not in missing:
+                    continue
+                attempt, diagnostics = attack_update(env.model, update, lr=lr if scale == "known" else None,
+                                                     local_steps=k)
+                rows.append({**where, "steps": k, "lr": lr, "k_lr": k * lr, "drift": drift, "scale": scale,
+                             **grade_update(attempt, diagnostics, truth, -k * lr)})
+    return rows
 
 
 def plot_update_curves(summary: Sequence[Mapping[str, Any]], path: Path, *, x: str, line: str,

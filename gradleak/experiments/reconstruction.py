@@ -21,7 +21,7 @@ from .. import data as gl_data
 from ..client import single_example_gradients
 from ..labels import hard_label, mix_inputs, mixup_label, smooth_label
 from ..metrics import label_error, lpips, psnr, ssim
-from ..models import build_model
+from ..models import NETWORK_IMAGE_SIZE, build_model
 from ..plots import reconstruction_grid
 from ..reconstruct.analytic import fully_connected_inversion, linear_stages
 from ..reconstruct.matching import METHODS as MATCHING_METHODS, match_gradients, resolve_device
@@ -30,7 +30,6 @@ RECONSTRUCTION_METHODS = ("analytic",) + tuple(sorted(MATCHING_METHODS))
 LABEL_VARIANTS = ("recovered", "true", "hard", "dlg")
 VICTIM_LABEL_FORMATS = ("hard", "smoothing", "mixup")
 # input side length each network is run at when the caller does not choose one (None: the dataset's own size)
-NETWORK_IMAGE_SIZE = {"fcn4": 64, "lenet": 32, "alexnet": 64, "resnet18": None, "resnet50": 64}
 
 
 def _jsonable(value):
@@ -126,7 +125,7 @@ def run_reconstruction(network: Union[str, nn.Module], dataset: str, label_forma
         out_dir: where the PNG and the JSON go (None: nothing written).
         image, target: a user image file and its class (instead of a built-in sample).
         num_classes: C (default: the dataset's); size: image side (default per network, see
-            :data:`NETWORK_IMAGE_SIZE`); init: model initialisation (None: the paper's).
+            :data:`gradleak.models.NETWORK_IMAGE_SIZE`); init: model initialisation (None: the paper's).
         dtype: of the model and the victim's gradient (float64 for exact analytic inversions).
         tv, lr, restarts, f_scalar: matching options (``f_scalar > 0`` adds the feature term with the recovered
             feature).
@@ -137,8 +136,11 @@ def run_reconstruction(network: Union[str, nn.Module], dataset: str, label_forma
         progress: tqdm bars; figure: write the PNG; name: file stem (default from the settings).
 
     Returns:
-        ``dict(config=..., victim=..., recovery=..., results={run name: metrics}, files=...)``; metrics have
-        psnr, ssim, lpips (None without local LPIPS weights), seconds, and for matching the final loss.
+        ``dict(config=..., victim=..., recovery=..., results={run name: metrics}, files=..., images=...)``;
+        metrics have psnr, ssim, lpips (None without local LPIPS weights), seconds, and for matching the final
+        loss, the iterations and evaluations made and the line search used; ``images`` holds the true image and
+        every reconstruction in display space ([0, 1] pixels): ``dict(truth=(C, H, W), reconstructions={run
+        name: (C, H, W)})`` (not written to the JSON).
     """
     from .. import recover_from_gradients  # the package facade (avoids an import cycle at module load)
 
@@ -235,7 +237,8 @@ def run_reconstruction(network: Union[str, nn.Module], dataset: str, label_forma
                                   bounds=bounds, seed=seed, device=device, progress=progress,
                                   **dict(matching_options or {}))
             reconstruction = out.input
-            extra = {"loss": out.loss, "iterations": len(out.history), "label_used": out.label}
+            extra = {"loss": out.loss, "iterations": len(out.history), "evaluations": out.evaluations,
+                     "line_search": out.config.line_search, "label_used": out.label}
         seconds = time.perf_counter() - start
         reconstructions[run_name] = reconstruction.to(torch.float64)
         results[run_name] = {"method": method, "label": variant, "seconds": seconds, **extra}
@@ -265,6 +268,9 @@ def run_reconstruction(network: Union[str, nn.Module], dataset: str, label_forma
         report["files"]["json"] = os.path.join(out_dir, stem + ".json")
         with open(report["files"]["json"], "w") as handle:
             json.dump(_jsonable(report), handle, indent=2)
+    report["images"] = {"truth": truth_display,
+                        "reconstructions": {k: gl_data.denormalize(v.unsqueeze(0), dataset)[0]
+                                            for k, v in reconstructions.items()}}
     return report
 
 
@@ -288,12 +294,17 @@ def run_label_variant_table(network: str = "lenet", dataset: str = "cifar10", sa
     samples = list(samples)
     if not samples:
         raise ValueError("samples is empty")
+    if method not in MATCHING_METHODS:
+        raise ValueError(f"unknown matching method {method!r}; valid: {sorted(MATCHING_METHODS)}")
     reports = []
     for sample in samples:
-        reports.append(run_reconstruction(
+        start = time.perf_counter()
+        report = run_reconstruction(
             network, dataset, label_format, [method], label_variants=label_variants, sample=sample,
             seed=seed + sample, iterations=iterations, out_dir=out_dir if figures else None, progress=progress,
-            figure=figures, **options))
+            figure=figures, **options)
+        report["seconds"] = time.perf_counter() - start
+        reports.append(report)
     summary = {}
     for variant in label_variants:
         key = f"{method}/{variant}"
@@ -302,9 +313,14 @@ def run_label_variant_table(network: str = "lenet", dataset: str = "cifar10", sa
         summary[variant] = {"psnr_mean": float(psnrs.mean()), "psnr_std": float(psnrs.std()),
                             "ssim_mean": float(ssims.mean()), "ssim_std": float(ssims.std()), "n": len(samples),
                             "psnr": psnrs.tolist(), "ssim": ssims.tolist()}
+    first_run = reports[0]["results"][f"{method}/{label_variants[0]}"]
     config = {"network": network, "dataset": dataset, "method": method, "label_format": label_format,
-              "samples": samples, "seed": seed, "iterations": iterations,
+              "samples": samples, "seed": seed,
+              "iterations": MATCHING_METHODS[method].iterations if iterations is None else int(iterations),
+              "optimizer": MATCHING_METHODS[method].optimizer, "line_search": first_run["line_search"],
               "label_variants": list(label_variants),
+              "seconds_per_sample": float(np.mean([r["seconds"] for r in reports])),
+              "device": reports[0]["config"]["device"], "torch_threads": torch.get_num_threads(),
               "options": {k: v for k, v in options.items() if isinstance(v, (int, float, str, dict, type(None)))}}
     recovery = {"determined": sum(r["recovery"]["determined"] for r in reports),
                 "max_label_error": max(r["recovery"]["label_error"] for r in reports)}
@@ -318,10 +334,17 @@ def run_label_variant_table(network: str = "lenet", dataset: str = "cifar10", sa
 def label_variant_markdown(table: Mapping) -> str:
     """The summary of :func:`run_label_variant_table` as a Markdown table."""
     config, summary = table["config"], table["summary"]
-    lines = [f"Gradient matching ({config['method']}) on {config['network']} / {config['dataset']}, "
-             f"{config['label_format']} labels, {len(config['samples'])} samples, "
-             f"{config['iterations'] or 'default'} iterations per variant, seed {config['seed']}"
-             + (f", options {config['options']}." if config.get("options") else "."),
+    optimizer = config.get("optimizer", "")
+    if optimizer == "lbfgs":
+        optimizer = "L-BFGS, " + ("fixed steps" if config.get("line_search") is None
+                                  else f"{config['line_search']} line search")
+    timing = (f" Mean time per sample (all variants): {config['seconds_per_sample']:.0f} s."
+              if config.get("seconds_per_sample") is not None else "")
+    lines = [f"Gradient matching ({config['method']}" + (f", {optimizer}" if optimizer else "") + f") on "
+             f"{config['network']} / {config['dataset']}, {config['label_format']} labels, "
+             f"{len(config['samples'])} samples, {config['iterations'] or 'default'} iterations per variant, "
+             f"seed {config['seed']} + sample"
+             + (f", options {config['options']}." if config.get("options") else ".") + timing,
              f"Label recovery determined on {table['recovery']['determined']}/{len(config['samples'])} samples; "
              f"largest label error {table['recovery']['max_label_error']:.2e}.", "",
              "| label | PSNR (dB) mean | PSNR std | SSIM mean | SSIM std |", "|---|---|---|---|---|"]
@@ -345,13 +368,109 @@ def write_label_variant_table(table: Mapping, out_dir: str) -> Dict[str, str]:
         handle.write(label_variant_markdown(table))
     with open(paths["csv"], "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["sample", "eps", "variant", "psnr", "ssim", "loss", "seconds", "label_error"])
+        writer.writerow(["sample", "eps", "variant", "psnr", "ssim", "loss", "evaluations", "seconds",
+                         "label_error"])
         for report in table["per_sample"]:
             for key, row in report["results"].items():
                 writer.writerow([report["victim"]["sample"], report["victim"].get("eps"), row["label"],
-                                 row["psnr"], row["ssim"], row.get("loss"), row["seconds"],
+                                 row["psnr"], row["ssim"], row.get("loss"), row.get("evaluations"), row["seconds"],
                                  report["recovery"]["label_error"]])
     summary = {k: v for k, v in table.items() if k not in ("per_sample", "files")}
     with open(paths["json"], "w") as handle:
         json.dump(_jsonable(summary), handle, indent=2)
     return paths
+
+
+def label_variant_figure(tables: Mapping[str, Mapping], path: str, *, rows: int = 4) -> str:
+    """One grid for :func:`run_label_variants`: a row per sample (the first ``rows`` of the tables), the true
+    image, then a column per method and label variant, PSNR / SSIM under every tile."""
+    if not tables:
+        raise ValueError("no tables to draw")
+    first = next(iter(tables.values()))
+    shown = min(int(rows), len(first["per_sample"]))
+    truth = torch.stack([first["per_sample"][i]["images"]["truth"] for i in range(shown)])
+    columns: Dict[str, torch.Tensor] = {}
+    for table in tables.values():
+        for run_name in table["per_sample"][0]["images"]["reconstructions"]:
+            columns[run_name] = torch.stack([table["per_sample"][i]["images"]["reconstructions"][run_name]
+                                             for i in range(shown)])
+    config = first["config"]
+    row_labels = [f"sample {r['victim']['sample']}, eps {r['victim']['eps']:.3f}" if "eps" in r["victim"]
+                  else f"sample {r['victim']['sample']}" for r in first["per_sample"][:shown]]
+    title = (f"{config['network']} / {config['dataset']} / {config['label_format']} labels: "
+             "gradient matching with each label")
+    return reconstruction_grid(truth, columns, path, title=title, row_labels=row_labels)
+
+
+# the README's table: untrained LeNet, the bundled CIFAR-10 images, label smoothing, DLG and Inverting Gradients
+LABEL_VARIANT_METHODS = ("dlg", "ig")
+LABEL_VARIANT_SAMPLES = 20
+QUICK_LABEL_VARIANT_SAMPLES = 2
+QUICK_LABEL_VARIANT_ITERATIONS = 2
+
+
+def run_label_variants(*, dataset: str = "cifar10", network: str = "lenet", samples: Optional[int] = None,
+                       seed: int = 2023, out: Optional[str] = None, quick: bool = False, progress: bool = True,
+                       weights: Optional[str] = None, methods: Union[str, Sequence[str]] = LABEL_VARIANT_METHODS,
+                       variants: Sequence[str] = LABEL_VARIANTS, iterations: Optional[int] = None,
+                       image_size: Optional[int] = None, figure_rows: int = 4, device: Union[str, None] = "auto",
+                       **_ignored) -> Dict[str, object]:
+    """``gradleak experiment label-variants``: the README's label-variant table, one per matching method.
+
+    Samples ``0 .. samples-1`` of the bundled images, each with seed ``seed + sample`` (network, eps and the dummy
+    start, shared by all its variants), label smoothing, untrained network; see :func:`run_label_variant_table`.
+
+    Args:
+        dataset, network: the bundled samples and the (untrained) victim network.
+        samples: how many samples (default 20; ``quick``: 2).
+        seed: base seed; out: output folder (default ``results/label-variants``).
+        quick: the CI preset: 2 samples and 2 iterations per variant (unless ``samples`` / ``iterations``).
+        progress: tqdm bars.
+        weights: only None or "untrained" (the table is made on untrained networks).
+        methods: matching methods ("dlg", "ig"), one table each.
+        variants: labels: "recovered", "true", "hard", "dlg" (see :data:`LABEL_VARIANTS`).
+        iterations: per variant (default: each method's own, see :data:`gradleak.reconstruct.METHODS`).
+        image_size: input side (default per network, :data:`gradleak.models.NETWORK_IMAGE_SIZE`).
+        figure_rows: samples shown in the figure.
+
+    Writes ``<out>/<method>/label_variants.md``, ``.csv`` and ``.json`` per method and one figure,
+    ``<out>/label_variants.png`` (the first ``figure_rows`` samples, every method and variant).
+
+    Returns:
+        ``dict(out=, figure=, tables={method: table}, "<method>/<variant>"="PSNR mean (SSIM mean), n" ...)``.
+    """
+    from .common import output_dir
+
+    if weights not in (None, "untrained"):
+        raise ValueError(f"label-variants runs on untrained networks (the README's table); got weights={weights!r}")
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    for method in methods:
+        if method not in MATCHING_METHODS:
+            raise ValueError(f"unknown matching method {method!r}; valid: {sorted(MATCHING_METHODS)}")
+    if not methods:
+        raise ValueError("no matching method requested")
+    variants = [variants] if isinstance(variants, str) else list(variants)
+    count = (QUICK_LABEL_VARIANT_SAMPLES if quick else LABEL_VARIANT_SAMPLES) if samples is None else int(samples)
+    if count < 1:
+        raise ValueError(f"samples must be at least 1, got {count}")
+    if iterations is None and quick:
+        iterations = QUICK_LABEL_VARIANT_ITERATIONS
+    folder = output_dir(out, "label-variants")
+    options: Dict[str, object] = {}  # only the settings that differ from run_reconstruction's defaults
+    if image_size is not None:
+        options["size"] = int(image_size)
+    if device not in (None, "auto"):
+        options["device"] = device
+    tables = {}
+    for method in methods:
+        tables[method] = run_label_variant_table(
+            network, dataset, range(count), method=method, label_variants=variants, label_format="smoothing",
+            seed=seed, iterations=iterations, out_dir=str(folder / method), figures=False, progress=progress,
+            **options)
+    figure = label_variant_figure(tables, str(folder / "label_variants.png"), rows=figure_rows)
+    result: Dict[str, object] = {"out": str(folder), "figure": figure, "tables": tables}
+    for method, table in tables.items():
+        for variant, row in table["summary"].items():
+            result[f"{method}/{variant}"] = (f"PSNR {row['psnr_mean']:.2f} dB (SSIM {row['ssim_mean']:.4f}), "
+                                             f"n={row['n']}")
+    return result
