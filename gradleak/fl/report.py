@@ -26,11 +26,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from PIL import Image
@@ -238,41 +239,53 @@ def _png(figure: Figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _leak_by_round(rows: Sequence[UpdateRow]) -> str:
+def _panel(draw: Callable[[Axes], None], *, title: str, xlabel: str, ylabel: str) -> str:
+    """One small report figure: ``draw(ax)`` fills it (legend included), then the labels; a base64 PNG."""
     figure = Figure(figsize=(4.2, 2.8))
     ax = figure.add_subplot()
+    draw(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    return _png(figure)
+
+
+def _leak_by_round(rows: Sequence[UpdateRow]) -> str:
+    return _panel(lambda ax: _draw_leak_by_round(ax, rows), title="leak rate per round", xlabel="round",
+                  ylabel="exact labels leaked (%)")
+
+
+def _draw_leak_by_round(ax: Axes, rows: Sequence[UpdateRow]) -> None:
     rounds = sorted({r.round for r in rows})
     for label, subset in (("single-example updates", [r for r in rows if r.batch_size == 1]), ("all updates", rows)):
         rates = [np.mean([r.outcome == "leaked" for r in subset if r.round == k] or [np.nan]) * 100 for k in rounds]
         ax.plot(rounds, rates, marker="o", label=label)
-    ax.set_xlabel("round")
-    ax.set_ylabel("exact labels leaked (%)")
     ax.set_ylim(-5, 105)
     ax.set_xticks(rounds)
     ax.legend(fontsize=8)
-    ax.set_title("leak rate per round", fontsize=10)
-    return _png(figure)
 
 
 def _error_histogram(rows: Sequence[UpdateRow]) -> str:
-    figure = Figure(figsize=(4.2, 2.8))
-    ax = figure.add_subplot()
+    return _panel(lambda ax: _draw_error_histogram(ax, rows), title="label error",
+                  xlabel="log10 max label error (batch size 1)", ylabel="updates")
+
+
+def _draw_error_histogram(ax: Axes, rows: Sequence[UpdateRow]) -> None:
     errors = [(max(r.label_error, 1e-12), bool(r.determined)) for r in rows if r.label_error is not None]
     bins = np.linspace(-12, 0.5, 26)
     for determined, colour in ((True, "tab:green"), (False, "tab:gray")):
         values = [math.log10(e) for e, d in errors if d == determined]
         ax.hist(values, bins=bins, color=colour, alpha=0.8, label="determined" if determined else "undetermined")
     ax.axvline(math.log10(LEAK_TOLERANCE), color="tab:red", linestyle="--", label="1e-3")
-    ax.set_xlabel("log10 max label error (batch size 1)")
-    ax.set_ylabel("updates")
     ax.legend(fontsize=8)
-    ax.set_title("label error", fontsize=10)
-    return _png(figure)
 
 
 def _scale_plot(rows: Sequence[UpdateRow]) -> str:
-    figure = Figure(figsize=(4.2, 2.8))
-    ax = figure.add_subplot()
+    return _panel(lambda ax: _draw_scales(ax, rows), title="update scale",
+                  xlabel="true |scale| = lr x steps x clip factor", ylabel="|scale| the audit used")
+
+
+def _draw_scales(ax: Axes, rows: Sequence[UpdateRow]) -> None:
     points = [r for r in rows if r.scale and r.true_scale and r.batch_size == 1]
     for source, marker in (("config", "o"), ("recovered", "^")):
         chosen = [r for r in points if r.scale_source == source]
@@ -294,10 +307,6 @@ def _scale_plot(rows: Sequence[UpdateRow]) -> str:
         axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         axis.set_minor_formatter(NullFormatter())
     ax.tick_params(labelsize=7)
-    ax.set_xlabel("true |scale| = lr x steps x clip factor")
-    ax.set_ylabel("|scale| the audit used")
-    ax.set_title("update scale", fontsize=10)
-    return _png(figure)
 
 
 def _thumbnail(array: np.ndarray, stats) -> str:
