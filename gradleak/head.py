@@ -17,7 +17,6 @@ README, "How it works").
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -31,11 +30,11 @@ GradientsLike = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
 
 @dataclass(frozen=True)
 class HeadProblem:
-    """The attacker's view of one head gradient, in float64.
+    """The attacker's view of one head gradient: the ``(C, d)`` matrices as given, every vector in float64.
 
     Attributes:
-        weight: ``(C, d)`` head weight W.
-        weight_grad: ``(C, d)`` observed dL/dW.
+        weight: ``(C, d)`` head weight W (its own dtype: the big passes over it stay there).
+        weight_grad: ``(C, d)`` observed dL/dW (its own dtype).
         bias: ``(C,)`` head bias or None.
         bias_grad: ``(C,)`` observed dL/db or None.
         sigma: largest singular value of ``weight_grad``.
@@ -131,6 +130,25 @@ def storage_precision(values: torch.Tensor, probe: torch.Tensor) -> float:
     return torch.finfo(values.dtype).eps
 
 
+#: Entries per block when a sum of a (C, d) matrix's rows is accumulated in float64: each block is converted
+#: while it is in cache, so no float64 copy of the whole matrix is ever made.
+_BLOCK_ENTRIES = 1 << 17
+
+
+def _row_combination64(weights: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``weights @ matrix`` for a ``(C, d)`` matrix of any float dtype and float64 ``(C,)`` weights, accumulated
+    in float64 block by block of rows: ``(d,)`` float64.
+
+    This sum gives the head's feature direction ``v``, which the logits and so the label are read from: on a
+    1000 x 2048 ImageNet head, accumulating it in float32 raised the largest label error from 2.6e-6 to 4.3e-5
+    (the products with ``v`` itself are accurate enough in the matrix's dtype).
+    """
+    if matrix.dtype == torch.float64:
+        return weights @ matrix
+    rows = max(1, _BLOCK_ENTRIES // max(matrix.shape[1], 1))
+    return sum(part @ block.double() for part, block in zip(weights.split(rows), matrix.split(rows)))
+
+
 def factor_head(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 bias_grad: Optional[torch.Tensor] = None, *, rank_one_tol: Optional[float] = 1e-2,
                 scale_known: bool = True) -> HeadProblem:
@@ -164,33 +182,36 @@ def factor_head(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optional[
         if value is not None:
             check_finite(value, name)
     dtype = weight_grad.dtype
-    grad = weight_grad.detach().to(torch.float64)
-    row_norms = torch.linalg.vector_norm(grad, dim=1)
+    # The (C, d) matrices are never copied whole to float64 (for a 1000 x 2048 head that copy cost more than the
+    # factorisation): the passes over them run in their own dtype, except the sum that gives v (see
+    # _row_combination64); the C- and d-sized results are promoted to float64.
+    grad, w = weight_grad.detach(), weight.detach()
+    row_norms = torch.linalg.vector_norm(grad, dim=1).double()
     norm = float(torch.linalg.vector_norm(row_norms))
     if norm == 0.0:
         raise ValueError("weight_grad is all zeros: the example's loss gradient vanished, nothing to recover")
     # One power-iteration step from the largest row: G is rank one up to rounding (or noise), and that row is
     # already its right factor up to rounding; the step averages the noise over all rows and columns.
     largest = row_norms.argmax()
-    precision = storage_precision(weight_grad.detach(), weight_grad.detach()[largest])
-    c = grad @ grad[largest]
-    v = c @ grad
+    precision = storage_precision(grad, grad[largest])
+    start = (grad @ grad[largest]).double()  # only a direction to start from: its own dtype is enough
+    v = _row_combination64(start, grad)
     v = v / torch.linalg.vector_norm(v)
-    c = grad @ v
+    c = (grad @ v.to(dtype)).double()
     sigma = float(torch.linalg.vector_norm(c))
     c = c / sigma
-    # ||G - sigma c v^T||^2 = ||G||^2 - sigma^2 because sigma c = G v with v a unit vector.
-    rank_one_ratio = math.sqrt(max(1.0 - (sigma / norm) ** 2, 0.0))
+    # measured on the residual itself: ||G||^2 - sigma^2 would cancel to nothing below sqrt(eps) of the dtype
+    residual = torch.addr(grad, c.to(dtype), v.to(dtype), alpha=-sigma)
+    rank_one_ratio = float(torch.linalg.vector_norm(residual)) / norm  # a ratio: the dtype's sums are plenty
     if rank_one_tol is not None and rank_one_ratio > rank_one_tol:
         raise ValueError(
             f"weight_grad is not rank one (relative residual {rank_one_ratio:.3g} > {rank_one_tol:g}): it looks "
             "like the gradient of a batch, not of one example (or an update of several local steps: pass "
             "rank_one_tol=None to get a best guess)")
-    w64 = weight.detach().to(torch.float64)
-    a = sigma * (w64 @ v)
-    a_abs = sigma * (w64.abs() @ v.abs())
+    a = sigma * (w @ v.to(w.dtype)).double()
+    a_abs = sigma * (w.abs() @ v.abs().to(w.dtype)).double()
     return HeadProblem(
-        weight=w64, weight_grad=grad,
+        weight=w, weight_grad=grad,
         bias=None if bias is None else bias.detach().to(torch.float64),
         bias_grad=None if bias_grad is None else bias_grad.detach().to(torch.float64),
         sigma=sigma, c=c, v=v, a=a, a_abs=a_abs, rank_one_ratio=rank_one_ratio,

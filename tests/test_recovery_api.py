@@ -190,3 +190,26 @@ def test_non_negative_prior_can_be_required_or_dropped():
     grads, _ = _gradients(signed, label)
     with pytest.raises(ValueError, match="mixed signs"):
         gradleak.recover_from_gradients(signed, grads, feature_sign="nonnegative")
+
+
+def test_small_heads_run_on_one_thread_and_restore_the_count(monkeypatch):
+    """A small head's many tiny operations gain nothing from intra-op threads (idle ones spin on a loaded
+    machine): the recovery runs on one, and the caller's thread count is restored, also after an error."""
+    from gradleak.recovery import api
+
+    model = _mlp()
+    grads, _ = _gradients(model, smooth_label(4, 10, 0.2))
+    seen = []
+    real_factor_head = api.factor_head
+    monkeypatch.setattr(api, "factor_head", lambda *a, **k: seen.append(torch.get_num_threads()) or
+                        real_factor_head(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gradleak.recover_from_gradients(model, grads)
+        assert seen == [1] and torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            gradleak.recover_label(torch.zeros(10, 32, dtype=torch.float64), model[2].weight.detach())
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

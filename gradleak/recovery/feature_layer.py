@@ -84,7 +84,7 @@ def scale_from_feature_layer(problem: HeadProblem, layer: FeatureLayer, bias_gra
     norm = float(observed.norm())
     if norm == 0.0 or not bool(torch.isfinite(observed).all()):
         return None
-    back = (problem.weight.T @ problem.c).view(layer.channels, -1)  # W^T c, grouped by bias
+    back = (problem.weight.T @ problem.c.to(problem.weight.dtype)).double().view(layer.channels, -1)  # W^T c per bias
     v = problem.v.view(layer.channels, -1)
     sigma = problem.sigma
     fits: Dict[float, float] = {}
