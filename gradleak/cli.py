@@ -191,7 +191,7 @@ experiments (the options each one reads; the others are ignored):
                   --variants --iterations --image-size
   report          one accuracy table from every label-recovery run under --out
 every experiment reads --out (resumable folder), --quick (the small preset CI runs) and --quiet;
-label-recovery, dp and local-steps read --ray [ADDRESS] (their trials as Ray tasks: the same CSV)."""
+label-recovery, noise, dp and local-steps read --ray [ADDRESS] (their trials as Ray tasks: the same CSV)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--quick", action="store_true", default=None, help="the small preset CI runs")
     experiment.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress bars")
     experiment.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                            help="label-recovery, dp, local-steps: run the trials as Ray tasks on a local Ray (no "
+                            help="label-recovery, noise, dp, local-steps: run the trials as Ray tasks on a local Ray (no "
                                  "ADDRESS) or the cluster at ADDRESS ('auto', 'ray://host:10001'); the same CSV as a "
                                  "serial run")
     experiment.set_defaults(handler=_experiment)

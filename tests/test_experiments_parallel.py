@@ -7,7 +7,7 @@ import time
 import pytest
 
 from gradleak.cli import build_parser, main
-from gradleak.experiments import dp, label_recovery, local_steps
+from gradleak.experiments import dp, label_recovery, local_steps, noise
 from gradleak.experiments.parallel import map_trials
 
 pytestmark = pytest.mark.filterwarnings("ignore:Tip. In future versions of Ray:FutureWarning")   # Ray's own
@@ -73,15 +73,17 @@ def test_ray_sweep_writes_the_serial_csv(local_ray, tmp_path):
 @pytest.mark.parametrize("experiment, grid, name", [
     (local_steps, dict(steps=(1, 2), lrs=(0.1,)), "local_steps.csv"),
     (dp, dict(clips=(0.5,), noise_multipliers=(0.0, 0.1)), "dp.csv"),   # Opacus' noise: seeded per sample
-], ids=["local-steps", "dp"])
-def test_update_sweeps_on_ray_write_the_serial_csv(local_ray, tmp_path, experiment, grid, name):
+    (noise, dict(formats=("smoothing", "mixup"), noises=("gaussian",), stds=(0.0, 1e-3), methods=("exact", "idlg")),
+     "noise.csv"),   # the added noise: seeded per sample, kind, level and format
+], ids=["local-steps", "dp", "noise"])
+def test_other_sweeps_on_ray_write_the_serial_csv(local_ray, tmp_path, experiment, grid, name):
     if experiment is dp:
         pytest.importorskip("opacus")
     options = dict(network="lenet", samples=1, seed=3, progress=False, figure=False, **grid)
     experiment.run(**options, out=tmp_path / "serial")
     experiment.run(**options, out=tmp_path / "ray", ray="local")
     rows = sample_rows(tmp_path / "serial", name)
-    assert len(rows) == 2 * 2 * 2   # formats x (K or noise levels) x scales
+    assert len(rows) == 2 * 2 * 2   # formats x (K or noise levels) x (scales or methods)
     assert sample_rows(tmp_path / "ray", name) == rows
 
 

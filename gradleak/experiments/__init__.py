@@ -2,7 +2,7 @@
 
 :data:`EXPERIMENTS` maps a name to a function taking keyword arguments ``dataset, network, samples, seed, out,
 quick, weights, progress, ray`` (each ignores those that do not apply; ``ray``, a Ray address, spreads the
-trials of label-recovery, dp and local-steps over a Ray cluster) — what ``gradleak experiment <name>`` calls:
+trials of label-recovery, noise, dp and local-steps over a Ray cluster) — what ``gradleak experiment <name>`` calls:
 
 * ``"label-recovery"``: :func:`gradleak.experiments.label_recovery.run` (tables 1-2 style);
 * ``"noise"``: :func:`gradleak.experiments.noise.run` (Gaussian/Laplace noise on the whole gradient);

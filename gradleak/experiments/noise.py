@@ -14,17 +14,18 @@ same, one table) and ``noise.png``.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .common import (SUCCESS_TOL, ResumableCSV, as_float, attack, draw_trials, grade, is_true, markdown_table, median,
-                     output_dir, resolve_formats, resolve_methods, setup, victim, wilson_interval)
+from .common import (SUCCESS_TOL, ResumableCSV, Trial, as_float, attack, draw_trials, grade, is_true, markdown_table,
+                     median, output_dir, resolve_formats, resolve_methods, shared_setup, victim, wilson_interval)
+from .parallel import map_trials
 from ..plots import curve_styles, new_figure, save_figure
 
 NOISE_KINDS = ("gaussian", "laplace")
@@ -73,7 +74,8 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
         formats: Union[str, Sequence[str]] = ("smoothing",), methods: Union[str, Sequence[str]] = DEFAULT_METHODS,
         noises: Sequence[str] = NOISE_KINDS, stds: Sequence[float] = DEFAULT_STDS, scale: str = "relative",
         samples: Optional[int] = None, seed: int = 2023, out: Optional[Union[str, Path]] = None,
-        quick: bool = False, progress: bool = True, figure: bool = True, **_ignored) -> Dict[str, Any]:
+        quick: bool = False, progress: bool = True, figure: bool = True, ray: Optional[str] = None,
+        **_ignored) -> Dict[str, Any]:
     """Label recovery vs noise level; writes ``noise.csv``, ``noise_summary.csv`` / ``.md`` and ``noise.png``.
 
     Args:
@@ -82,6 +84,8 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
         noises: "gaussian" and/or "laplace".
         stds: noise levels; relative to the clean gradient's RMS (``scale="relative"``) or absolute.
         figure: write the PNG.
+        ray: None runs the trials here; "local" or a Ray cluster's address spreads them
+            (:func:`.parallel.map_trials`): ``noise.csv`` gets the same rows in the same order (``time_ms`` aside).
 
     Returns:
         ``dict(summary=[...], files={...}, out=str)``.
@@ -96,36 +100,23 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
     stds = [float(s) for s in stds]
     count = (4 if quick else 20) if samples is None else int(samples)
     folder = output_dir(out, "noise")
-    env = setup(dataset, network, weights, seed=seed)
+    setting = {"dataset": dataset, "network": network, "weights": weights, "seed": seed}
+    env = shared_setup(**setting)
     table = ResumableCSV(folder / "noise.csv", FIELDS, KEY)
     base = {"dataset": dataset, "network": network, "weights": env.weights, "scale": scale}
-    trials = [t for f in formats for t in draw_trials(env.labels, env.num_classes, f, count, seed)]
-    for trial in tqdm(trials, desc=f"noise {dataset}/{network}/{env.weights}", disable=not progress):
-        truth = None
-        for k_index, kind in enumerate(noises):
-            for s_index, std in enumerate(stds):
-                todo = [m for m in methods if not table.has(**base, format=trial.label_format, sample=trial.sample,
-                                                            noise=kind, std=repr(std), method=m)]
-                if not todo:
-                    continue
-                truth = truth or victim(env.model, env.images, trial)
-                sigma = std * gradient_rms(truth.gradients) if scale == "relative" else std
-                generator = torch.Generator().manual_seed(
-                    int(np.random.SeedSequence([seed, trial.sample, k_index, s_index,
-                                                ("smoothing", "mixup", "hard").index(trial.label_format)])
-                        .generate_state(1)[0]))
-                noisy = add_noise(truth.gradients, kind, sigma, generator)
-                rows = []
-                for name in todo:
-                    attempt = attack(name, env.model, noisy, trial.label_format, seed=seed + trial.sample,
-                                     rank_one_tol=None)
-                    graded = grade(attempt, truth)
-                    rows.append({**base, "format": trial.label_format, "sample": trial.sample, "noise": kind,
-                                 "std": std, "sigma": sigma, "method": name, **graded,
-                                 "success_loose": graded["label_error"] < LOOSE_TOL,
-                                 "determined": attempt.determined, "used": attempt.used,
-                                 "time_ms": attempt.time_ms, "message": attempt.message})
-                table.append(rows)
+    jobs = []
+    for trial in (t for f in formats for t in draw_trials(env.labels, env.num_classes, f, count, seed)):
+        missing = [(k_index, s_index, todo) for k_index, kind in enumerate(noises) for s_index, std in enumerate(stds)
+                   for todo in [[m for m in methods if not table.has(**base, format=trial.label_format,
+                                                                     sample=trial.sample, noise=kind, std=repr(std),
+                                                                     method=m)]] if todo]
+        if missing:
+            jobs.append((trial, missing))
+    task = functools.partial(attack_noisy_trial, setting=setting, noises=tuple(noises), stds=tuple(stds),
+                             scale=scale)
+    for rows in map_trials(task, jobs, ray_address=ray, progress=progress,
+                           desc=f"noise {dataset}/{network}/{env.weights}"):
+        table.append(rows)
     summary = summarize(table.rows)
     files = {"samples": str(folder / "noise.csv"), "summary": str(folder / "noise_summary.csv")}
     with open(files["summary"], "w", newline="") as handle:
@@ -137,6 +128,39 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
     if figure and summary:
         files["figure"] = str(plot(summary, folder / "noise.png"))
     return {"summary": summary, "files": files, "out": str(folder)}
+
+
+def attack_noisy_trial(job: Tuple[Trial, Sequence[Tuple[int, int, Sequence[str]]]], *, setting: Mapping[str, Any],
+                       noises: Sequence[str], stds: Sequence[float], scale: str) -> List[Dict[str, Any]]:
+    """One trial's ``noise.csv`` rows: its victim gradient, noised at each missing level, attacked by each method.
+
+    Args:
+        job: ``(trial, [(noise index, std index, method names), ...])``: what is still missing for the trial.
+        setting: :func:`common.shared_setup`'s arguments (built once per process, here or in a Ray worker); its
+            ``seed`` also seeds the noise (per sample, kind, level and format) and PSO (per sample).
+    """
+    trial, missing = job
+    seed = setting["seed"]
+    env = shared_setup(**setting)
+    truth = victim(env.model, env.images, trial)
+    rows = []
+    for k_index, s_index, methods in missing:
+        kind, std = noises[k_index], stds[s_index]
+        sigma = std * gradient_rms(truth.gradients) if scale == "relative" else std
+        generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([seed, trial.sample, k_index, s_index,
+                                        ("smoothing", "mixup", "hard").index(trial.label_format)])
+                .generate_state(1)[0]))
+        noisy = add_noise(truth.gradients, kind, sigma, generator)
+        for name in methods:
+            attempt = attack(name, env.model, noisy, trial.label_format, seed=seed + trial.sample, rank_one_tol=None)
+            graded = grade(attempt, truth)
+            rows.append({"dataset": setting["dataset"], "network": setting["network"], "weights": env.weights,
+                         "scale": scale, "format": trial.label_format, "sample": trial.sample, "noise": kind,
+                         "std": std, "sigma": sigma, "method": name, **graded,
+                         "success_loose": graded["label_error"] < LOOSE_TOL, "determined": attempt.determined,
+                         "used": attempt.used, "time_ms": attempt.time_ms, "message": attempt.message})
+    return rows
 
 
 def summarize(rows: Sequence[Dict[str, str]]) -> List[Dict[str, Any]]:
