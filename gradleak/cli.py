@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
 from ._checks import bounded
+from ._json import strict_json
 from .data import DATASETS
 from .models import MODELS
 
@@ -33,17 +33,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _strict_json(value: Any) -> Any:
-    """Non-finite floats become null (standard JSON has no Infinity or NaN); tuples become lists."""
-    if isinstance(value, dict):
-        return {str(k): _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _rounded(values: Any, digits: int = 7) -> List[float]:
@@ -101,7 +90,7 @@ def _recover(args: argparse.Namespace) -> int:
         true_scale = -args.lr
         update = sgd_update(env.model, x, truth, lr=args.lr)
         result = recover_from_update(env.model, update, lr=None if args.unknown_scale else args.lr, **options)
-    print(json.dumps(_strict_json(_recovery_report(result, truth, victim, true_scale, args)), indent=1,
+    print(json.dumps(strict_json(_recovery_report(result, truth, victim, true_scale, args)), indent=1,
                      allow_nan=False))
     return 0
 
@@ -170,7 +159,7 @@ def _experiment(args: argparse.Namespace) -> int:
     result = EXPERIMENTS[args.name](**options)
     if isinstance(result, dict):  # the headline values (paths, accuracies); the files hold the rest
         headline = {k: v for k, v in result.items() if isinstance(v, (str, int, float))}
-        print(json.dumps(_strict_json(headline), indent=1, allow_nan=False))
+        print(json.dumps(strict_json(headline), indent=1, allow_nan=False))
     return 0
 
 

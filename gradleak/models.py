@@ -23,6 +23,7 @@ in the paper.
 """
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
@@ -480,6 +481,15 @@ MODELS: Dict[str, Callable[..., Classifier]] = {
     "resnet18": resnet18,
     "resnet50": resnet50,
 }
+
+
+def input_options(name: str, *, channels: int, image_size: int) -> Dict[str, int]:
+    """The keyword arguments of :func:`build_model` that fit network ``name`` to its inputs: the channel count,
+    and the image side for the networks whose layers depend on it (FCN-4, LeNet)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    accepted = inspect.signature(MODELS[name]).parameters
+    return {"channels": channels, **({"image_size": image_size} if "image_size" in accepted else {})}
 
 
 def build_model(name: str, num_classes: int, *, head_bias: Optional[bool] = None, init: Optional[str] = None,

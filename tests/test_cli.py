@@ -140,3 +140,11 @@ def test_reconstruct_prints_a_table_not_tensors(capsys, tmp_path):
     assert code == 0 and "tensor(" not in out
     row = next(line for line in out.splitlines() if line.startswith("analytic"))
     assert float(row.split()[1]) > 100  # PSNR of the exact analytic inversion, in dB
+
+
+def test_reconstruct_sizes_the_network_for_the_dataset(capsys, tmp_path):
+    """LeNet on MNIST: the network is built for the images' side and channels (28 x 28, one channel)."""
+    code, out, err = _run(["reconstruct", "--network", "lenet", "--dataset", "mnist", "--methods", "dlg",
+                           "--iterations", "1", "--out", str(tmp_path), "--quiet"], capsys)
+    assert code == 0, err
+    assert any(line.startswith("dlg/recovered") for line in out.splitlines())

@@ -23,7 +23,7 @@ from ..baselines import LABEL_BASELINES, baseline_from_gradients
 from ..client import single_example_gradients
 from ..data import DATASETS, load_samples, samples_by_class
 from ..labels import LABEL_FORMATS, LabelSpec, mix_inputs
-from ..models import NETWORK_IMAGE_SIZE, build_model
+from ..models import NETWORK_IMAGE_SIZE, build_model, input_options
 
 PathLike = Union[str, Path]
 #: Input side per dataset when the caller does not choose (None: the dataset's own).
@@ -69,10 +69,8 @@ def setup(dataset: str, network: str, weights: str = "untrained", *, seed: int =
     info = DATASETS[dataset]
     if weights in (None, "untrained"):
         size = image_size or NETWORK_IMAGE_SIZE.get(network) or EXPERIMENT_IMAGE_SIZE.get(dataset) or info.image_size
-        kwargs: Dict[str, Any] = {"channels": info.channels}
-        if network in ("lenet", "fcn4"):
-            kwargs["image_size"] = size
-        model = build_model(network, info.num_classes, init=init, seed=seed, **kwargs)
+        model = build_model(network, info.num_classes, init=init, seed=seed,
+                            **input_options(network, channels=info.channels, image_size=size))
         name = "untrained"
     else:
         path = Path(weights)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import time
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -18,10 +17,11 @@ import torch
 from torch import nn
 
 from .. import data as gl_data
+from .._json import strict_json
 from ..client import single_example_gradients
 from ..labels import hard_label, mix_inputs, mixup_label, smooth_label
 from ..metrics import label_error, lpips, psnr, ssim
-from ..models import NETWORK_IMAGE_SIZE, build_model
+from ..models import NETWORK_IMAGE_SIZE, build_model, input_options
 from ..plots import reconstruction_grid
 from ..reconstruct.analytic import fully_connected_inversion, linear_stages
 from ..reconstruct.matching import METHODS as MATCHING_METHODS, match_gradients, resolve_device
@@ -30,21 +30,6 @@ RECONSTRUCTION_METHODS = ("analytic",) + tuple(sorted(MATCHING_METHODS))
 LABEL_VARIANTS = ("recovered", "true", "hard", "dlg")
 VICTIM_LABEL_FORMATS = ("hard", "smoothing", "mixup")
 # input side length each network is run at when the caller does not choose one (None: the dataset's own size)
-
-
-def _jsonable(value):
-    """Floats that are not finite become None (strict JSON); tensors become lists; tuples lists."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.detach().cpu().tolist())
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _load_user_image(path: str, size: int, dataset: str, channels: int) -> torch.Tensor:
@@ -159,13 +144,9 @@ def run_reconstruction(network: Union[str, nn.Module], dataset: str, label_forma
     else:
         network_name = network
         classes = num_classes or info.num_classes
-        side = size or NETWORK_IMAGE_SIZE.get(network)
-        model_kwargs = {}
-        if network in ("fcn4", "lenet"):
-            model_kwargs.update(image_size=side or 32, channels=channels)
-        elif network in ("alexnet", "resnet18", "resnet50"):
-            model_kwargs.update(channels=channels)
-        model = build_model(network, classes, init=init, seed=seed, **model_kwargs)
+        side = size or NETWORK_IMAGE_SIZE.get(network) or info.image_size
+        model = build_model(network, classes, init=init, seed=seed,
+                            **input_options(network, channels=channels, image_size=side))
     model = model.to(dtype).eval()
     if image is not None:
         if side is None:
@@ -267,7 +248,7 @@ def run_reconstruction(network: Union[str, nn.Module], dataset: str, label_forma
                 os.path.join(out_dir, stem + ".png"), title=title)
         report["files"]["json"] = os.path.join(out_dir, stem + ".json")
         with open(report["files"]["json"], "w") as handle:
-            json.dump(_jsonable(report), handle, indent=2)
+            json.dump(strict_json(report), handle, indent=2)
     report["images"] = {"truth": truth_display,
                         "reconstructions": {k: gl_data.denormalize(v.unsqueeze(0), dataset)[0]
                                             for k, v in reconstructions.items()}}
@@ -377,7 +358,7 @@ def write_label_variant_table(table: Mapping, out_dir: str) -> Dict[str, str]:
                                  report["recovery"]["label_error"]])
     summary = {k: v for k, v in table.items() if k not in ("per_sample", "files")}
     with open(paths["json"], "w") as handle:
-        json.dump(_jsonable(summary), handle, indent=2)
+        json.dump(strict_json(summary), handle, indent=2)
     return paths
 
 

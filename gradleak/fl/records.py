@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Union
+
+from .._json import strict_json
 
 PathLike = Union[str, Path]
 
@@ -117,24 +118,13 @@ class TruthRecord:
     inputs: Optional[str] = None
 
 
-def json_safe(value):
-    """``value`` with every non-finite float replaced by None (recursively), so ``json`` writes strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
-
-
 def append_jsonl(path: PathLike, record: Union[AuditRecord, TruthRecord, Dict[str, object]]) -> None:
     """Append one record as a JSON line, under an exclusive lock, and flush it.
 
     Safe across processes on one machine (and on file systems that honour ``flock``).
     """
     data = dataclasses.asdict(record) if dataclasses.is_dataclass(record) else dict(record)
-    line = json.dumps(json_safe(data), allow_nan=False) + "\n"
+    line = json.dumps(strict_json(data), allow_nan=False) + "\n"
     with open(path, "a", encoding="utf-8") as file:
         fcntl.flock(file, fcntl.LOCK_EX)
         try:

@@ -36,9 +36,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from PIL import Image
 
+from .._json import strict_json
 from ..data import DATASETS
 from ..metrics import psnr, ssim, to_display
-from .records import (CONFIG_FILE, RECORDS_FILE, TRUTH_FILE, AuditRecord, TruthRecord, json_safe, load_records,
+from .records import (CONFIG_FILE, RECORDS_FILE, TRUTH_FILE, AuditRecord, TruthRecord, load_records,
                       load_truth)
 
 PathLike = Union[str, Path]
@@ -527,5 +528,5 @@ def write_report(folder: PathLike) -> ReportFiles:
         writer = csv.DictWriter(file, fieldnames=[f.name for f in dataclasses.fields(UpdateRow)])
         writer.writeheader()
         writer.writerows(dataclasses.asdict(r) for r in rows)
-    paths.json.write_text(json.dumps(json_safe(summary), indent=1, default=str, allow_nan=False))
+    paths.json.write_text(json.dumps(strict_json(summary), indent=1, default=str, allow_nan=False))
     return paths

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import json
 import logging
 import math
@@ -40,8 +39,8 @@ from torch import nn
 
 from ..client import soft_cross_entropy
 from ..data import DATASETS, load_samples
-from ..labels import mix_inputs, mixup_label, smooth_label
-from ..models import MODELS, FullyConnected, build_model
+from ..labels import hard_label, mix_inputs, mixup_label, smooth_label
+from ..models import MODELS, FullyConnected, build_model, input_options
 from .audit import RECONSTRUCTIONS
 from .records import (CONFIG_FILE, RECONSTRUCTIONS_DIR, RECORDS_FILE, TRUTH_FILE, TRUTH_INPUTS_DIR, AuditRecord,
                       TruthRecord, append_jsonl)
@@ -263,9 +262,8 @@ def build_network(plan: SimulationPlan) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # nn.Linear's constructor draws from the global RNG
             sizes = [channels * plan.image_size ** 2, *MLP_HIDDEN, info.num_classes]
             return FullyConnected(sizes, bias=True, generator=torch.Generator().manual_seed(plan.seed)).eval()
-    accepted = inspect.signature(MODELS[plan.network]).parameters
-    options = {"channels": channels, **({"image_size": plan.image_size} if "image_size" in accepted else {})}
-    return build_model(plan.network, info.num_classes, seed=plan.seed, **options)
+    return build_model(plan.network, info.num_classes, seed=plan.seed,
+                       **input_options(plan.network, channels=channels, image_size=plan.image_size))
 
 
 @dataclass
@@ -298,10 +296,9 @@ def draw_batch(plan: SimulationPlan, setup: ClientSetup, server_round: int) -> B
             lam = float(rng.beta(plan.mixup_alpha, plan.mixup_alpha))
             x = mix_inputs(x, images[partner], lam)
             partner_cls = int(labels[partner])
-            y = (mixup_label(cls, partner_cls, lam, num_classes) if partner_cls != cls
-                 else smooth_label(cls, num_classes, 0.0))
+            y = mixup_label(cls, partner_cls, lam, num_classes) if partner_cls != cls else hard_label(cls, num_classes)
         else:
-            y = smooth_label(cls, num_classes, 0.0)
+            y = hard_label(cls, num_classes)
         inputs.append(x)
         targets.append(y.to(torch.float32))
     return Batch(torch.stack(inputs), torch.stack(targets))
