@@ -45,10 +45,9 @@ from torch import nn
 from ..labels import LABEL_FORMATS
 from ..updates_client import dp_sgd_update, opacus_compatible
 from .common import ResumableCSV, Trial, output_dir, resolve_formats, shared_setup, victim, victim_input
-from .local_steps import (ATTACK_FIELDS, SCALES, attack_update, check_options, grade_update, network_trials,
+from .local_steps import (ATTACK_FIELDS, SCALES, attack_update, check_options, grade_update, sweep_networks,
                           plot_update_curves, trial_fields, write_update_results)
 from .noise import gradient_rms
-from .parallel import map_trials
 
 DEFAULT_NETWORKS = ("lenet", "fcn4", "resnet18")
 DEFAULT_CLIPS = (0.1, 0.5, 10.0)
@@ -122,22 +121,14 @@ def run(*, dataset: str = "cifar10", network: Union[str, Sequence[str], None] = 
     count = (QUICK_SAMPLES if quick else 10) if samples is None else int(samples)
     folder = output_dir(out, "dp")
     table = ResumableCSV(folder / "dp.csv", FIELDS, KEY)
-    new_rows = 0
-    for setting, env, trials in network_trials(networks, dataset=dataset, weights=weights, formats=formats,
-                                               count=count, seed=seed, image_size=image_size):
-        jobs = []
-        for trial in trials:
-            where = {**trial_fields(setting, env, trial), "clip_scale": clip_scale}
-            missing = {(c, s, k) for c in clips for s in noises for k in scales
-                       if not table.has(**where, clip=repr(c), noise_multiplier=repr(s), scale=k)}
-            if missing:
-                jobs.append((trial, missing))
-        task = functools.partial(attack_dp_trial, setting=setting, clip_scale=clip_scale, clips=clips, noises=noises,
-                                 lr=lr, scales=scales)
-        for rows in map_trials(task, jobs, ray_address=ray, progress=progress,
-                               desc=f"dp {dataset}/{setting['network']}/{env.weights}"):
-            table.append(rows)
-            new_rows += len(rows)
+    new_rows = sweep_networks(
+        table, networks, desc="dp", dataset=dataset, weights=weights, formats=formats, count=count, seed=seed,
+        image_size=image_size, ray=ray, progress=progress,
+        missing=lambda where: {(c, s, k) for c in clips for s in noises for k in scales
+                               if not table.has(**where, clip_scale=clip_scale, clip=repr(c), noise_multiplier=repr(s),
+                                                scale=k)},
+        task=functools.partial(attack_dp_trial, clip_scale=clip_scale, clips=clips, noises=noises, lr=lr,
+                               scales=scales))
     fixed = sorted({f"{r['network']} ({r['opacus_fix']})" for r in table.rows if r["opacus_fix"]})
     notes = (f"One Opacus DP-SGD step (batch size 1, no Poisson sampling, flat clipping, lr {lr:g}) on one example; "
              "the server sees new - old weights. clip: the clipping norm C "

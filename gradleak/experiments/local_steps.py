@@ -37,7 +37,7 @@ import math
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -86,18 +86,30 @@ def check_options(network: Union[str, Sequence[str], None], default: Sequence[st
     return networks
 
 
-def network_trials(networks: Sequence[str], *, dataset: str, weights: str, formats: Sequence[str], count: int,
-                   seed: int, image_size: Optional[int]) -> Iterator[Tuple[Dict[str, Any], Setup, List[Trial]]]:
-    """Per network: ``(setting, setup, trials)``.
+def sweep_networks(table: ResumableCSV, networks: Sequence[str], *, missing: Callable[[Dict[str, Any]], Set[Any]],
+                   task: Callable[..., List[Dict[str, Any]]], desc: str, dataset: str, weights: str,
+                   formats: Sequence[str], count: int, seed: int, image_size: Optional[int], ray: Optional[str],
+                   progress: bool) -> int:
+    """Every network's trials through ``task`` (here, or on Ray: :func:`.parallel.map_trials`), their rows
+    appended to ``table`` in trial order; returns the number of new rows.
 
-    ``setting`` holds :func:`common.shared_setup`'s arguments (at the network's paper input size unless
-    ``image_size`` says otherwise): a trial's task rebuilds the network from them wherever it runs. The trials
-    are :func:`common.draw_trials`' (``count`` per format, seeded).
+    Per network, ``setting`` holds :func:`common.shared_setup`'s arguments (at the network's paper input size
+    unless ``image_size`` says otherwise), and ``task((trial, cells), setting=setting)`` rebuilds the network from
+    them wherever it runs. ``cells = missing(fields)`` are the trial's cells not yet in ``table`` (``fields``:
+    :func:`trial_fields`); a trial with none is skipped. The trials are :func:`common.draw_trials`' (``count`` per
+    format, seeded).
     """
+    new_rows = 0
     for name in networks:
         setting = {"dataset": dataset, "network": name, "weights": weights, "seed": seed, "image_size": image_size}
         env = shared_setup(**setting)
-        yield setting, env, [t for f in formats for t in draw_trials(env.labels, env.num_classes, f, count, seed)]
+        trials = [t for f in formats for t in draw_trials(env.labels, env.num_classes, f, count, seed)]
+        jobs = [(trial, cells) for trial in trials if (cells := missing(trial_fields(setting, env, trial)))]
+        for rows in map_trials(functools.partial(task, setting=setting), jobs, ray_address=ray, progress=progress,
+                               desc=f"{desc} {dataset}/{name}/{env.weights}"):
+            table.append(rows)
+            new_rows += len(rows)
+    return new_rows
 
 
 def trial_fields(setting: Mapping[str, Any], env: Setup, trial: Trial) -> Dict[str, Any]:
@@ -180,9 +192,8 @@ def grade_update(attempt: Attempt, diagnostics: Mapping[str, Any], truth: Victim
 def summarize_updates(rows: Sequence[Mapping[str, str]], keys: Sequence[str], numeric: Sequence[str] = (),
                       medians: Sequence[str] = ()) -> List[Dict[str, Any]]:
     """Per group of ``keys``: accuracy (Wilson 95 % interval), label-only accuracy, median label error and scale
-    error,
-    undetermined / confidently wrong / raised counts, median rank-one ratio and time, and ``median_{column}``
-    for each of the ``medians`` columns.
+    error, undetermined / confidently wrong / raised counts, median rank-one ratio and time, and
+    ``median_{column}`` for each of the ``medians`` columns.
 
     ``numeric`` keys are turned into floats (and sort as numbers); the summary is sorted by ``keys``.
     """
@@ -291,21 +302,12 @@ def run(*, dataset: str = "cifar10", network: Union[str, Sequence[str], None] = 
     count = (QUICK_SAMPLES if quick else 10) if samples is None else int(samples)
     folder = output_dir(out, "local-steps")
     table = ResumableCSV(folder / "local_steps.csv", FIELDS, KEY)
-    new_rows = 0
-    for setting, env, trials in network_trials(networks, dataset=dataset, weights=weights, formats=formats,
-                                               count=count, seed=seed, image_size=image_size):
-        jobs = []
-        for trial in trials:
-            where = trial_fields(setting, env, trial)
-            missing = {(lr, k, s) for lr in lrs for k in steps for s in scales
-                       if not table.has(**where, steps=k, lr=repr(lr), scale=s)}
-            if missing:
-                jobs.append((trial, missing))
-        task = functools.partial(attack_local_steps, setting=setting, lrs=lrs, steps=steps, scales=scales)
-        for rows in map_trials(task, jobs, ray_address=ray, progress=progress,
-                               desc=f"local steps {dataset}/{setting['network']}/{env.weights}"):
-            table.append(rows)
-            new_rows += len(rows)
+    new_rows = sweep_networks(
+        table, networks, desc="local steps", dataset=dataset, weights=weights, formats=formats, count=count,
+        seed=seed, image_size=image_size, ray=ray, progress=progress,
+        missing=lambda where: {(lr, k, s) for lr in lrs for k in steps for s in scales
+                               if not table.has(**where, steps=k, lr=repr(lr), scale=s)},
+        task=functools.partial(attack_local_steps, lrs=lrs, steps=steps, scales=scales))
     notes = ("A client runs K plain SGD steps (torch.optim.SGD) on its one example and sends new - old weights. "
              "Scale known: the server divides the update by -K*lr; unknown: no learning rate. abs(s_hat/s - 1) "
              "against the first-order s = -K*lr. drift (evaluator only): max_i |p_i after the K steps - p_i "
