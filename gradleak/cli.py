@@ -173,12 +173,16 @@ experiments (the options each one reads; the others are ignored):
                   --noise-multipliers --scales --seed
   local-steps     K local SGD steps: --network --samples --formats --steps --lrs --scales --seed
   landscape       Figure 1: --dataset --network --seed
-  train           a checkpoint for the trained rows: --dataset --network --augmentation --out (a .pt path)
+  train           a checkpoint for the trained rows: --dataset --network --augmentation --head-bias
+                  --out (a .pt path)
   reconstruction  one sample reconstructed: --dataset --network --methods (analytic ig dlg) --variants
                   --iterations --seed
   label-variants  the README's gradient-matching table: --dataset --network --samples --seed --methods (dlg ig)
                   --variants --iterations --image-size
   report          one accuracy table from every label-recovery run under --out
+  batch           batch label recovery against B, beside iLRG/LLG/LLG*/Yin/iDLG: --dataset --network --init
+                  --weights (a checkpoint with a head bias)
+                  --formats (hard smoothing mixup mixup-pairs) --methods --batch-sizes --samples --seed
 every experiment reads --out (resumable folder), --quick (the small preset CI runs) and --quiet;
 label-recovery, noise, dp and local-steps read --ray [ADDRESS] (their trials as Ray tasks: the same CSV)."""
 
@@ -269,10 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--seed", type=int, help="seeds the networks and the victims")
     experiment.add_argument("--weights", help="'untrained' or a checkpoint path")
     experiment.add_argument("--out", help="output folder (resumable); train: the checkpoint path")
-    experiment.add_argument("--formats", nargs="+", choices=LABELS, help="victim label formats")
+    experiment.add_argument("--formats", nargs="+", choices=LABELS + ("mixup-pairs",),
+                            help="victim label formats (mixup-pairs: batch only)")
     experiment.add_argument("--methods", nargs="+",
                             help="label-recovery, noise: exact exact-head exact-auto lbfgs pso lbfgs+pso idlg yin "
-                                 "rlg; reconstruction: analytic ig dlg; label-variants: dlg ig")
+                                 "rlg; reconstruction: analytic ig dlg; label-variants: dlg ig; batch: gradleak ilrg "
+                                 "llg llg* yin idlg")
     experiment.add_argument("--variants", nargs="+", choices=LABEL_VARIANTS,
                             help="reconstruction, label-variants: labels for gradient matching")
     experiment.add_argument("--iterations", type=count, help="reconstruction, label-variants: matching iterations")
@@ -292,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "learning rates")
     experiment.add_argument("--scales", nargs="+", choices=["known", "unknown"],
                             help="dp, local-steps: whether the server is told the learning rate")
+    experiment.add_argument("--batch-sizes", dest="batch_sizes", nargs="+", type=bounded(int, "--batch-sizes", 1),
+                            help="batch: the batch sizes B")
+    experiment.add_argument("--head-bias", dest="head_bias", action="store_true", default=None,
+                            help="train: give the head a bias (the batch experiment needs one)")
+    experiment.add_argument("--init", choices=["default", "paper"],
+                            help="batch: the untrained network's initialisation (PyTorch's default or the paper's)")
     experiment.add_argument("--quick", action="store_true", default=None, help="the small preset CI runs")
     experiment.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress bars")
     experiment.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",

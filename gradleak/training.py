@@ -109,7 +109,8 @@ def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batc
 def train(network: str = "lenet", dataset: str = "mnist5000", *, augmentation: str = "smoothing", eps: float = 0.1,
           epochs: Optional[int] = None, lr: Optional[float] = None, batch_size: Optional[int] = None,
           seed: int = 0, out: Optional[PathLike] = None, image_size: Optional[int] = None,
-          init: Optional[str] = None, max_samples: Optional[int] = None, progress: bool = True) -> Path:
+          init: Optional[str] = None, max_samples: Optional[int] = None, progress: bool = True,
+          head_bias: bool = False) -> Path:
     """Train ``network`` on the built-in samples of ``dataset`` (Adam, soft-target cross-entropy) and save it.
 
     Args:
@@ -127,6 +128,7 @@ def train(network: str = "lenet", dataset: str = "mnist5000", *, augmentation: s
             which trains its sigmoids well, PyTorch's for the ResNets); "paper" or "default" to force one.
         max_samples: train on the first ``max_samples`` images only (for quick tests).
         progress: tqdm bar over epochs.
+        head_bias: give the head a bias (batch label recovery reads the class mass from its gradient).
 
     Returns:
         The path of the saved checkpoint (see the module docstring for its contents). The network is trained
@@ -142,7 +144,7 @@ def train(network: str = "lenet", dataset: str = "mnist5000", *, augmentation: s
     images, labels = load_samples(dataset, size=image_size)
     if max_samples is not None:
         images, labels = images[:max_samples], labels[:max_samples]
-    kwargs = _model_kwargs(network, info.channels, image_size)
+    kwargs = dict(_model_kwargs(network, info.channels, image_size), **({"head_bias": True} if head_bias else {}))
     model = build_model(network, info.num_classes, init=init, seed=seed, **kwargs)
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.RandomState(seed)
@@ -243,12 +245,12 @@ def load_checkpoint(path: PathLike, *, network: Optional[str] = None, num_classe
 def train_experiment(*, dataset: str = "mnist5000", network: str = "lenet", seed: int = 0,
                      out: Optional[PathLike] = None, quick: bool = False, progress: bool = True,
                      augmentation: str = "smoothing", eps: float = 0.1, epochs: Optional[int] = None,
-                     lr: Optional[float] = None, **_ignored) -> Dict[str, Any]:
+                     lr: Optional[float] = None, head_bias: bool = False, **_ignored) -> Dict[str, Any]:
     """CLI entry (``gradleak experiment train``): train and report. ``quick`` trains 1 epoch on 500 images."""
     path = train(network, dataset, augmentation=augmentation, eps=eps,
                  epochs=1 if quick and epochs is None else epochs, lr=lr, seed=seed,
                  out=out if out is not None else "checkpoints", max_samples=500 if quick else None,
-                 progress=progress)
+                 progress=progress, head_bias=head_bias)
     info = load_checkpoint(path).checkpoint_info
     return {"checkpoint": str(path), "train_accuracy": info["train_accuracy"],
             "train_confidence": info["train_confidence"], "train_loss": info["train_loss"]}

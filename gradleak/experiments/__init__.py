@@ -16,7 +16,9 @@ trials of label-recovery, noise, dp and local-steps over a Ray cluster) — what
 * ``"label-variants"``: :func:`gradleak.experiments.reconstruction.run_label_variants` (the README's table of
   gradient matching with the recovered, true, hard and DLG's joint label; also reads ``methods``, ``variants``,
   ``iterations``);
-* ``"report"``: :func:`gradleak.experiments.report.run` (one table from every label-recovery run in a folder).
+* ``"report"``: :func:`gradleak.experiments.report.run` (one table from every label-recovery run in a folder);
+* ``"batch"``: :func:`gradleak.experiments.batch.run` (batch label recovery against the batch size, beside the
+  batch baselines; also reads ``init``, ``batch_sizes``).
 
 Modules are imported when an experiment is called, so importing this package stays cheap.
 """
@@ -67,6 +69,7 @@ EXPERIMENTS: Dict[str, Callable[..., Any]] = {
     "reconstruction": _reconstruction,
     "label-variants": _lazy(".reconstruction", "run_label_variants"),
     "report": _lazy(".report", "run"),
+    "batch": _lazy(".batch", "run"),
 }
 
 

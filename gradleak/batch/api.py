@@ -1,0 +1,215 @@
+"""``recover_batch``: what the gradient of a whole mini-batch gives away about its labels."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+from .._checks import as_tensor, check_finite, positive_int
+from ..head import GradientsLike, find_head, head_gradients, named_gradients, storage_precision
+from ..labels import LABEL_FORMATS
+from ..recovery import RecoveryResult, recover_from_gradients
+from ..recovery.api import GRADIENT_SCALES
+from .mass import LatticeFit, fit_lattice, fit_lattice_unknown_scale, mean_feature, prediction_mass
+
+#: How far (in examples, times ``1 - eps``) a class mass may sit from its lattice point and still fix the counts:
+#: a tenth of the spacing. An estimate that is off by a sizeable fraction of an example lands between lattice
+#: points in some class; one that is off by whole examples in every class at once is not caught.
+LATTICE_TOL = 0.1
+#: eps counts as determined when ``AMBIGUITY_RATIO`` standard errors stay below ``EPS_TOL`` (the rule the
+#: single-example decision applies to a label's standard error).
+EPS_TOL = 1e-3
+AMBIGUITY_RATIO = 3.0
+#: Rounds of re-estimating the mean feature from the classes the counts leave empty.
+MEAN_FEATURE_ROUNDS = 3
+
+
+@dataclass
+class BatchRecoveryResult:
+    """What a batch gradient gave away.
+
+    Attributes:
+        class_mass: ``(C,)`` float64, the sum of the batch's soft labels (``counts`` for hard labels), or None
+            when the batch size is unknown.
+        counts: ``(C,)`` int64, the examples per dominant class, or None (mixup, or no lattice point fits).
+        eps: the common label-smoothing mass (0.0 for hard labels), or None.
+        examples: one :class:`~gradleak.RecoveryResult` per example when the batch could be split (B = 1 always),
+            else ``[]``.
+        determined: whether the gradient pins down ``counts`` and ``eps`` (and ``examples`` when there are any);
+            False means "cannot tell": read ``message``.
+        counts_determined: whether ``counts`` alone are pinned down (the class mass sits on its lattice point),
+            even where ``eps`` is not.
+        message: why not determined, or "".
+        batch_size: the B used (given, or implied by the rank), or None.
+        rank: numerical rank of the head's weight gradient (its rows sum to zero, so it is at most ``C - 1``).
+        implied_batch_size: ``rank`` when it is below ``min(C - 1, d)`` (each example adds one), else None: the
+            gradient says only "at least ``rank``".
+        label_format: "hard", "smoothing" or "mixup": the format the answer was read under.
+        method: "single" (B = 1: :func:`gradleak.recover_from_gradients`) or "class_mass" (see
+            :mod:`gradleak.batch.mass`).
+        lattice_residual: how far the class mass sits from its count lattice, in examples (nan without one).
+        eps_error: standard error of ``eps`` (nan without one).
+        gradient_scale: ``s`` with observed gradients = ``s *`` the true ones: 1.0 when the scale is known,
+            recovered with ``gradient_scale="unknown"`` (``-lr`` for one plain SGD step's weight delta).
+    """
+
+    class_mass: Optional[torch.Tensor]
+    counts: Optional[torch.Tensor]
+    eps: Optional[float]
+    examples: List[RecoveryResult]
+    determined: bool
+    counts_determined: bool
+    message: str
+    batch_size: Optional[int]
+    rank: int
+    implied_batch_size: Optional[int]
+    label_format: str
+    method: str
+    lattice_residual: float = math.nan
+    eps_error: float = math.nan
+    gradient_scale: float = 1.0
+    extra: Dict[str, object] = field(default_factory=dict, repr=False)
+
+
+def numerical_rank(weight_grad: torch.Tensor) -> int:
+    """Singular values of ``weight_grad`` (C, d) above ``max(C, d) * u * sigma_max``, ``u`` the precision its
+    values carry (float32 values cast to float64 keep float32's)."""
+    matrix = weight_grad.detach()
+    largest_row = torch.linalg.vector_norm(matrix, dim=1).argmax()
+    precision = storage_precision(matrix, matrix[largest_row])
+    values = torch.linalg.svdvals(matrix.double())
+    return int((values > max(matrix.shape) * precision * values[0]).sum())
+
+
+def recover_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optional[int] = None,
+                  label_format: str = "auto", gradient_scale: str = "known", head: Union[str, nn.Linear, None] = None,
+                  **options) -> BatchRecoveryResult:
+    """The class mass, counts and smoothing eps of a batch from the gradient of its mean soft-target
+    cross-entropy; every example's label when the batch is one example.
+
+    Args:
+        model: the classifier; its head (the last ``nn.Linear``, or ``head``) needs a bias for ``B > 1``: the
+            class mass is read from ``dL/db``.
+        gradients: ``{parameter name: gradient}`` or a sequence aligned with ``model.parameters()``, of the mean
+            loss over the batch (``reduction="mean"``, PyTorch's default).
+        batch_size: B, when known; None reads it from the numerical rank of the head's weight gradient, which
+            tells it only while ``B < C - 1``.
+        label_format: "auto", "hard", "smoothing" (one eps for the whole batch) or "mixup".
+        gradient_scale: "known", or "unknown" when the gradients arrive as ``s`` times the true ones (a client's
+            weight delta ``-lr * g``, a clipped update): ``s`` is then fitted together with the counts and eps, and
+            the answer is determined only when no other counts fit at any scale. Mixup gives no lattice to fix it.
+        **options: passed to :func:`gradleak.recover_from_gradients` for ``B = 1``.
+
+    Returns:
+        :class:`BatchRecoveryResult`. ``B = 1`` gives the same label and feature as
+        :func:`gradleak.recover_from_gradients`.
+    """
+    if label_format not in ("auto",) + LABEL_FORMATS:
+        raise ValueError(f"label_format must be one of {('auto',) + LABEL_FORMATS}, got {label_format!r}")
+    if gradient_scale not in GRADIENT_SCALES:
+        raise ValueError(f"gradient_scale must be one of {GRADIENT_SCALES}, got {gradient_scale!r}")
+    if batch_size is not None:
+        positive_int(batch_size, "batch_size")
+    found = find_head(model, head)
+    named = named_gradients(model, gradients)
+    parts = head_gradients(model, named, found)
+    weight_grad = as_tensor(parts["weight_grad"], "weight_grad")
+    if weight_grad.shape != parts["weight"].shape:
+        raise ValueError(f"the head weight has shape {tuple(parts['weight'].shape)} but its gradient has "
+                         f"{tuple(weight_grad.shape)}")
+    check_finite(weight_grad, "weight_grad")
+    num_classes, dim = weight_grad.shape
+    rank = numerical_rank(weight_grad)
+    if rank == 0:
+        raise ValueError("the head's weight gradient is all zeros (to its precision): nothing to recover")
+    implied = rank if rank < min(num_classes - 1, dim) else None
+    if batch_size is not None and rank > batch_size:
+        raise ValueError(f"batch_size={batch_size} but the head's weight gradient has rank {rank}: it holds at "
+                         f"least {rank} examples (or noise)")
+    size = batch_size if batch_size is not None else implied
+    common = dict(rank=rank, implied_batch_size=implied, batch_size=size)
+    if size is None:
+        return BatchRecoveryResult(None, None, None, [], False, False,
+                                   f"the batch size is unknown: the head's weight gradient has rank {rank}, the "
+                                   f"most its {num_classes} classes allow (rows sum to zero), so B >= {rank}; "
+                                   "pass batch_size", label_format=label_format, method="class_mass", **common)
+    if size == 1:
+        return _single(model, named, found, label_format, dict(options, gradient_scale=gradient_scale), common)
+    if parts["bias_grad"] is None:
+        raise ValueError("the head has no bias: a batch's class mass is read from the head's bias gradient "
+                         "(one example, B = 1, needs none)")
+    return _class_mass(parts, size, label_format, gradient_scale == "known", common)
+
+
+def _single(model: nn.Module, named, found, label_format: str, options: Dict[str, object],
+            common: Dict[str, object]) -> BatchRecoveryResult:
+    """B = 1: the single-example recovery, read as a batch."""
+    result = recover_from_gradients(model, named, head=found[1], label_format=label_format, **options)
+    label = result.label.detach().double()
+    two_classes = result.label_format == "mixup"
+    counts = None if two_classes else torch.zeros_like(label, dtype=torch.int64).scatter_(0, label.argmax()[None], 1)
+    return BatchRecoveryResult(label, counts, None if two_classes else result.eps, [result], result.determined,
+                               result.determined and not two_classes, result.message, label_format=result.label_format,
+                               method="single", gradient_scale=result.gradient_scale, **common)
+
+
+def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_format: str, scale_known: bool,
+                common: Dict[str, object]) -> BatchRecoveryResult:
+    """B > 1: the class mass from the bias gradient and the estimated summed predictions; counts and eps from the
+    nearest lattice point (with the gradient scale, when unknown), judged by how near it is."""
+    weight, bias = parts["weight"].detach().double(), parts["bias"].detach().double()
+    weight_grad, bias_grad = parts["weight_grad"].detach().double(), as_tensor(parts["bias_grad"], "bias_grad")
+    check_finite(bias_grad, "bias_grad")
+    bias_grad = bias_grad.detach().double()
+    hard = label_format == "hard"
+    if label_format == "mixup" and not scale_known:
+        raise ValueError("a mixup batch's class mass has no count lattice to fix an unknown gradient scale with: "
+                         "pass the scale (divide the update by -lr) and gradient_scale='known'")
+    feature = mean_feature(weight_grad, bias_grad)  # a ratio: the gradient scale cancels
+    fit: Optional[LatticeFit] = None
+    runner_up = math.inf
+    for _ in range(MEAN_FEATURE_ROUNDS):
+        prediction = prediction_mass(weight, bias, feature, size)
+        if label_format == "mixup":
+            break
+        if scale_known:
+            fit = fit_lattice(prediction - size * bias_grad, size, hard=hard)
+        else:
+            fit, runner_up = fit_lattice_unknown_scale(prediction, bias_grad, size, hard=hard)
+        empty = fit.counts == 0
+        if not bool(empty.any()):
+            break
+        moved = mean_feature(weight_grad, bias_grad, empty)
+        if torch.equal(moved, feature):
+            break
+        feature = moved
+    if fit is None:
+        return BatchRecoveryResult(prediction - size * bias_grad, None, None, [], False, False,
+                                   "mixup: the class mass is an estimate with no count lattice to check it against",
+                                   label_format="mixup", method="class_mass", **common)
+    mass = prediction - fit.inverse_scale * size * bias_grad
+    tol = LATTICE_TOL * (1.0 - fit.eps)
+    on_lattice = fit.residual <= tol
+    reasons = []
+    if not on_lattice:
+        reasons.append(f"the class mass sits {fit.residual:.2g} examples from the nearest count lattice point "
+                       f"(more than {tol:.3g}): the summed predictions are estimated too roughly for this batch "
+                       "(logits that differ a lot between examples, a large batch), or the labels are not hard or "
+                       "smoothed with one eps (mixup)")
+    elif runner_up <= tol:
+        on_lattice = False
+        reasons.append(f"other counts fit at another gradient scale (residual {runner_up:.2g}): with the scale "
+                       "unknown the counts are ambiguous")
+    if not hard and AMBIGUITY_RATIO * fit.eps_error > EPS_TOL:
+        reasons.append(f"eps is pinned only to +-{fit.eps_error:.2g}" + (
+            ": the classes hold B/C examples each, and such counts do not separate eps" if math.isinf(fit.eps_error)
+            else " (from how far the class mass sits from its lattice point)"))
+    detected = "hard" if hard or (label_format == "auto" and fit.eps <= AMBIGUITY_RATIO * fit.eps_error) \
+        else "smoothing"
+    return BatchRecoveryResult(mass, fit.counts, fit.eps if detected == "smoothing" else 0.0, [], not reasons,
+                               on_lattice, "; ".join(reasons), label_format=detected, method="class_mass",
+                               lattice_residual=fit.residual, eps_error=fit.eps_error,
+                               gradient_scale=1.0 / fit.inverse_scale, extra={"mean_feature": feature}, **common)

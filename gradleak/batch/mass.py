@@ -1,0 +1,188 @@
+"""The class mass of a batch, and the counts and smoothing eps it implies.
+
+For a batch of ``B`` examples and a head ``z = W h + b`` the bias gradient is the mean of ``p_n - y_n``, so the
+class mass (the sum of the soft labels) is
+
+    m = sum_n y_n = S_p - B * dL/db,        S_p = sum_n softmax(W h_n + b)
+
+exactly. ``S_p`` needs the examples' features, which a batch hides; to first order in the spread of the logits
+it is ``B * softmax(W h_bar + b)`` (the linear term vanishes at the mean feature ``h_bar``). Each row of the head's
+weight gradient is ``dL/dW_c = (1/B) sum_n e_nc h_n``, a weighted sum of the features with the weights of
+``dL/db_c``: for a class no example holds the weights are all of one sign (``p_nc - eps/C``) and
+``dL/dW_c / dL/db_c`` is a weighted mean of the features; the least-squares combination of those ratios
+(weighted by ``dL/db_c^2``) estimates ``h_bar``, over the classes held by no example once the counts are known.
+This is what iLRG's per-class embeddings do (Ma et al., ICLR 2023), for the whole batch and for soft labels.
+
+The estimate is good when the examples' predictions are alike (untrained networks); its error grows with the
+spread of the logits and with ``B``. Integer counts make it checkable: with label smoothing every class mass is
+``(1 - eps) n_c + eps B / C`` with integer ``n_c`` summing to ``B``, a lattice that a wrong estimate misses.
+:func:`fit_lattice` finds the nearest lattice point and says how far the mass is from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+#: Candidate smoothing masses scanned before the closed-form refinement (eps in [0, 1)).
+EPS_GRID = 400
+
+
+def mean_feature(weight_grad: torch.Tensor, bias_grad: torch.Tensor, classes: Optional[torch.Tensor] = None
+                 ) -> torch.Tensor:
+    """Least-squares estimate ``(d,)`` of the batch's mean head feature from the ratios ``dL/dW_c / dL/db_c``
+    weighted by ``dL/db_c^2``: ``sum_c q_c G_c / sum_c q_c^2`` with ``q = dL/db``.
+
+    Args:
+        weight_grad: ``(C, d)``; bias_grad: ``(C,)`` (float64; a common scale of both cancels).
+        classes: ``(C,)`` boolean, the classes to combine (those held by no example); None for all.
+    """
+    q = bias_grad if classes is None else bias_grad * classes
+    return q @ weight_grad / q.square().sum().clamp_min(torch.finfo(q.dtype).tiny)
+
+
+def prediction_mass(weight: torch.Tensor, bias: torch.Tensor, feature: torch.Tensor, batch_size: int
+                    ) -> torch.Tensor:
+    """``B * softmax(W h + b)``: ``(C,)`` the summed predictions of ``B`` examples with feature ``h`` (d,)."""
+    return batch_size * torch.softmax(weight @ feature + bias, dim=-1)
+
+
+@dataclass(frozen=True)
+class LatticeFit:
+    """The nearest smoothed-count lattice point ``(1 - eps) n + eps B / C`` to a class mass.
+
+    Attributes:
+        counts: ``(C,)`` int64, non-negative, summing to ``B``.
+        eps: the common smoothing mass (0 for hard labels), in [0, 1).
+        lattice: ``(C,)`` the lattice point itself.
+        residual: ``max_c |m_c - lattice_c|``, in examples.
+        eps_error: standard error of ``eps`` from the residual (least squares); inf when the counts cannot tell
+            eps (every class holds ``B/C`` examples, so the lattice point ignores eps).
+        inverse_scale: ``u = 1 / s`` for gradients observed as ``s`` times the true ones (1.0 when known).
+    """
+
+    counts: torch.Tensor
+    eps: float
+    lattice: torch.Tensor
+    residual: float
+    eps_error: float
+    inverse_scale: float = 1.0
+
+
+def _round_to_sum(values: torch.Tensor, total: int) -> torch.Tensor:
+    """Non-negative integers ``(..., C)`` nearest to ``values`` whose rows sum to ``total``: round, then move each
+    row's deficit onto the entries that rounding moved the most the other way."""
+    counts = values.round().clamp(0, total)
+    deficit = total - counts.sum(-1, keepdim=True)
+    gap = values - counts
+    up_rank = (-gap).argsort(-1).argsort(-1)
+    down_rank = torch.where(counts > 0, gap, torch.full_like(gap, torch.inf)).argsort(-1).argsort(-1)
+    counts = counts + (up_rank < deficit).to(counts.dtype) - (down_rank < -deficit).to(counts.dtype)
+    return counts.clamp_min(0)
+
+
+def _lattice_counts(mass: torch.Tensor, batch_size: int, hard: bool) -> torch.Tensor:
+    """For each row of ``mass`` (K, C), the counts ``(K, C)`` of its nearest lattice point over a grid of eps
+    (only 0 when ``hard``), each eps's counts rounded from ``(m - eps B / C) / (1 - eps)``."""
+    share = batch_size / mass.shape[-1]
+    eps = mass.new_zeros(1) if hard else torch.linspace(0.0, 0.99, EPS_GRID, dtype=mass.dtype, device=mass.device)
+    block = max(1, (1 << 22) // (eps.shape[0] * mass.shape[-1]))  # bounds the (rows, eps, C) temporaries
+    best = []
+    for part in mass.split(block):
+        counts = _round_to_sum((part[:, None] - eps[:, None] * share) / (1 - eps[:, None]), batch_size)
+        refit = _refit(part[:, None], counts, None, batch_size, hard)[1]
+        lattice = (1 - refit[..., None]) * counts + refit[..., None] * share
+        residual = (part[:, None] - lattice).abs().amax(-1)
+        best.append(counts.gather(1, residual.argmin(-1)[:, None, None].expand(-1, 1, counts.shape[-1]))[:, 0])
+    return torch.cat(best)
+
+
+def _refit(mass: torch.Tensor, counts: torch.Tensor, signal: Optional[torch.Tensor], batch_size: int,
+           hard: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Least-squares ``(u, eps, eps_variance_factor)`` (each ``(...)``) with the counts held: the mass
+    ``m = prediction - u B q`` (``signal`` q; ``u`` is held at 0 and ``mass`` is ``m`` when None) on the lattice
+    point ``(1 - eps) n + eps B / C`` (eps held at 0 when ``hard``). ``eps_variance_factor`` times the residual
+    variance is eps's variance."""
+    away = batch_size / counts.shape[-1] - counts        # d(lattice)/d(eps)
+    target = mass - counts                               # = u B q + eps * away
+    tiny = torch.finfo(mass.dtype).tiny
+    if hard:
+        zeros = torch.zeros_like(target[..., 0])
+        if signal is None:
+            return zeros, zeros, zeros
+        column = (batch_size * signal).expand_as(away)
+        return (target * column).sum(-1) / column.square().sum(-1).clamp_min(tiny), zeros, zeros
+    if signal is None:
+        norm = away.square().sum(-1)
+        eps = (target * away).sum(-1) / norm.clamp_min(tiny)
+        return torch.zeros_like(eps), eps.clamp(0.0, 0.999), 1.0 / norm.clamp_min(tiny)
+    column = (batch_size * signal).expand_as(away)
+    a11, a12, a22 = column.square().sum(-1), (column * away).sum(-1), away.square().sum(-1)
+    b1, b2 = (target * column).sum(-1), (target * away).sum(-1)
+    det = (a11 * a22 - a12.square()).clamp_min(tiny)
+    u, eps = (a22 * b1 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det
+    return u, eps.clamp(0.0, 0.999), a11 / det
+def fit_lattice(mass: torch.Tensor, batch_size: int, *, hard: bool = False) -> LatticeFit:
+    """The smoothed-count lattice point nearest (max-abs) to ``mass`` (C,), float64.
+
+    Every ``eps`` of a grid over [0, 1) (only 0 when ``hard``) gives counts by rounding
+    ``(m - eps B / C) / (1 - eps)`` to integers summing to ``B``; ``eps`` is then refitted by least squares with
+    those counts, and the candidate nearest to ``m`` wins. Vectorised over the grid: ``(EPS_GRID, C)``.
+    """
+    counts = _lattice_counts(mass[None], batch_size, hard)[0]
+    return _judged(mass, counts, None, batch_size, hard)
+
+
+def _judged(mass: torch.Tensor, counts: torch.Tensor, signal: Optional[torch.Tensor], batch_size: int, hard: bool
+            ) -> LatticeFit:
+    """The lattice fit of ``mass`` (C,) with ``counts`` (C,) held, eps (and ``u`` with ``signal``) refitted."""
+    u, eps, factor = _refit(mass, counts, signal, batch_size, hard)
+    shifted = mass - u * batch_size * signal if signal is not None else mass
+    share = batch_size / mass.shape[-1]
+    lattice = (1 - eps) * counts + eps * share
+    freedom = max(mass.shape[-1] - 1 - int(not hard) - int(signal is not None), 1)
+    rms = float((shifted - lattice).square().sum().div(freedom).sqrt())
+    eps_error = 0.0 if hard else (rms * float(factor) ** 0.5 if float((share - counts).abs().max()) > 0
+                                  else float("inf"))
+    return LatticeFit(counts=counts.to(torch.int64), eps=float(eps), lattice=lattice,
+                      residual=float((shifted - lattice).abs().max()), eps_error=eps_error,
+                      inverse_scale=float(u) if signal is not None else 1.0)
+
+
+#: With an unknown gradient scale, the gradient term ``u B q`` must move some class's mass by at least this many
+#: examples: nearer to zero the mass is the summed predictions alone, which every scale would call a fit.
+MIN_SIGNAL = 0.5
+#: The scan over the gradient term's size, in examples of the class it moves most.
+SCALE_STEP = 0.1
+
+
+def fit_lattice_unknown_scale(prediction: torch.Tensor, signal: torch.Tensor, batch_size: int, *,
+                              hard: bool = False) -> Tuple[LatticeFit, float]:
+    """The lattice fit of ``m = prediction - u B q`` with the inverse gradient scale ``u`` unknown too.
+
+    ``u B max|q|`` (how many examples the gradient term moves the most-moved class by) is scanned from
+    ``-(B + 1)`` to ``B + 1`` in steps of :data:`SCALE_STEP`, skipping ``|.| < MIN_SIGNAL``; each point's mass gets
+    its nearest lattice counts, and ``(u, eps)`` are refitted by least squares with them.
+
+    Args:
+        prediction: ``(C,)`` the estimated summed predictions; signal: ``(C,)`` the observed (scaled) bias gradient.
+
+    Returns:
+        ``(best fit, runner_up)``: the nearest fit, and the residual of the nearest fit with other counts (inf if
+        none), which tells a unique answer from an ambiguous one.
+    """
+    top = float(signal.abs().max())
+    reach = batch_size + 1.0
+    moves = torch.arange(-reach, reach + SCALE_STEP / 2, SCALE_STEP, dtype=prediction.dtype, device=prediction.device)
+    moves = moves[moves.abs() >= MIN_SIGNAL]
+    mass = prediction - (moves / top)[:, None] * signal
+    counts = _lattice_counts(mass, batch_size, hard)
+    u, eps, _ = _refit(prediction.expand_as(counts), counts, signal, batch_size, hard)
+    lattice = (1 - eps[:, None]) * counts + eps[:, None] * (batch_size / counts.shape[-1])
+    residual = (prediction - u[:, None] * batch_size * signal - lattice).abs().amax(-1)
+    residual = torch.where((u * batch_size).abs() * top >= MIN_SIGNAL, residual, torch.full_like(residual, torch.inf))
+    best = int(residual.argmin())
+    others = (counts != counts[best]).any(-1)
+    runner_up = float(residual[others].min()) if bool(others.any()) else float("inf")
+    return _judged(prediction, counts[best], signal, batch_size, hard), runner_up
