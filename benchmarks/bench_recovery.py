@@ -9,6 +9,13 @@ reads the layer below the head when it can; "exact-auto" is that pipeline detect
 and their median time ratio to the known-scale call is printed. Prints a table and writes a CSV.
 
     python benchmarks/bench_recovery.py --samples 10 --threads 2
+
+``--batched N`` measures throughput instead: N single-example gradients of ResNet18's 10 x 512 head (CIFAR-10,
+the protocol's smoothing and mixup labels) recovered by one ``recover_labels`` call and by N ``recover_label``
+calls, on the same gradients, side by side in recoveries per second (medians; the single calls are timed on the
+first ``--compare`` examples), with the largest label difference between the two and the undetermined fraction.
+
+    python benchmarks/bench_recovery.py --batched 1000 --threads 2
 """
 from __future__ import annotations
 
@@ -22,8 +29,10 @@ from tqdm.auto import tqdm
 
 import gradleak
 from gradleak.data import load_samples
-from gradleak.experiments.common import draw_trials, victim
+from gradleak.client import soft_cross_entropy
+from gradleak.experiments.common import draw_trials, victim, victim_input
 from gradleak.models import build_model
+from gradleak.recovery.batched import recover_labels
 
 METHODS = {
     "exact": dict(method="exact"),
@@ -51,8 +60,14 @@ def main() -> None:
                         help="indices into the configuration list")
     parser.add_argument("--seed", type=int, default=2023)
     parser.add_argument("--out", default="bench-recovery.csv")
+    parser.add_argument("--batched", type=int, metavar="N", help="throughput of N recoveries at once instead")
+    parser.add_argument("--compare", type=int, default=200, help="with --batched: examples also run one by one")
+    parser.add_argument("--repeats", type=int, default=5, help="with --batched: timed batched calls")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.batched:
+        batched_throughput(args)
+        return
     rows = []
     for index in args.configs:
         title, network, kwargs, dataset, size, num_classes = CONFIGS[index]
@@ -99,6 +114,57 @@ def main() -> None:
             print(f"{unknown} / {known}, same gradients: median time ratio {statistics.median(ratios):.2f} "
                   f"(max {max(ratios):.2f}) over {len(ratios)} samples")
     print(f"per-sample rows: {args.out}")
+
+
+def head_gradients_of(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(N, C, d)`` each example's gradient of its own soft cross-entropy with respect to the (bias-free) head's
+    weight: autograd, vectorised over the examples (what ``single_example_gradients`` gives, one by one)."""
+    with torch.no_grad():
+        features = torch.cat([model.features(part) for part in inputs.split(100)])
+
+    def loss(weight: torch.Tensor, feature: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return soft_cross_entropy((feature @ weight.T).unsqueeze(0), label.unsqueeze(0))
+
+    per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
+    return per_example(model.head.weight.detach(), features, labels.to(features.dtype))
+
+
+def batched_throughput(args: argparse.Namespace) -> None:
+    """Recoveries per second, one ``recover_labels`` call against one ``recover_label`` call per example."""
+    model = build_model("resnet18", 10, seed=1, stem="cifar")
+    images, labels = load_samples("cifar10")
+    weight = model.head.weight.detach()
+    print(f"ResNet18 / CIFAR-10 head 10 x 512, {args.batched} gradients per batch, torch threads {args.threads}, "
+          f"single calls timed on the first {args.compare}\n")
+    header = (f"{'labels':9} {'label_format':12} {'batched /s':>10} {'single /s':>10} {'ratio':>7} "
+              f"{'undetermined':>12} {'max |label diff|':>17} {'determined differ':>17}")
+    print(header)
+    print("-" * len(header))
+    for kind in ("smoothing", "mixup"):
+        trials = draw_trials(labels, 10, kind, args.batched, args.seed)
+        inputs = torch.stack([victim_input(images, trial) for trial in trials])
+        targets = torch.stack([trial.spec.to_tensor(torch.float32) for trial in trials])
+        grads = head_gradients_of(model, inputs, targets)
+        for label_format in (kind, "auto"):
+            recover_labels(grads[:10], weight, label_format=label_format)  # untimed: warm-up
+            seconds = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                results = recover_labels(grads, weight, label_format=label_format)
+                seconds.append(time.perf_counter() - start)
+            single_ms, difference, disagree = [], 0.0, 0
+            for i in range(min(args.compare, args.batched)):
+                start = time.perf_counter()
+                single = gradleak.recover_label(grads[i], weight, label_format=label_format)
+                single_ms.append((time.perf_counter() - start) * 1e3)
+                difference = max(difference, float((single.label - results.labels[i]).abs().max()))
+                disagree += single.determined != bool(results.determined[i])
+            batched_rate = args.batched / statistics.median(seconds)
+            single_rate = 1e3 / statistics.median(single_ms)
+            undetermined = float((~results.determined).float().mean())
+            print(f"{kind:9} {label_format:12} {batched_rate:10.0f} {single_rate:10.0f} "
+                  f"{batched_rate / single_rate:6.1f}x {undetermined:12.2%} {difference:17.3g} {disagree:17d}",
+                  flush=True)
 
 
 if __name__ == "__main__":

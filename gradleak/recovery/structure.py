@@ -13,15 +13,26 @@ With an unknown gradient scale the candidate labels are ``y = p(t) - c / alpha``
 (see :class:`~gradleak.head.HeadProblem`); for each ``t`` it is the least-squares fit of ``alpha p_S`` to ``c_S``
 (variable projection), and ``r(t) = min_alpha || P (alpha p_S(t) - c_S) || / || P c_S ||``, still in ``[0, 1]``
 and still one-dimensional. Everything below is written for ``alpha``: with a known scale ``alpha = t``.
+
+Shapes: everything works on a :class:`~gradleak.head.HeadBatch` of ``N`` examples at once, candidates ``t`` of
+shape ``(N, K)`` (``K`` candidates per example) and per-candidate ``(N, K, C)`` tensors. Per-example values are
+broadcast with :meth:`~gradleak.head.HeadBatch.broadcast`; the hypothesis of each candidate (``free_entries``,
+``offset_free``) may be given per candidate ``(N, K)`` or shared by the examples ``(K,)``. No operation mixes
+examples, and every reduction runs along one example's entries, so each example gets the same bits whatever the
+batch holds (no matrix products: see :mod:`gradleak.head`). :func:`residuals` and :func:`free_entries_of` also
+take a single :class:`~gradleak.head.HeadProblem` with tensors that lack the batch dimension.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+import functools
+from dataclasses import dataclass, fields
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 
-from ..head import HeadProblem
+from ..head import HeadBatch, HeadProblem
+
+Problem = Union[HeadBatch, HeadProblem]
 
 
 @dataclass(frozen=True)
@@ -33,9 +44,10 @@ class Structure:
     offset_free: bool
     label_format: str
 
-    def degrees_of_freedom(self, num_classes: int, unknowns: int = 1) -> int:
+    def degrees_of_freedom(self, num_classes, unknowns: int = 1):
         """Equations left over once the offset and ``unknowns`` scalars (``t`` unless a closed form fixed it, and
-        ``alpha`` when the gradient scale is unknown) are fitted; below 1 the structure cannot judge the answer."""
+        ``alpha`` when the gradient scale is unknown) are fitted; below 1 the structure cannot judge the answer.
+        ``num_classes`` (the equations) may be an int or a tensor of them."""
         return num_classes - self.free_entries - int(self.offset_free) - unknowns
 
 
@@ -61,26 +73,67 @@ FORMAT_STRUCTURES: Dict[str, Tuple[str, ...]] = {
 }
 
 
-def _second_free_score(error: torch.Tensor, top: torch.Tensor, offset_free: torch.Tensor) -> torch.Tensor:
-    """How much leaving each entry out of ``S`` (besides the largest, ``top``) lowers the residual: ``(K, C)``.
+def hypotheses(structures: Sequence[Structure], which: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(free_entries, offset_free)`` of candidates under ``structures[which]``, shaped like ``which``."""
+    free_entries, offset_free = _hypothesis_table(tuple(structures), which.device)
+    return free_entries[which], offset_free[which]
 
-    With a zero offset that is ``|e_j|``; with a free offset ``|e_j - mean|`` over the entries other than the
-    largest. The largest entry itself scores -1, so it is never picked twice.
+
+@functools.lru_cache(maxsize=64)
+def _hypothesis_table(structures: Tuple[Structure, ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(free_entries, offset_free)`` of each structure, as tensors (made once per set of structures)."""
+    return (torch.tensor([s.free_entries for s in structures], device=device),
+            torch.tensor([s.offset_free for s in structures], device=device))
+
+
+Function = TypeVar("Function", bound=Callable[..., torch.Tensor])
+
+
+def _one_or_many(function: Function) -> Function:
+    """Let ``function(problem, *tensors, **options)``, written for a :class:`HeadBatch` and tensors with a leading
+    batch dimension, also take a single :class:`HeadProblem` and tensors without it (a batch of one)."""
+    @functools.wraps(function)
+    def wrapper(problem, *args, **kwargs):
+        if isinstance(problem, HeadBatch):
+            return function(problem, *args, **kwargs)
+
+        def lift(value):
+            return value.unsqueeze(0) if isinstance(value, torch.Tensor) else value
+
+        return function(HeadBatch.of(problem), *map(lift, args), **{k: lift(v) for k, v in kwargs.items()})[0]
+    return wrapper  # type: ignore[return-value]
+
+
+def _c_like(problem: HeadBatch, values: torch.Tensor) -> torch.Tensor:
+    """``c`` broadcast against per-candidate values ``(N, ..., C)``."""
+    return problem.broadcast("c", values, trailing=1).expand_as(values)
+
+
+def _second_free_score(error: torch.Tensor, top: torch.Tensor, offset_free: Union[torch.Tensor, bool]
+                       ) -> torch.Tensor:
+    """How much leaving each entry out of ``S`` (besides the largest, ``top`` (N, K, 1)) lowers the residual:
+    ``(N, K, C)``.
+
+    With a zero offset (``offset_free`` (N, K, 1), or one bool) that is ``|e_j|``; with a free offset
+    ``|e_j - mean|`` over the entries other than the largest. The largest entry itself scores -1, so it is never
+    picked twice.
     """
-    top = top.unsqueeze(-1)
-    mean = (error.sum(-1, keepdim=True) - error.gather(-1, top)) / max(error.shape[-1] - 1, 1)
-    score = (error - mean * offset_free.unsqueeze(-1)).abs()
-    return score.scatter_(-1, top, -1.0)
+    score = error
+    if not isinstance(offset_free, bool) or offset_free:
+        mean = (error.sum(-1, keepdim=True) - error.gather(-1, top)) / max(error.shape[-1] - 1, 1)
+        score = error - mean * offset_free
+    return score.abs().scatter_(-1, top, -1.0)
 
 
 def _deletion_scores(p: torch.Tensor, c: torch.Tensor, weight: torch.Tensor, offset_free: torch.Tensor
                      ) -> torch.Tensor:
     """How much leaving each entry out lowers the residual sum of squares of the least-squares fit of ``c`` by
-    ``alpha p`` (``+ beta`` where the offset is free) over the entries of ``weight``: ``(K, C)``, -1 outside.
+    ``alpha p`` (``+ beta`` where the offset is free) over the entries of ``weight``: ``(..., C)``, -1 outside.
 
     The regression deletion identity ``RSS - RSS_{-j} = r_j^2 / (1 - h_jj)`` gives every entry at once from the
     full fit's residuals ``r`` and leverages ``h``; ``1 - h_jj`` is ``S_{-j} / S`` (times ``(n-1)/n`` with a free
     offset), ``S`` the (centred) sum of squares of ``p``, computed without cancellation for the dominant entry.
+    ``c`` broadcasts against ``p``.
     """
     offset = offset_free.to(p.dtype).unsqueeze(-1)
     tiny = torch.finfo(p.dtype).tiny
@@ -102,10 +155,11 @@ def _deletion_scores(p: torch.Tensor, c: torch.Tensor, weight: torch.Tensor, off
     return torch.where(weight > 0, score, torch.full_like(score, -1.0))
 
 
-def free_entries_of(problem: HeadProblem, t: torch.Tensor, p: torch.Tensor, free_entries: torch.Tensor,
+@_one_or_many
+def free_entries_of(problem: Problem, t: torch.Tensor, p: torch.Tensor, free_entries: torch.Tensor,
                     offset_free: torch.Tensor, choices: int = 1, alpha: Optional[torch.Tensor] = None
                     ) -> torch.Tensor:
-    """Indices ``(K, choices, 2)`` of the entries a structure leaves free at each candidate.
+    """Indices ``(N, K, choices, 2)`` of the entries a structure leaves free at each candidate.
 
     The first is the label's largest entry; for two-class structures the second is the entry whose removal
     lowers the residual most (``choices`` > 1 gives the runners-up as alternatives), so the residual is the
@@ -116,138 +170,186 @@ def free_entries_of(problem: HeadProblem, t: torch.Tensor, p: torch.Tensor, free
     removal lowers the residual of the fit most (exact deletion diagnostics, see :func:`_deletion_scores`).
 
     Args:
-        t: ``(K,)``; p: ``(K, C)`` the softmax at ``t``; free_entries, offset_free: ``(K,)``; alpha: ``(K,)``.
+        t: ``(N, K)``; p: ``(N, K, C)`` the softmax at ``t``; free_entries, offset_free: ``(N, K)`` or ``(K,)``;
+            alpha: ``(N, K)``. A :class:`HeadProblem` takes them without the leading ``N`` (and returns
+            ``(K, choices, 2)``).
     """
+    c = problem.broadcast("c", t)
     if problem.scale_known or alpha is not None:
         alpha = t if alpha is None else alpha
-        error = alpha.unsqueeze(-1) * p - problem.c
+        error = alpha.unsqueeze(-1) * p - c
         top = (error * alpha.sign().unsqueeze(-1)).argmax(-1)
-        second = _second_free_score(error, top, offset_free)
+        second = _second_free_score(error, top.unsqueeze(-1), offset_free.unsqueeze(-1))
     else:
         # removing j then k lowers the residual by score_j + score_{k | j} exactly: the best pair among the
         # PAIR_FIRSTS best first entries (a greedy first entry can be the wrong one for a two-class label)
-        first = _deletion_scores(p, problem.c, torch.ones_like(p), offset_free)
+        first = _deletion_scores(p, c, torch.ones_like(p), offset_free)
         if not bool((free_entries == 2).any()):  # one free entry: the best single deletion
             top = first.argmax(-1)
-            return torch.stack([top, top], dim=-1).unsqueeze(1).expand(-1, choices, 2)
-        firsts = first.topk(min(PAIR_FIRSTS, p.shape[-1]), dim=-1).indices                     # (K, m)
+            return torch.stack([top, top], dim=-1).unsqueeze(-2).expand(*top.shape, choices, 2)
+        firsts = first.topk(min(PAIR_FIRSTS, p.shape[-1]), dim=-1).indices                     # (N, K, m)
         count = firsts.shape[-1]
-        rest = torch.ones(p.shape[0], count, p.shape[-1], dtype=p.dtype, device=p.device)
+        rest = torch.ones(*firsts.shape, p.shape[-1], dtype=p.dtype, device=p.device)
         rest = rest.scatter(-1, firsts.unsqueeze(-1), 0.0)
-        seconds = _deletion_scores(p.unsqueeze(1).expand_as(rest), problem.c, rest,
-                                   offset_free.unsqueeze(-1).expand(-1, count))               # (K, m, C)
+        seconds = _deletion_scores(p.unsqueeze(-2).expand_as(rest), c.unsqueeze(-2), rest,
+                                   offset_free.unsqueeze(-1).expand(*offset_free.shape, count))   # (N, K, m, C)
         gain = first.gather(-1, firsts) + seconds.amax(-1)
         pair = torch.where(free_entries == 2, gain.argmax(-1), torch.zeros_like(free_entries))
-        top = firsts.gather(-1, pair.unsqueeze(-1))[:, 0]
-        second = seconds[torch.arange(p.shape[0], device=p.device), pair]
+        top = firsts.gather(-1, pair.unsqueeze(-1))[..., 0]
+        second = seconds.gather(-2, pair[..., None, None].expand(*pair.shape, 1, p.shape[-1]))[..., 0, :]
     second = second.topk(choices, dim=-1).indices
     second = torch.where(free_entries.unsqueeze(-1) == 2, second, top.unsqueeze(-1))
     return torch.stack([top.unsqueeze(-1).expand_as(second), second], dim=-1)
 
 
 def mask_of(free: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Boolean ``(K, C)`` mask of the structured entries from free indices ``(K, 2)``."""
-    return torch.ones(free.shape[0], num_classes, dtype=torch.bool, device=free.device).scatter_(-1, free, False)
+    """Boolean ``(..., C)`` mask of the structured entries from free indices ``(..., 2)``."""
+    return torch.ones(*free.shape[:-1], num_classes, dtype=torch.bool, device=free.device).scatter_(-1, free, False)
 
 
-def _projector(mask: torch.Tensor, offset_free: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(weight, centre)`` (K, C) such that ``_project(v) = v * weight - (v * weight).sum(-1) * centre`` zeroes
-    the free entries and, where the offset is free, subtracts the mean of the structured ones."""
-    weight = mask.to(dtype)
-    centre = weight * (offset_free.to(dtype).unsqueeze(-1) / weight.sum(-1, keepdim=True).clamp_min(1))
-    return weight, centre
+@dataclass(frozen=True)
+class Projection:
+    """The projector ``P`` of candidates' structures (``..., C``): it zeroes the free entries and, where the offset
+    is free, subtracts the mean of the structured ones: ``P v = v * weight - (v * weight).sum(-1) * centre``."""
+
+    weight: torch.Tensor
+    centre: Optional[torch.Tensor]  # None when no candidate's offset is free (P only masks)
+
+    @staticmethod
+    def of(mask: torch.Tensor, offset_free: torch.Tensor, dtype: torch.dtype) -> "Projection":
+        """From the structured entries ``mask`` (..., C) and ``offset_free`` (broadcast against ``mask[..., 0]``)."""
+        weight = mask.to(dtype)
+        if not bool(offset_free.any()):
+            return Projection(weight, None)
+        return Projection(weight, weight * (offset_free.to(dtype).unsqueeze(-1)
+                                            / weight.sum(-1, keepdim=True).clamp_min(1)))
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        masked = values * self.weight
+        return masked if self.centre is None else masked - masked.sum(-1, keepdim=True) * self.centre
 
 
-def _project(values: torch.Tensor, weight: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    masked = values * weight
-    return masked - masked.sum(-1, keepdim=True) * centre
-
-
-def multiplier(problem: HeadProblem, t: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, centre: torch.Tensor
+def multiplier(problem: HeadBatch, t: torch.Tensor, projected_p: torch.Tensor, projected_c: torch.Tensor
                ) -> torch.Tensor:
-    """``alpha`` (K,) with ``p - y = c / alpha``: ``t`` when the scale is known, else the least-squares fit of
-    ``alpha P p`` to ``P c``, kept admissible (``|alpha| >= t_min``: no label entry moves by more than one)."""
+    """``alpha`` (N, K) with ``p - y = c / alpha``: ``t`` when the scale is known, else the least-squares fit of
+    ``alpha P p`` to ``P c`` (``projected_p``, ``projected_c``), kept admissible (``|alpha| >= t_min``: no label
+    entry moves by more than one)."""
     if problem.scale_known:
         return t
-    projected = _project(p, weight, centre)
-    fit = (projected * _project(problem.c.expand_as(p), weight, centre)).sum(-1) \
-        / projected.square().sum(-1).clamp_min(torch.finfo(p.dtype).tiny)
-    return torch.where(fit < 0, -1.0, 1.0).to(fit.dtype) * fit.abs().clamp_min(problem.t_min)
+    fit = (projected_p * projected_c).sum(-1) / projected_p.square().sum(-1).clamp_min(torch.finfo(t.dtype).tiny)
+    return torch.where(fit < 0, -1.0, 1.0).to(fit.dtype) * torch.maximum(fit.abs(), problem.broadcast("t_min", t))
 
 
-def _piece_residuals(problem: HeadProblem, t: torch.Tensor, p: torch.Tensor, mask: torch.Tensor,
+def _residual_norms(alpha: torch.Tensor, projected_p: torch.Tensor, projected_c: torch.Tensor) -> torch.Tensor:
+    """``||P (alpha p - c)|| / ||P c||`` per candidate: the residual relative to the trivial answer's."""
+    error = alpha.unsqueeze(-1) * projected_p - projected_c
+    return error.norm(dim=-1) / projected_c.norm(dim=-1).clamp_min(torch.finfo(error.dtype).tiny)
+
+
+def _piece_residuals(problem: HeadBatch, t: torch.Tensor, p: torch.Tensor, mask: torch.Tensor,
                      offset_free: torch.Tensor) -> torch.Tensor:
-    """Normalised residuals ``(K,)`` with the structured entries fixed by ``mask`` (K, C)."""
-    weight, centre = _projector(mask, offset_free, t.dtype)
-    alpha = multiplier(problem, t, p, weight, centre)
-    return _normalised(problem, alpha.unsqueeze(-1) * p - problem.c, weight, centre)
+    """Normalised residuals ``(N, K)`` with the structured entries fixed by ``mask`` (N, K, C)."""
+    project = Projection.of(mask, offset_free, t.dtype)
+    projected_p, projected_c = project(p), project(_c_like(problem, p))
+    return _residual_norms(multiplier(problem, t, projected_p, projected_c), projected_p, projected_c)
 
 
-def _normalised(problem: HeadProblem, error: torch.Tensor, weight: torch.Tensor, centre: torch.Tensor
-                ) -> torch.Tensor:
-    """``||P error|| / ||P c||`` per row: the residual relative to the trivial answer's; ``error`` is
-    ``alpha y = alpha p - c``."""
-    scale = _project(problem.c.expand_as(weight), weight, centre)
-    return _project(error, weight, centre).norm(dim=-1) / scale.norm(dim=-1).clamp_min(torch.finfo(error.dtype).tiny)
-
-
-def residuals(problem: HeadProblem, t: torch.Tensor, free_entries: torch.Tensor, offset_free: torch.Tensor
+@_one_or_many
+def residuals(problem: Problem, t: torch.Tensor, free_entries: torch.Tensor, offset_free: torch.Tensor
               ) -> torch.Tensor:
-    """Normalised residuals ``r(t)`` of shape ``(K,)`` (exact, masked; see the module docstring).
+    """Normalised residuals ``r(t)`` of shape ``(N, K)`` (exact, masked; see the module docstring).
 
     Args:
-        t: ``(K,)`` candidate scalars (float64, non-zero).
-        free_entries, offset_free: ``(K,)`` the hypothesis of each candidate (int 1 or 2, bool).
+        t: ``(N, K)`` candidate scalars (float64, non-zero).
+        free_entries, offset_free: ``(N, K)`` or ``(K,)``: the hypothesis of each candidate (int 1 or 2, bool).
+        A :class:`HeadProblem` takes them without the leading ``N`` (and returns ``(K,)``).
     """
     p = torch.softmax(problem.logits(t), -1)
-    free = free_entries_of(problem, t, p, free_entries, offset_free)[:, 0]
+    free = free_entries_of(problem, t, p, free_entries, offset_free)[..., 0, :]
     return _piece_residuals(problem, t, p, mask_of(free, problem.num_classes), offset_free)
 
 
-def grid_residuals(problem: HeadProblem, t: torch.Tensor, structures: Tuple[Structure, ...]) -> torch.Tensor:
-    """Residuals ``(K, len(structures))`` of many candidates ``t`` (K,) at once, for locating basins.
+#: Shifted logits below this are clamped before ``exp``: their probabilities (< 1e-304) vanish next to every other
+#: term, and ``exp`` of a huge negative argument takes a slow path (denormal results; 6x slower on the grid).
+_LOGIT_FLOOR = -700.0
 
-    One ``(K, C)`` softmax shared by all structures; the centring uses sums, which loses precision for
+
+def _grid_softmax(problem: HeadBatch, t: torch.Tensor) -> torch.Tensor:
+    """The softmax ``(N, K, C)`` at many scalars ``t`` (N, K): the grid's biggest pass.
+
+    Without a bias the largest logit ``t * a_i`` is read off the sign of ``t``, so the logits are shifted by it
+    through ``a`` (``t * (a - max a)``) instead of by a reduction over the classes, which is the slowest step of
+    a softmax over few classes.
+    """
+    if problem.bias is not None:
+        shifted = problem.logits(t)
+        shifted = shifted.sub_(shifted.amax(-1, keepdim=True))
+    else:
+        a, scale = problem.a.unsqueeze(-2), t.unsqueeze(-1)
+        if bool((t > 0).all()):
+            shifted = scale * (a - a.amax(-1, keepdim=True))
+        else:
+            shifted = scale * torch.where(scale > 0, a - a.amax(-1, keepdim=True), a - a.amin(-1, keepdim=True))
+    p = shifted.clamp_min_(_LOGIT_FLOOR).exp_()
+    return p.div_(p.sum(-1, keepdim=True))
+
+
+def grid_residuals(problem: HeadBatch, t: torch.Tensor, structures: Tuple[Structure, ...]) -> torch.Tensor:
+    """Residuals ``(N, len(structures), K)`` of many candidates ``t`` (N, K) at once, for locating basins.
+
+    One ``(N, K, C)`` softmax shared by all structures; the centring uses sums, which loses precision for
     residuals far below 1e-8 (refinement uses the exact :func:`residuals`). With an unknown scale each
     structure fits its own ``alpha`` (the exact residuals, per structure).
     """
     if not problem.scale_known:
         return torch.stack([residuals(problem, t, torch.full_like(t, s.free_entries, dtype=torch.long),
-                                      torch.full_like(t, s.offset_free, dtype=torch.bool)) for s in structures], -1)
-    error = t.unsqueeze(-1) * torch.softmax(problem.logits(t), dim=-1) - problem.c
-    top = (error * t.sign().unsqueeze(-1)).argmax(-1, keepdim=True)
+                                      torch.full_like(t, s.offset_free, dtype=torch.bool)) for s in structures], 1)
+    error = _grid_softmax(problem, t).mul_(t.unsqueeze(-1)).sub_(problem.broadcast("c", t))  # alpha y = t p - c
+    if bool((t > 0).all()):
+        top = error.argmax(-1, keepdim=True)
+    else:  # the label's largest entry: error's largest where t > 0, its smallest where t < 0
+        top = torch.where(t > 0, error.argmax(-1), error.argmin(-1)).unsqueeze(-1)
     # zero the free entries in a copy rather than subtracting them from sums: at large |t| the largest
-    # entry dominates the sum of squares and the subtraction would cancel catastrophically
-    one_free = error.scatter(-1, top, 0.0), problem.c.expand_as(error).scatter(-1, top, 0.0)
+    # entry dominates the sum of squares and the subtraction would cancel catastrophically (c's entries are at
+    # most 1 and sum to 0, so its sums without an entry lose at most a factor C of precision: subtracted)
+    kept = error.scatter(-1, top, 0.0)
+    sums = (kept.sum(-1), torch.linalg.vecdot(kept, kept)) if any(s.free_entries == 1 for s in structures) else None
+    c_rows = problem.broadcast("c", t)                                   # (N, 1, C): summed once per example
+    c = c_rows.expand(*t.shape, -1)
+    c_top = c.gather(-1, top)[..., 0]
+    c_sums = c_rows.sum(-1) - c_top, c_rows.square().sum(-1) - c_top.square()
     out = []
     for structure in structures:
-        kept, kept_c = one_free
-        if structure.free_entries == 2:
-            offset = torch.full_like(t, structure.offset_free, dtype=torch.bool)
-            second = _second_free_score(error, top[:, 0], offset).argmax(-1, keepdim=True)
-            kept, kept_c = kept.scatter(-1, second, 0.0), kept_c.scatter(-1, second, 0.0)
-        total, total_sq = kept.sum(-1), kept.square().sum(-1)
-        c_total, c_total_sq = kept_c.sum(-1), kept_c.square().sum(-1)
+        (c_total, c_total_sq) = c_sums
+        if structure.free_entries == 1:
+            total, total_sq = sums
+        else:
+            second = _second_free_score(error, top, structure.offset_free).argmax(-1, keepdim=True)
+            kept_two = kept.scatter(-1, second, 0.0)
+            total, total_sq = kept_two.sum(-1), torch.linalg.vecdot(kept_two, kept_two)
+            c_second = c.gather(-1, second)[..., 0]
+            c_total, c_total_sq = c_total - c_second, c_total_sq - c_second.square()
         if structure.offset_free:
             size = problem.num_classes - structure.free_entries
             total_sq = total_sq - total.square() / size
             c_total_sq = c_total_sq - c_total.square() / size
         out.append((total_sq.clamp_min(0) / c_total_sq.clamp_min(torch.finfo(t.dtype).tiny)).sqrt())
-    return torch.stack(out, dim=-1)
+    return torch.stack(out, dim=1)
 
 
 @dataclass(frozen=True)
 class Minima:
-    """Candidate answers of one hypothesis, best (lowest residual) first.
+    """Candidate answers of ``N`` examples, ``n`` each (``(N, n)`` per field unless said), with a mask of the
+    real ones: examples have different numbers of candidates, and the rest pads.
 
     Attributes:
-        t: ``(n,)`` scalars; alpha: ``(n,)`` their ``p - y = c / alpha`` (``= t`` with a known scale; the
-            gradient scale is ``alpha / t``); residual: ``(n,)`` normalised residuals; labels: ``(n, C)``
-            candidate labels; rounding_units: ``(n,)`` RMS spread of the structured entries in units of their
-            expected rounding error (see :func:`describe`); valid: ``(n,)`` every label entry in ``[0, 1]`` up
-            to ``ROUNDING_SLACK`` times its expected rounding error; informative: ``(n,)`` False where the
-            structure says nothing about the scalars (the residual is then set to 1, see :func:`describe`);
-            free: ``(n, 2)`` the free entries (largest first; repeated for one-class structures).
+        t: scalars; alpha: their ``p - y = c / alpha`` (``= t`` with a known scale; the gradient scale is
+            ``alpha / t``); residual: normalised residuals; labels: ``(N, n, C)`` candidate labels;
+            rounding_units: RMS spread of the structured entries in units of their expected rounding error (see
+            :func:`evaluate`); valid: every label entry in ``[0, 1]`` up to ``ROUNDING_SLACK`` times its expected
+            rounding error; informative: False where the structure says nothing about the scalars (the residual
+            is then set to 1, see :func:`evaluate`); free: ``(N, n, 2)`` the free entries (largest first;
+            repeated for one-class structures); live: True for real candidates, False for padding.
     """
 
     t: torch.Tensor
@@ -258,122 +360,189 @@ class Minima:
     valid: torch.Tensor
     informative: torch.Tensor
     free: torch.Tensor
+    live: torch.Tensor
+
+    def _map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "Minima":
+        return Minima(**{f.name: function(getattr(self, f.name)) for f in fields(self)})
 
     def __getitem__(self, index) -> "Minima":
-        return Minima(self.t[index], self.alpha[index], self.residual[index], self.labels[index],
-                      self.rounding_units[index], self.valid[index], self.informative[index], self.free[index])
+        """The examples ``index`` (of the leading dimension)."""
+        return self._map(lambda value: value[index])
 
     def __len__(self) -> int:
         return self.t.shape[0]
 
+    def take(self, index: torch.Tensor) -> "Minima":
+        """Candidates ``index`` (N, m) of each example (gathered along the candidate dimension)."""
+        wide = {(): index}  # the index spread over each field's trailing shape, made once per shape
 
-def describe(problem: HeadProblem, structures: Sequence[Structure], t: torch.Tensor, which: torch.Tensor,
-             alpha: Optional[torch.Tensor] = None, free: Optional[torch.Tensor] = None) -> Dict[str, Minima]:
-    """Everything the decision needs about candidates ``t`` (n,), candidate ``k`` under ``structures[which[k]]``;
-    per structure, sorted best first (one vectorised pass for all structures). ``alpha`` (n,) and ``free``
-    (n, 2) fix the candidates' ``alpha`` and free entries instead of choosing them (rows of ``free`` set to -1
-    are chosen)."""
-    free_entries = torch.tensor([s.free_entries for s in structures], device=t.device)[which]
-    offset_free = torch.tensor([s.offset_free for s in structures], device=t.device)[which]
+        def gather(value: torch.Tensor) -> torch.Tensor:
+            tail = value.shape[2:]
+            if tail not in wide:
+                wide[tail] = index.view(*index.shape, *([1] * len(tail))).expand(*index.shape, *tail)
+            return value.gather(1, wide[tail])
+        return self._map(gather)
+
+    def with_live(self, live: torch.Tensor) -> "Minima":
+        return Minima(**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "live"}, live=live)
+
+    def order(self, columns: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(N, m)``: the candidates ``columns`` (m,) (default all) of each example by residual, best first,
+        then the padding (a stable sort: ties keep their order)."""
+        key = torch.where(self.live, self.residual, torch.full_like(self.residual, float("inf")))
+        if columns is None:
+            return key.sort(dim=-1, stable=True).indices
+        return columns[key[:, columns].sort(dim=-1, stable=True).indices]
+
+    def best_residual(self) -> torch.Tensor:
+        """``(N,)`` the lowest residual of each example's real candidates (inf without any)."""
+        return torch.where(self.live, self.residual, torch.full_like(self.residual, float("inf"))).amin(-1)
+
+    def distinct(self, atol: float) -> "Minima":
+        """Of candidates sorted best first (:meth:`order`), those whose labels differ by more than ``atol``
+        (max-abs) from every better real one: minima reached from several starting points count once (the
+        others become padding, in place)."""
+        distance = (self.labels.unsqueeze(-3) - self.labels.unsqueeze(-2)).abs().amax(-1)  # (N, n, n)
+        earlier_close = ((distance <= atol) & self.live.unsqueeze(-2)).tril(diagonal=-1).any(-1)
+        return self.with_live(self.live & ~earlier_close)
+
+    @staticmethod
+    def cat(parts: Iterable["Minima"]) -> "Minima":
+        """The candidates of several sets side by side (same examples)."""
+        parts = list(parts)
+        return Minima(**{f.name: torch.cat([getattr(p, f.name) for p in parts], dim=1) for f in fields(Minima)})
+
+
+def evaluate(problem: HeadBatch, free_entries: torch.Tensor, offset_free: torch.Tensor, t: torch.Tensor,
+             alpha: Optional[torch.Tensor] = None, free: Optional[torch.Tensor] = None,
+             live: Optional[torch.Tensor] = None) -> Minima:
+    """Everything the decision needs about candidates ``t`` (N, n) under the hypotheses ``free_entries``,
+    ``offset_free`` (``(N, n)`` or ``(n,)``), in their order. ``alpha`` (N, n) and ``free`` (N, n, 2) fix the
+    candidates' ``alpha`` and free entries instead of choosing them (free entries set to -1 are chosen); ``live``
+    (N, n) marks the real candidates (default: all)."""
     p = torch.softmax(problem.logits(t), dim=-1)
     if free is None or bool((free < 0).any()):
-        chosen = free_entries_of(problem, t, p, free_entries, offset_free, alpha=alpha)[:, 0]
+        chosen = free_entries_of(problem, t, p, free_entries, offset_free, alpha=alpha)[..., 0, :]
         free = chosen if free is None else torch.where(free < 0, chosen, free)
     mask = mask_of(free, problem.num_classes)
-    weight, centre = _projector(mask, offset_free, t.dtype)
+    offset_free = offset_free.expand_as(t)
+    project = Projection.of(mask, offset_free, t.dtype)
+    c = _c_like(problem, p)
+    projected_p, projected_c = project(p), project(c)
     if alpha is None:
-        alpha = multiplier(problem, t, p, weight, centre)
-    labels = p - problem.c / alpha.unsqueeze(-1)
-    residual = _normalised(problem, alpha.unsqueeze(-1) * labels, weight, centre)
+        alpha = multiplier(problem, t, projected_p, projected_c)
+    labels = p - c / alpha.unsqueeze(-1)
+    residual = _residual_norms(alpha, projected_p, projected_c)
     # Two trivial answers, no better than a saturated softmax: where the structured entries of the gradient term
     # are flat to within rounding (p_S ~ 0 and c_S ~ -alpha y_S constant) the normalised residual is 0/0 and the
     # structure says nothing about t; and where the gradient term c / alpha is below rounding, the label is the
     # prediction p itself (an unknown scale lets alpha grow without bound).
-    informative = (_project(problem.c.expand_as(p), weight, centre).norm(dim=-1)
-                   > ROUNDING_SLACK * problem.precision + problem.rank_one_ratio) \
-        & (problem.c.abs().max() / alpha.abs() > ROUNDING_SLACK * problem.precision)
+    precision = problem.broadcast("precision", t)
+    informative = (projected_c.norm(dim=-1) > ROUNDING_SLACK * precision
+                   + problem.broadcast("rank_one_ratio", t)) \
+        & (problem.broadcast("c_max", t) / alpha.abs() > ROUNDING_SLACK * precision)
     residual = torch.where(informative, residual, torch.ones_like(residual))
     # What rounding alone would leave, entry by entry: the victim computed z = W h and p - y in the gradient's
     # precision u, so z carries ~u |t| sigma |W||v| absolute error, and p_i and y_i ~u of themselves. Noise that
     # breaks the rank-one structure reaches each entry of c as ``problem.entry_noise``, i.e. that over |alpha|
     # per label entry, and the logits through v the same way. The structured entries are compared with their
     # common value weighted by these errors (a weighted least-squares fit).
-    noise = problem.entry_noise
-    scale = 1 + t.abs().unsqueeze(-1) * problem.a_abs.max()
-    expected = ((problem.precision + noise) * scale * (p + labels.abs()) + noise / alpha.abs().unsqueeze(-1)
-                + torch.finfo(t.dtype).tiny)
-    precision = weight / expected.square()
-    common = (labels * precision).sum(-1, keepdim=True) / precision.sum(-1, keepdim=True)
+    noise = problem.broadcast("entry_noise", p)
+    scale = 1 + t.abs().unsqueeze(-1) * problem.broadcast("a_abs_max", p)
+    expected = ((problem.broadcast("precision", p) + noise) * scale * (p + labels.abs())
+                + noise / alpha.abs().unsqueeze(-1) + torch.finfo(t.dtype).tiny)
+    weight = project.weight
+    precision_weight = weight / expected.square()
+    common = (labels * precision_weight).sum(-1, keepdim=True) / precision_weight.sum(-1, keepdim=True)
     deviation = (labels - common * offset_free.unsqueeze(-1)) / expected * weight
     spread = deviation.square().sum(-1).div(weight.sum(-1).clamp_min(1)).sqrt()
     slack = ROUNDING_SLACK * expected
     valid = ((labels >= -slack) & (labels <= 1 + slack)).all(-1)
-    everything = Minima(t, alpha, residual, labels, spread, valid, informative, free)
-    out = {}
-    for index, structure in enumerate(structures):
-        mine = (which == index).nonzero().flatten()
-        out[structure.name] = everything[mine[residual[mine].argsort()]]
-    return out
+    return Minima(t, alpha, residual, labels, spread, valid, informative, free,
+                  torch.ones_like(valid) if live is None else live)
 
 
-def _slope_in_t(problem: HeadProblem, p: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor,
-                centre: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(d f / d t, d p / d t)`` for the residual vector ``f = P (alpha p(t) - c)``, (K, C) each, ``p`` the softmax
-    at ``t``: with a known scale ``alpha = t`` moves along (``P p`` joins the slope), with an unknown one ``alpha``
-    is held."""
-    centred = problem.a - (p * problem.a).sum(-1, keepdim=True)
-    slope = _project(alpha.unsqueeze(-1) * p * centred, weight, centre)
-    dp = p * centred
-    if problem.scale_known:
-        slope = slope + _project(p, weight, centre)
-    return slope, dp
+def describe(problem: HeadBatch, structures: Sequence[Structure], t: torch.Tensor, which: torch.Tensor,
+             alpha: Optional[torch.Tensor] = None, free: Optional[torch.Tensor] = None,
+             live: Optional[torch.Tensor] = None) -> Dict[str, Minima]:
+    """:func:`evaluate` candidates ``t`` (N, n), candidate ``k`` under ``structures[which[k]]`` (``which`` (n,),
+    shared by the examples), grouped by structure and sorted best first (:meth:`Minima.order`; one vectorised
+    pass for all structures)."""
+    free_entries, offset_free = hypotheses(structures, which)
+    everything = evaluate(problem, free_entries, offset_free, t, alpha=alpha, free=free, live=live)
+    return {structure.name: everything.take(everything.order((which == index).nonzero().flatten()))
+            for index, structure in enumerate(structures)}
 
 
-def gauss_newton(problem: HeadProblem, t: torch.Tensor, mask: torch.Tensor, offset_free: torch.Tensor,
-                 steps: int = 4) -> torch.Tensor:
-    """Refine candidates ``t`` (K,) by Gauss-Newton on the residual vector ``P(alpha p(t) - c)``, the structured
-    entries held fixed by ``mask`` (K, C).
+def _linearised(problem: HeadBatch, p: torch.Tensor, project: Projection
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(P p, P dp/dt, dp/dt)``, (N, K, C) each, for the softmax ``p`` at ``t``: what the residual vector
+    ``f = P (alpha p(t) - c)`` and its slope (:func:`_slope`) are made of."""
+    pa = p * problem.broadcast("a", p, trailing=1)
+    dp = pa - p * pa.sum(-1, keepdim=True)  # p (a - <p, a>)
+    return project(p), project(dp), dp
+
+
+def _slope(problem: HeadBatch, alpha: torch.Tensor, projected_p: torch.Tensor, projected_dp: torch.Tensor
+           ) -> torch.Tensor:
+    """``d f / d t`` for ``f = P (alpha p(t) - c)``: with a known scale ``alpha = t`` moves along (``P p`` joins
+    the slope), with an unknown one ``alpha`` is held."""
+    slope = alpha.unsqueeze(-1) * projected_dp
+    return slope + projected_p if problem.scale_known else slope
+
+
+def gauss_newton(problem: HeadBatch, t: torch.Tensor, mask: torch.Tensor, offset_free: torch.Tensor,
+                 steps: int = 4, live: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Refine candidates ``t`` (N, K) by Gauss-Newton on the residual vector ``P(alpha p(t) - c)``, the structured
+    entries held fixed by ``mask`` (N, K, C).
 
     With a known scale ``alpha = t``; with an unknown one ``alpha`` is the least-squares fit at each ``t`` and
     the step uses the variable-projection Jacobian (the ``t`` direction with its ``p`` component projected out,
     Kaufman's form). The residual is zero at the true ``t`` and smooth around it, so convergence is quadratic:
     from a grid point 2.4 % away, four steps reach machine precision. Steps are limited to half of ``|t|`` and
     keep ``t`` admissible (same sign, ``|t| >= problem.t_lower``). Candidates far from any zero may not converge;
-    the caller ranks everything by residual afterwards.
+    the caller ranks everything by residual afterwards. An example stops moving once all its real candidates
+    (``live``, default all) have settled: what the others in the batch still do never changes its answer.
 
     Returns:
-        The refined scalars ``(K,)``.
+        The refined scalars ``(N, K)``.
     """
-    weight, centre = _projector(mask, offset_free, t.dtype)
-    t_lower, tiny = problem.t_lower, torch.finfo(t.dtype).tiny
+    project = Projection.of(mask, offset_free, t.dtype)
+    projected_c = project(_c_like(problem, mask))  # fixed while the structured entries are
+    t_lower, tiny = problem.broadcast("t_lower", t), torch.finfo(t.dtype).tiny
+    sign = t.sign()  # every step keeps it
+    padding = torch.zeros_like(t, dtype=torch.bool) if live is None else ~live
+    moving = torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
     previous = None
     for _ in range(steps):
-        p = torch.softmax(problem.logits(t), dim=-1)
-        alpha = multiplier(problem, t, p, weight, centre)
-        error = _project(alpha.unsqueeze(-1) * p - problem.c, weight, centre)
-        jacobian, _ = _slope_in_t(problem, p, alpha, weight, centre)
+        projected_p, projected_dp, _ = _linearised(problem, torch.softmax(problem.logits(t), dim=-1), project)
+        alpha = multiplier(problem, t, projected_p, projected_c)
+        error = alpha.unsqueeze(-1) * projected_p - projected_c
+        jacobian = _slope(problem, alpha, projected_p, projected_dp)
         if not problem.scale_known:  # variable projection: the part along P p is alpha's to absorb
-            along = _project(p, weight, centre)
-            jacobian = jacobian - along * (jacobian * along).sum(-1, keepdim=True) \
-                / along.square().sum(-1, keepdim=True).clamp_min(tiny)
+            jacobian = jacobian - projected_p * (jacobian * projected_p).sum(-1, keepdim=True) \
+                / projected_p.square().sum(-1, keepdim=True).clamp_min(tiny)
         size = error.norm(dim=-1)
         step = -(error * jacobian).sum(-1) / (jacobian * jacobian).sum(-1).clamp_min(tiny)
         limit = 0.5 * t.abs()
         moved = t + step.clamp(-limit, limit)
-        moved = torch.where(t > 0, moved.clamp_min(t_lower), moved.clamp_max(-t_lower))
+        moved = sign * torch.maximum(sign * moved, t_lower)  # |t| >= t_lower, same sign
         # stop once every candidate has converged, or stopped converging fast (then it is not near a zero)
         settled = (moved - t).abs() <= 1e-13 * limit
         if previous is not None:
             settled |= size > 0.5 * previous
-        t, previous = moved, size
-        if bool(settled.all()):
+        t = torch.where(moving.unsqueeze(-1), moved, t)
+        previous = size
+        moving &= ~(settled | padding).all(-1)
+        if not bool(moving.any()):
             break
     return t
 
 
-def label_standard_error(problem: HeadProblem, structure: Structure, t: float, alpha: float, free: Sequence[int],
-                         *, t_free: bool) -> torch.Tensor:
-    """Standard error ``(C,)`` of each label entry of the answer ``(t, alpha)``, from the residual it leaves.
+def label_standard_error(problem: HeadBatch, structure: Structure, t: torch.Tensor, alpha: torch.Tensor,
+                         free: torch.Tensor, *, t_free: bool) -> torch.Tensor:
+    """Standard error ``(N, C)`` of each label entry of the answers ``(t, alpha)`` (N,) each, free entries
+    ``free`` (N, 2), under ``structure``, from the residual each leaves.
 
     Linearised least squares: the residual vector ``f = P (alpha p(t) - c)`` over the structured entries has
     Jacobian ``J`` in the free scalars (``t`` unless a closed form fixed it; ``alpha`` when the scale is
@@ -383,27 +552,29 @@ def label_standard_error(problem: HeadProblem, structure: Structure, t: float, a
     local steps, noise) or that barely moves the fit along a free scalar (a near-uniform or saturated softmax
     with an unknown scale) leaves a large error: the label is then not pinned down, whatever its residual.
     """
-    dtype, device = torch.float64, problem.c.device
-    t_tensor = torch.tensor([t], dtype=dtype, device=device)
-    p = torch.softmax(problem.logits(t_tensor), -1)
-    mask = mask_of(torch.tensor([(tuple(free) * 2)[:2]], device=device), problem.num_classes)
-    offset = torch.tensor([structure.offset_free], device=device)
-    weight, centre = _projector(mask, offset, dtype)
+    t, alpha = t.unsqueeze(-1), alpha.unsqueeze(-1)   # one candidate per example: (N, 1)
+    p = torch.softmax(problem.logits(t), -1)
+    c = _c_like(problem, p)
+    project = Projection.of(mask_of(free.unsqueeze(1), problem.num_classes),
+                            torch.full_like(t, structure.offset_free, dtype=torch.bool), t.dtype)
+    projected_p, projected_dp, dp = _linearised(problem, p, project)
     f_columns, y_columns = [], []
     if t_free:
-        f_slope, dp = _slope_in_t(problem, p, torch.tensor([alpha], dtype=dtype, device=device), weight, centre)
-        f_columns.append(f_slope)
-        y_columns.append(dp + problem.c / t ** 2 if problem.scale_known else dp)  # y = p - c / alpha
+        f_columns.append(_slope(problem, alpha, projected_p, projected_dp))
+        y_columns.append(dp + c / t.square().unsqueeze(-1) if problem.scale_known else dp)  # y = p - c / alpha
     if not problem.scale_known:
-        f_columns.append(_project(p, weight, centre))
-        y_columns.append(problem.c.unsqueeze(0) / alpha ** 2)
+        f_columns.append(projected_p)
+        y_columns.append(c / alpha.square().unsqueeze(-1))
     if not f_columns:
-        return torch.zeros(problem.num_classes, dtype=dtype, device=device)
-    jacobian = torch.cat(f_columns).T            # (C, k)
-    label_jacobian = torch.cat(y_columns).T      # (C, k)
-    residual = _project(alpha * p - problem.c, weight, centre)[0]
-    count = int(weight.sum()) - int(structure.offset_free) - jacobian.shape[1]
+        return torch.zeros_like(p[:, 0])
+    jacobian = torch.cat(f_columns, 1).transpose(1, 2)            # (N, C, k)
+    label_jacobian = torch.cat(y_columns, 1).transpose(1, 2)      # (N, C, k)
+    residual = (alpha.unsqueeze(-1) * projected_p - project(c))[:, 0]
+    count = project.weight[:, 0].sum(-1) - int(structure.offset_free) - jacobian.shape[-1]
     floor = problem.precision + problem.entry_noise
-    variance = max(float(residual.square().sum()) / max(count, 1), floor ** 2)
-    covariance = variance * torch.linalg.pinv(jacobian.T @ jacobian)
-    return ((label_jacobian @ covariance) * label_jacobian).sum(-1).clamp_min(0).sqrt()
+    variance = torch.maximum(residual.square().sum(-1) / count.clamp_min(1), floor.square())
+    # products as sums (not matmul: see the module doc); k is 1 or 2
+    normal = (jacobian.unsqueeze(-1) * jacobian.unsqueeze(-2)).sum(1)                       # (N, k, k)
+    covariance = variance[:, None, None] * torch.linalg.pinv(normal)
+    carried = (label_jacobian.unsqueeze(-1) * covariance.unsqueeze(1)).sum(-2)              # (N, C, k)
+    return (carried * label_jacobian).sum(-1).clamp_min(0).sqrt()

@@ -1,0 +1,221 @@
+"""split_batch (gradleak.batch.split): a small batch's gradient split into its examples, checked against the truth
+the test alone knows (the batch's labels and head inputs); the split never sees them."""
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import gradleak
+from gradleak.batch.split import CHUNK, BatchSplit, split_batch
+from gradleak.data import load_samples
+from gradleak.models import Classifier, fcn, fcn4, lenet
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_samples("digits")
+
+
+def _labels(kind, classes, num_classes, generator, dtype):
+    """(B, C) labels: "hard", "smoothing" (each its own eps), "common" (one eps), "mixup" (two classes,
+    lambda ~ U(0, 1)) or "mixup_smoothing" (mixup, then smoothed)."""
+    def uniform(low, high):
+        return float(torch.empty(()).uniform_(low, high, generator=generator))
+
+    common = uniform(0.05, 0.5)
+    rows = []
+    for k in classes.tolist():
+        if kind in ("hard", "smoothing", "common"):
+            eps = {"hard": 0.0, "smoothing": uniform(0.0, 0.5), "common": common}[kind]
+            rows.append(gradleak.smooth_label(k, num_classes, eps))
+        else:
+            other = (k + 1 + int(torch.randint(num_classes - 1, (), generator=generator))) % num_classes
+            eps = uniform(0.0, 0.3) if kind == "mixup_smoothing" else 0.0
+            rows.append(gradleak.mixup_label(k, other, uniform(0.0, 1.0), num_classes, eps=eps))
+    return torch.stack(rows).to(dtype)
+
+
+def _batch(model, images, classes, kind, seed):
+    """(gradients of the mean soft cross-entropy, true labels (B, C), true head inputs (B, d))."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = _labels(kind, classes, model.head.out_features, generator, model.head.weight.dtype)
+    parameters = dict(model.named_parameters())
+    loss = gradleak.soft_cross_entropy(model(images), targets)
+    gradients = dict(zip(parameters, torch.autograd.grad(loss, list(parameters.values()))))
+    return gradients, targets, model.features(images).detach()
+
+
+def _digits_batch(digits, size, kind, seed, *, bias):
+    generator = torch.Generator().manual_seed(seed)
+    model = fcn([64, 256, 128, 10], bias=bias, generator=generator)
+    index = torch.randperm(digits[0].shape[0], generator=generator)[:size]
+    return (model,) + _batch(model, digits[0][index], digits[1][index], kind, seed)
+
+
+def _errors(split, labels, features):
+    """(largest label error, smallest feature cosine) after pairing each recovered example with its true one."""
+    found = split.features.double()
+    truth = features.double()
+    cosine = torch.nn.functional.normalize(found, dim=1) @ torch.nn.functional.normalize(truth, dim=1).T
+    pairs = cosine.argmax(dim=1)
+    assert sorted(pairs.tolist()) == list(range(truth.shape[0]))  # a permutation: every example found once
+    label_error = max(float((result.label.double() - labels[j].double()).abs().max())
+                      for result, j in zip(split.examples, pairs.tolist()))
+    return label_error, float(cosine[torch.arange(len(pairs)), pairs].min())
+
+
+def _assert_split(split, labels, features):
+    assert split.determined, split.message
+    assert len(split.examples) == split.batch_size == labels.shape[0]
+    assert split.features.shape == features.shape and split.features.dtype == features.dtype
+    label_error, cosine = _errors(split, labels, features)
+    assert label_error < 1e-3 and cosine > 0.999
+    assert all(result.determined for result in split.examples)
+    return label_error, cosine
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["smoothing", "mixup"])
+@pytest.mark.parametrize("size", [2, 4, 8])
+def test_untrained_mlp_batches_split_into_their_examples(digits, size, kind, bias):
+    model, gradients, labels, features = _digits_batch(digits, size, kind, 100 * size, bias=bias)
+    split = split_batch(model, gradients)
+    assert isinstance(split, BatchSplit) and split.source == "body.3" and split.rank == size
+    label_error, cosine = _assert_split(split, labels, features)
+    assert label_error < 1e-5 and cosine > 1 - 1e-9  # float32 gradients: exact to their rounding
+    assert {result.label_format for result in split.examples} <= {"hard", "smoothing", "mixup"}
+    assert max(split.diagnostics.values()) < 1e-4
+
+
+def test_success_rate_at_eight_examples(digits):
+    """The issue's bar (per-example labels within 1e-3, features at cosine > 0.999, in at least 90 % of batches of
+    up to 8, smoothing and mixup): here every one of 8 mixed batches, and no determined answer is wrong."""
+    kinds = ["smoothing", "common", "mixup", "mixup_smoothing", "hard", "smoothing", "mixup", "common"]
+    right = 0
+    for seed, kind in enumerate(kinds):
+        model, gradients, labels, features = _digits_batch(digits, 8, kind, 800 + seed, bias=seed % 2 == 0)
+        split = split_batch(model, gradients, seed=seed)
+        if split.examples:
+            label_error, cosine = _errors(split, labels, features)
+            correct = split.determined and label_error < 1e-3 and cosine > 0.999
+        else:
+            correct = False
+        assert correct or not split.determined  # never a confident wrong split
+        right += correct
+    assert right == len(kinds)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["smoothing", "mixup"])
+def test_one_example_agrees_with_the_single_example_recovery(digits, kind, bias):
+    model, gradients, labels, features = _digits_batch(digits, 1, kind, 7, bias=bias)
+    split = split_batch(model, gradients)
+    _assert_split(split, labels, features)
+    single = gradleak.recover_from_gradients(model, gradients)
+    assert single.determined and split.examples[0].label_format == single.label_format
+    assert torch.allclose(split.examples[0].label, single.label, atol=1e-6, rtol=0)
+    assert torch.allclose(split.features[0], single.feature, atol=1e-6 * float(single.feature.abs().max()), rtol=0)
+
+
+def test_random_inputs_hard_labels_with_repeated_classes_and_float64():
+    generator = torch.Generator().manual_seed(3)
+    model = fcn([20, 64, 48, 6], bias=True, generator=generator).double()
+    images = torch.randn(5, 20, generator=generator, dtype=torch.float64)
+    gradients, labels, features = _batch(model, images, torch.tensor([2, 2, 0, 5, 2]), "hard", 3)
+    split = split_batch(model, gradients)
+    label_error, cosine = _assert_split(split, labels, features)
+    assert label_error < 1e-9 and cosine > 1 - 1e-12
+    assert sorted(result.classes[0] for result in split.examples) == [0, 2, 2, 2, 5]
+
+
+def test_fcn4_on_cifar10_with_a_common_eps_and_a_known_batch_size():
+    images, classes = load_samples("cifar10", size=16)
+    model = fcn4(10, image_size=16, generator=torch.Generator().manual_seed(0))  # the paper's FCN-4, no biases
+    gradients, labels, features = _batch(model, images[:6], classes[:6], "common", 0)
+    split = split_batch(model, gradients, batch_size=6, label_format="smoothing")
+    assert split.source == "body.5"
+    _assert_split(split, labels, features)
+    eps = [result.eps for result in split.examples]
+    assert max(eps) - min(eps) < 1e-4  # one eps for the batch, read per example
+
+
+def _relu_conv_net(head_bias, seed):
+    """ReLU features with no Linear below the head: the head's own gradient must give the directions."""
+    torch.manual_seed(seed)
+    return Classifier(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten()),
+                      nn.Linear(256, 10, bias=head_bias))
+
+
+@pytest.mark.parametrize("head_bias, size", [(True, 3), (False, 5)])
+def test_relu_conv_net_splits_from_the_head_alone(digits, head_bias, size):
+    model = _relu_conv_net(head_bias, size)
+    gradients, labels, features = _batch(model, digits[0][:size], digits[1][:size], "mixup", size)
+    split = split_batch(model, gradients)
+    assert split.source == "head" and split.rank == size
+    _assert_split(split, labels, features)
+
+
+def test_sigmoid_features_are_reported_as_not_split(digits):
+    model = lenet(10, channels=1, image_size=8, generator=torch.Generator().manual_seed(0))
+    gradients, _, _ = _batch(model, digits[0][:4], digits[1][:4], "smoothing", 0)
+    split = split_batch(model, gradients)
+    assert not split.determined and split.examples == [] and split.features is None
+    assert split.source == "head" and split.rank == 4 and "no exact zeros" in split.message
+    assert split.draws <= CHUNK  # the first chunk tells
+
+
+def test_batches_too_large_to_split_are_reported(digits):
+    # the head alone: rank C - 1 only says B >= C - 1
+    model = _relu_conv_net(True, 0)
+    gradients, _, _ = _batch(model, digits[0][:12], digits[1][:12], "smoothing", 0)
+    split = split_batch(model, gradients)
+    assert not split.determined and split.examples == [] and split.rank == 9 and "cannot tell B" in split.message
+    assert "rank at most C - 1" in split_batch(model, gradients, batch_size=12).message
+    # a layer narrower than the batch: full rank only says B >= its width
+    generator = torch.Generator().manual_seed(1)
+    narrow = fcn([64, 256, 12, 10], bias=True, generator=generator)
+    gradients, _, _ = _batch(narrow, digits[0][:16], digits[1][:16], "smoothing", 1)
+    assert "B >= 11" in split_batch(narrow, gradients).message  # one of its 12 units is dead for the whole batch
+    assert "rank 11 < B = 16" in split_batch(narrow, gradients, batch_size=16).message
+    # more examples than the draws allow
+    model, gradients, _, _ = _digits_batch(digits, 24, "smoothing", 24, bias=True)
+    split = split_batch(model, gradients, max_draws=CHUNK)
+    assert not split.determined and split.examples == [] and split.draws == CHUNK and "of 24" in split.message
+
+
+def test_gradients_of_two_different_batches_are_never_split_with_confidence(digits):
+    model, first, _, _ = _digits_batch(digits, 4, "smoothing", 11, bias=True)
+    index = torch.arange(100, 104)
+    second, _, _ = _batch(model, digits[0][index], digits[1][index], "mixup", 12)
+    mixed = dict(first, **{name: value for name, value in second.items() if name.startswith("head.")})
+    split = split_batch(model, mixed)
+    assert not split.determined and split.examples == []  # the layer's directions do not explain the head
+    assert "do not explain the batch jointly" in split.message
+
+
+def test_same_answer_whatever_the_seed_and_a_frozen_result(digits):
+    model, gradients, labels, features = _digits_batch(digits, 4, "mixup", 5, bias=False)
+    first, second = split_batch(model, gradients, seed=0), split_batch(model, gradients, seed=1)
+    for split in (first, second):
+        _assert_split(split, labels, features)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.determined = False
+
+
+def test_bad_inputs_raise_clear_errors(digits):
+    model, gradients, _, _ = _digits_batch(digits, 4, "smoothing", 2, bias=True)
+    with pytest.raises(ValueError, match="NaN"):
+        split_batch(model, dict(gradients, **{"head.weight": torch.full_like(gradients["head.weight"], torch.nan)}))
+    with pytest.raises(ValueError, match="all zeros"):
+        split_batch(model, dict(gradients, **{"head.weight": torch.zeros_like(gradients["head.weight"])}))
+    with pytest.raises(ValueError, match="shape"):
+        split_batch(model, dict(gradients, **{"body.3.weight": gradients["body.3.weight"][:, :10]}))
+    with pytest.raises(ValueError, match="at least 4 examples"):
+        split_batch(model, gradients, batch_size=3)
+    with pytest.raises(ValueError, match="gradient_scale"):
+        split_batch(model, gradients, gradient_scale="unknown")
+    with pytest.raises(ValueError):
+        split_batch(model, gradients, batch_size=0)
+    with pytest.raises(ValueError, match="no entry .head.bias"):
+        split_batch(model, {name: value for name, value in gradients.items() if name != "head.bias"})
