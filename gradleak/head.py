@@ -393,18 +393,23 @@ def _factor(weight_grads: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                 raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
     if bias_grads is not None and bias is None:
         raise ValueError(f"{bias_grad_name} was given without bias: pass the head's bias too")
-    for name, value in ((grad_name, weight_grads), ("weight", weight), ("bias", bias), (bias_grad_name, bias_grads)):
-        if value is not None:
-            check_finite(value, name)
     if single:
         weight_grads = weight_grads.unsqueeze(0)
         bias_grads = None if bias_grads is None else bias_grads.unsqueeze(0)
     grad, w = weight_grads.detach(), weight.detach()
     # block by block of examples: each block's temporaries stay in cache (a (1000, 10, 512) stack went from 220 ms
     # to 30 ms), and each example's arithmetic is the same whatever block it is in
-    blocks = [_factor_block(part, w, w.abs()) for part in grad.split(examples_per_block(grad[0].numel()))]
+    blocks = [_factor_block(part, w) for part in grad.split(examples_per_block(grad[0].numel()))]
     found = {name: torch.cat([block[name] for block in blocks]) for name in blocks[0]}
     norm, rank_one_ratio = found.pop("norm"), found["rank_one_ratio"]
+    # The big matrices' finiteness is read off sums the factorisation made anyway (a NaN or inf entry makes its
+    # norm, or its term of |W| |v|, non-finite), instead of a pass of their own; only then is the culprit looked
+    # for, in the order the checks have always run.
+    summaries = ((grad_name, weight_grads, norm), ("weight", weight, found["a_abs"]), ("bias", bias, None),
+                 (bias_grad_name, bias_grads, None))
+    for name, value, summary in summaries:
+        if value is not None and (summary is None or not bool(summary.isfinite().all())):
+            check_finite(value, name)
     found["precision"] = storage_precision(grad, found.pop("largest"))
     if bool((norm == 0).any()):
         raise ValueError(f"{grad_name} is all zeros{example_rows(norm == 0, count)}: the example's loss gradient "
@@ -424,9 +429,8 @@ def _factor(weight_grads: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         dtype=grad.dtype, scale_known=scale_known, **found)
 
 
-def _factor_block(grad: torch.Tensor, w: torch.Tensor, w_abs: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """The factorisation of a block of examples' gradients ``grad`` (n, C, d) of the head ``w`` (C, d) (``w_abs``
-    its entries' magnitudes): their
+def _factor_block(grad: torch.Tensor, w: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The factorisation of a block of examples' gradients ``grad`` (n, C, d) of the head ``w`` (C, d): their
     norms, largest rows and the :class:`HeadBatch` fields ``sigma, c, v, a, a_abs, rank_one_ratio`` (n, ...).
 
     The (C, d) matrices are never copied whole to float64 (for a 1000 x 2048 head that copy cost more than the
@@ -449,8 +453,10 @@ def _factor_block(grad: torch.Tensor, w: torch.Tensor, w_abs: torch.Tensor) -> D
     residual = torch.addcmul(grad, (sigma.unsqueeze(-1) * c).to(dtype).unsqueeze(-1), v.to(dtype).unsqueeze(-2),
                              value=-1)
     rank_one_ratio = torch.linalg.vector_norm(residual, dim=(-2, -1)).double() / norm  # a ratio: dtype sums do
-    a = sigma.unsqueeze(-1) * _dot(w, v.to(w.dtype)).double()
-    a_abs = sigma.unsqueeze(-1) * _dot(w_abs, v.abs().to(w.dtype)).double()
+    # a and a_abs from one product: |W_ij v_j| == |W_ij| |v_j| exactly, so no |W| copy of the whole head is made
+    terms = w * v.to(w.dtype).unsqueeze(-2)  # (n, C, d)
+    a = sigma.unsqueeze(-1) * terms.sum(-1).double()
+    a_abs = sigma.unsqueeze(-1) * torch.linalg.vector_norm(terms, ord=1, dim=-1).double()
     return dict(norm=norm, largest=largest, sigma=sigma, c=c, v=v, a=a, a_abs=a_abs,
                 rank_one_ratio=rank_one_ratio)
 
