@@ -276,6 +276,7 @@ def plot(summary: Sequence[Dict[str, Any]], path: Path, *, title: str = "") -> P
     from ..plots import curve_styles, new_figure, save_figure
 
     formats = list(dict.fromkeys(r["format"] for r in summary))
+    sizes = [int(r["batch_size"]) for r in summary]
     methods = [m for m in BATCH_METHODS if any(r["method"] == m for r in summary)]
     styles = curve_styles(methods)
     ours = curve_styles(["eps within 1e-3", "mass within 1e-3 B", "determined", "examples recovered"])
@@ -298,6 +299,7 @@ def plot(summary: Sequence[Dict[str, Any]], path: Path, *, title: str = "") -> P
         bottom.set_title(f"{label_format}: gradleak")
         for axis in (top, bottom):
             axis.set_xscale("log", base=2)
+            axis.set_xlim(min(sizes) / 1.4, max(sizes) * 1.4)
             axis.set_ylim(-0.05, 1.05)
             axis.set_xlabel("batch size B")
             axis.grid(alpha=0.3)
@@ -305,6 +307,9 @@ def plot(summary: Sequence[Dict[str, Any]], path: Path, *, title: str = "") -> P
         bottom.set_ylabel("fraction of batches")
         if top.lines:
             top.legend(fontsize=7)
+        else:  # mixup pairs: an example's two classes may weigh the same, so no method counts them
+            top.text(0.5, 0.5, "no counts: examples have\nno dominant class", ha="center", va="center",
+                     transform=top.transAxes)
         if bottom.lines:
             bottom.legend(fontsize=7)
     if title:
