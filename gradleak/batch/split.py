@@ -63,6 +63,7 @@ from torch import nn
 from .._checks import as_tensor, check_finite, positive_int
 from ..head import GradientsLike, find_head, head_gradients, named_gradients, storage_precision
 from ..recovery import RecoveryResult, recover_label
+from ..recovery.feature_layer import layers_below_head
 
 #: Entries of a refined candidate (unit norm) below ``ZERO_UNITS`` times the rounding they carry are zeros: measured
 #: on float32 digits MLPs (B = 2 to 16), true zeros sit below 0.2 units and the smallest true non-zero above 600.
@@ -367,23 +368,14 @@ def _joint_tolerance(precision: float) -> float:
     return 1e4 * precision
 
 
-_PASS_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity)
-
-
 def _relu_layer_below(model: nn.Module, head_name: str, dim: int) -> Optional[Tuple[str, nn.Linear]]:
     """``(name, module)`` of the ``nn.Linear`` that feeds the head through a ReLU, in registration order:
     ``Linear -> ReLU -> [Flatten | Dropout | Identity]* -> head`` with ``d`` outputs; else None. Registration order
     is not always execution order: the joint checks reject a layer that does not produce the head's input."""
-    leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
-    names = [name for name, _ in leaves]
-    if head_name not in names:
+    below = layers_below_head(model, head_name)
+    if below is None or not isinstance(below[0], nn.ReLU):
         return None
-    index = names.index(head_name) - 1
-    while index >= 0 and isinstance(leaves[index][1], _PASS_THROUGH):
-        index -= 1
-    if index < 1 or not isinstance(leaves[index][1], nn.ReLU):
-        return None
-    name, module = leaves[index - 1]
+    _, name, module = below
     if not isinstance(module, nn.Linear) or module.out_features != dim:
         return None
     return name, module

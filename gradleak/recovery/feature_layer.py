@@ -52,7 +52,11 @@ def find_feature_layer(model: nn.Module, head_name: str) -> Optional[FeatureLaye
     return known[head_name]
 
 
-def _scan(model: nn.Module, head_name: str) -> Optional[FeatureLayer]:
+def layers_below_head(model: nn.Module, head_name: str) -> Optional[Tuple[nn.Module, str, nn.Module]]:
+    """``(activation, name, layer)``: the leaf module that feeds the head through pass-through modules only
+    (Flatten, Dropout, Identity), and the leaf registered just before it with its qualified name; None when the
+    head is not a leaf module or nothing is registered below it. Registration order, not execution order: callers
+    check what they read from these layers against the gradients."""
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
     names = [name for name, _ in leaves]
     if head_name not in names:
@@ -60,13 +64,20 @@ def _scan(model: nn.Module, head_name: str) -> Optional[FeatureLayer]:
     index = names.index(head_name) - 1
     while index >= 0 and isinstance(leaves[index][1], _PASS_THROUGH):
         index -= 1
-    if index < 1 or type(leaves[index][1]) not in _ACTIVATIONS:
+    if index < 1:
         return None
-    activation = _ACTIVATIONS[type(leaves[index][1])]
-    name, affine = leaves[index - 1]
+    return (leaves[index][1], *leaves[index - 1])
+
+
+def _scan(model: nn.Module, head_name: str) -> Optional[FeatureLayer]:
+    below = layers_below_head(model, head_name)
+    if below is None or type(below[0]) not in _ACTIVATIONS:
+        return None
+    activation, name, affine = below
     if not isinstance(affine, _AFFINE) or affine.bias is None:
         return None
-    return FeatureLayer(bias_name=f"{name}.bias", activation=activation, channels=affine.bias.shape[0])
+    return FeatureLayer(bias_name=f"{name}.bias", activation=_ACTIVATIONS[type(activation)],
+                        channels=affine.bias.shape[0])
 
 
 def scale_from_feature_layer(problem: HeadProblem, layer: FeatureLayer, bias_grad: torch.Tensor
