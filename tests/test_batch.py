@@ -250,11 +250,13 @@ def test_a_small_relu_batch_comes_back_example_by_example(kind, bias):
     label_error, cosine = _match(result.examples, labels, features)
     assert label_error < 1e-3 and cosine > 0.999
     torch.testing.assert_close(result.class_mass, labels.sum(0), rtol=0, atol=1e-3 * size)
+    top = labels.topk(2, dim=1).values
+    assert bool((top[:, 0] - top[:, 1] > 0.01).all())  # every example has a clear dominant class
+    assert torch.equal(result.counts, torch.bincount(labels.argmax(1), minlength=10)) and result.counts_determined
     if kind == "smoothing":
         assert result.label_format == "smoothing" and abs(result.eps - eps) < 1e-3
-        assert torch.equal(result.counts, torch.bincount(labels.argmax(1), minlength=10))
     else:
-        assert result.label_format == "mixup" and result.counts is None and result.eps is None
+        assert result.label_format == "mixup" and result.eps is None
 
 
 def test_when_the_batch_is_not_split_the_class_mass_says_why(cifar10):
@@ -270,3 +272,12 @@ def test_when_the_batch_is_not_split_the_class_mass_says_why(cifar10):
     result = gradleak.recover_batch(lenet, _batch(lenet, x, classes, 0.1)[0], batch_size=4)
     assert result.method == "class_mass" and result.examples == [] and result.split_message  # sigmoid: no zeros
     assert torch.equal(result.counts, torch.bincount(classes, minlength=10)) or not result.determined
+
+
+def test_an_example_without_a_dominant_class_leaves_the_counts_open():
+    from gradleak.batch.api import EPS_TOL, dominant_counts
+
+    labels = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.2, 0.8]], dtype=torch.float64)
+    assert dominant_counts(labels).tolist() == [1, 0, 1]
+    even = torch.cat([labels, torch.tensor([[0.5 + EPS_TOL / 4, 0.5 - EPS_TOL / 4, 0.0]], dtype=torch.float64)])
+    assert dominant_counts(even) is None

@@ -41,7 +41,9 @@ class BatchRecoveryResult:
     Attributes:
         class_mass: ``(C,)`` float64, the sum of the batch's soft labels (``counts`` for hard labels), or None
             when the batch size is unknown.
-        counts: ``(C,)`` int64, the examples per dominant class, or None (mixup, or no lattice point fits).
+        counts: ``(C,)`` int64, the examples per dominant class, or None (no lattice point fits the class mass, or
+            a recovered example's two largest label entries lie within ``EPS_TOL`` of each other, as in an
+            even mixup).
         eps: the common label-smoothing mass (0.0 for hard labels), or None (also for split examples smoothed
             with different eps: read each example's).
         examples: one :class:`~gradleak.RecoveryResult` per example when the batch could be split (B = 1 always),
@@ -192,7 +194,7 @@ def _from_split(parted: BatchSplit, mass: Optional[BatchRecoveryResult], common:
     class_mass = labels.sum(0)
     formats = {result.label_format for result in examples}
     label_format = next(name for name in ("mixup", "smoothing", "hard") if name in formats)
-    counts = None if label_format == "mixup" else torch.bincount(labels.argmax(1), minlength=labels.shape[1])
+    counts = dominant_counts(labels)
     eps = None
     if label_format != "mixup":
         values = torch.tensor([result.eps if result.label_format == "smoothing" else 0.0 for result in examples])
@@ -205,15 +207,24 @@ def _from_split(parted: BatchSplit, mass: Optional[BatchRecoveryResult], common:
                                extra={"split": parted}, **common)
 
 
+def dominant_counts(labels: torch.Tensor) -> Optional[torch.Tensor]:
+    """``(C,)`` int64 examples per dominant class of the labels ``(B, C)``, or None when an example has none: its
+    two largest entries within ``EPS_TOL`` of each other (the label is only known to about that)."""
+    top = labels.topk(2, dim=1).values
+    if bool((top[:, 0] - top[:, 1] <= EPS_TOL).any()):
+        return None
+    return torch.bincount(labels.argmax(1), minlength=labels.shape[1])
+
+
 def _single(model: nn.Module, named, found, label_format: str, options: Dict[str, object],
             common: Dict[str, object]) -> BatchRecoveryResult:
     """B = 1: the single-example recovery, read as a batch."""
     result = recover_from_gradients(model, named, head=found[1], label_format=label_format, **options)
     label = result.label.detach().double()
-    two_classes = result.label_format == "mixup"
-    counts = None if two_classes else torch.zeros_like(label, dtype=torch.int64).scatter_(0, label.argmax()[None], 1)
-    return BatchRecoveryResult(label, counts, None if two_classes else result.eps, [result], result.determined,
-                               result.determined and not two_classes, result.message, label_format=result.label_format,
+    counts = dominant_counts(label[None])
+    eps = None if result.label_format == "mixup" else result.eps
+    return BatchRecoveryResult(label, counts, eps, [result], result.determined,
+                               result.determined and counts is not None, result.message, label_format=result.label_format,
                                method="single", gradient_scale=result.gradient_scale, **common)
 
 

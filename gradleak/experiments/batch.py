@@ -123,7 +123,9 @@ def _grade(answer: Dict[str, Any], truth: Dict[str, Any], size: int, counts_give
     eps_error = "" if truth["eps"] is None or answer["eps"] is None else abs(answer["eps"] - truth["eps"])
     mass_error = "" if answer["mass"] is None else float((answer["mass"].cpu() - truth["mass"]).abs().max())
     mass_within = "" if mass_error == "" else mass_error <= 1e-3 * size
-    right = (counts_exact is not False and (eps_error == "" or eps_error <= 1e-3) and mass_within is not False
+    # a confident wrong answer is a wrong claim: "no counts" (None) claims nothing, and only loses count accuracy
+    counts_wrong = answer["counts"] is not None and counts_exact is False
+    right = (not counts_wrong and (eps_error == "" or eps_error <= 1e-3) and mass_within is not False
              and examples_success is not False)
     determined = answer["determined"]
     return dict(counts_exact=counts_exact, classes_exact=classes_exact, examples_success=examples_success,
