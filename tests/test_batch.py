@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gradleak
-from gradleak.batch.api import LATTICE_TOL, numerical_rank
+from gradleak.batch.api import EPS_TOL, LATTICE_TOL, dominant_counts, numerical_rank
 from gradleak.batch.baselines import ilrg
 from gradleak.batch.mass import fit_lattice, mean_feature
 from gradleak.data import load_samples
@@ -275,8 +275,6 @@ def test_when_the_batch_is_not_split_the_class_mass_says_why(cifar10):
 
 
 def test_an_example_without_a_dominant_class_leaves_the_counts_open():
-    from gradleak.batch.api import EPS_TOL, dominant_counts
-
     labels = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.2, 0.8]], dtype=torch.float64)
     assert dominant_counts(labels).tolist() == [1, 0, 1]
     even = torch.cat([labels, torch.tensor([[0.5 + EPS_TOL / 4, 0.5 - EPS_TOL / 4, 0.0]], dtype=torch.float64)])
