@@ -61,7 +61,8 @@ class BatchRecoveryResult:
         method: "single" (B = 1: :func:`gradleak.recover_from_gradients`), "split" (the batch split into its
             examples, :func:`~gradleak.batch.split.split_batch`) or "class_mass" (see :mod:`gradleak.batch.mass`).
         lattice_residual: how far the class mass sits from its count lattice, in examples (nan without one).
-        eps_error: standard error of ``eps`` (nan without one).
+        eps_error: how well ``eps`` is known: its standard error from the lattice fit, or how far it moved between
+            the estimates of the mean feature when that is more (nan without one).
         gradient_scale: ``s`` with observed gradients = ``s *`` the true ones: 1.0 when the scale is known,
             recovered with ``gradient_scale="unknown"`` (``-lr`` for one plain SGD step's weight delta).
         split_message: why the batch was not split into its examples ("" when it was, or for B = 1).
@@ -243,6 +244,7 @@ def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_forma
     feature = mean_feature(weight_grad, bias_grad)  # a ratio: the gradient scale cancels
     fit: Optional[LatticeFit] = None
     runner_up = math.inf
+    eps_seen = []  # eps of every round: how far it moves with the mean-feature estimate bounds how well it is known
     for _ in range(MEAN_FEATURE_ROUNDS):
         prediction = prediction_mass(weight, bias, feature, size)
         if label_format == "mixup":
@@ -251,6 +253,7 @@ def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_forma
             fit = fit_lattice(prediction - size * bias_grad, size, hard=hard)
         else:
             fit, runner_up = fit_lattice_unknown_scale(prediction, bias_grad, size, hard=hard)
+        eps_seen.append(fit.eps)
         empty = fit.counts == 0
         if not bool(empty.any()):
             break
@@ -275,13 +278,16 @@ def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_forma
         on_lattice = False
         reasons.append(f"other counts fit at another gradient scale (residual {runner_up:.2g}): with the scale "
                        "unknown the counts are ambiguous")
-    if not hard and AMBIGUITY_RATIO * fit.eps_error > EPS_TOL:
-        reasons.append(f"eps is pinned only to +-{fit.eps_error:.2g}" + (
-            ": the classes hold B/C examples each, and such counts do not separate eps" if math.isinf(fit.eps_error)
-            else " (from how far the class mass sits from its lattice point)"))
-    detected = "hard" if hard or (label_format == "auto" and fit.eps <= AMBIGUITY_RATIO * fit.eps_error) \
+    moved = max(eps_seen) - min(eps_seen)
+    eps_error = max(fit.eps_error, moved)
+    if not hard and AMBIGUITY_RATIO * eps_error > EPS_TOL:
+        reasons.append(f"eps is pinned only to +-{eps_error:.2g}" + (
+            ": the classes hold B/C examples each, and such counts do not separate eps" if math.isinf(eps_error)
+            else " (from how far the class mass sits from its lattice point)" if eps_error == fit.eps_error
+            else " (it moved that much with the estimate of the mean feature)"))
+    detected = "hard" if hard or (label_format == "auto" and fit.eps <= AMBIGUITY_RATIO * eps_error) \
         else "smoothing"
     return BatchRecoveryResult(mass, fit.counts, fit.eps if detected == "smoothing" else 0.0, [], not reasons,
                                on_lattice, "; ".join(reasons), label_format=detected, method="class_mass",
-                               lattice_residual=fit.residual, eps_error=fit.eps_error,
+                               lattice_residual=fit.residual, eps_error=eps_error,
                                gradient_scale=1.0 / fit.inverse_scale, extra={"mean_feature": feature}, **common)
