@@ -224,9 +224,10 @@ def _single(model: nn.Module, named, found, label_format: str, options: Dict[str
     label = result.label.detach().double()
     counts = dominant_counts(label[None])
     eps = None if result.label_format == "mixup" else result.eps
-    return BatchRecoveryResult(label, counts, eps, [result], result.determined,
-                               result.determined and counts is not None, result.message, label_format=result.label_format,
-                               method="single", gradient_scale=result.gradient_scale, **common)
+    counts_determined = result.determined and counts is not None
+    return BatchRecoveryResult(label, counts, eps, [result], result.determined, counts_determined, result.message,
+                               label_format=result.label_format, method="single",
+                               gradient_scale=result.gradient_scale, **common)
 
 
 def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_format: str, scale_known: bool,

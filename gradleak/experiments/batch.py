@@ -156,7 +156,8 @@ def _examples_success(examples, truth: Dict[str, Any]) -> bool:
 
 
 def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "untrained",
-        init: Optional[str] = "default", formats: Union[str, Sequence[str]] = BATCH_FORMATS, methods: Union[str, Sequence[str]] = BATCH_METHODS,
+        init: Optional[str] = "default", formats: Union[str, Sequence[str]] = BATCH_FORMATS,
+        methods: Union[str, Sequence[str]] = BATCH_METHODS,
         batch_sizes: Optional[Sequence[int]] = None, samples: Optional[int] = None, seed: int = 2023,
         out: Optional[Union[str, Path]] = None, quick: bool = False, progress: bool = True,
         image_size: Optional[int] = None, **_ignored) -> Dict[str, Any]:
