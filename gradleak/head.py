@@ -16,9 +16,10 @@ the label's structure fixes by a small linear least-squares fit for every ``t`` 
 README, "How it works").
 
 Many gradients of one head (``N`` examples, each its own) are factored together (:func:`factor_heads`, a
-:class:`HeadBatch`); :class:`HeadProblem` is one of them. Every product over the ``(C, d)`` matrices is an
-elementwise product and a sum, not a matrix product: a sum gives each example the same bits whatever ``N`` is,
-while a BLAS product's blocking (and so its rounding) depends on the batch size.
+:class:`HeadBatch`); :class:`HeadProblem` is one of them. Every product over the ``(C, d)`` matrices is one
+row vector times one matrix per example (a batched ``(1, k) x (k, m)`` product, in the matrices' dtype): it
+makes no ``(C, d)`` temporary, and each example gets the same bits whatever ``N`` is, where a single
+``(N, k) x (k, m)`` product's blocking (and so its rounding) would depend on ``N``. The vectors are float64.
 """
 from __future__ import annotations
 
@@ -314,25 +315,6 @@ def examples_per_block(entries_per_example: int) -> int:
     return max(1, _BLOCK_ENTRIES // max(entries_per_example, 1))
 
 
-def _row_combination64(weights: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """``weights @ matrix`` per example for ``(N, C, d)`` matrices of any float dtype and float64 ``(N, C)``
-    weights, accumulated in float64 block by block of rows: ``(N, d)`` float64.
-
-    This sum gives the head's feature direction ``v``, which the logits and so the label are read from: on a
-    1000 x 2048 ImageNet head, accumulating it in float32 raised the largest label error from 2.6e-6 to 4.3e-5
-    (the products with ``v`` itself are accurate enough in the matrix's dtype).
-    """
-    rows = examples_per_block(matrix.shape[-1])  # rows of d entries per block
-    return sum((part.unsqueeze(-1) * block).sum(-2)  # float64 products: the float64 weights promote the block
-               for part, block in zip(weights.split(rows, dim=-1), matrix.split(rows, dim=-2)))
-
-
-def _dot(matrix: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """``matrix @ vectors[n]`` for each example: ``(N, C)`` from ``(N, C, d)`` or ``(C, d)`` and ``(N, d)`` (see
-    the module doc for why not a matrix product)."""
-    return torch.linalg.vecdot(matrix, vectors.unsqueeze(-2))
-
-
 def factor_heads(weight_grads: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  bias_grads: Optional[torch.Tensor] = None, *, rank_one_tol: Optional[float] = 1e-2,
                  scale_known: bool = True) -> HeadBatch:
@@ -429,13 +411,24 @@ def _factor(weight_grads: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         dtype=grad.dtype, scale_known=scale_known, **found)
 
 
+def _times(vectors: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """``vectors[n] @ matrices[n]`` for each example: ``(N, m)`` from ``(N, k)`` and ``(N, k, m)`` (a shared matrix
+    is passed expanded, without a copy).
+
+    One (1, k) x (k, m) product per example, in the matrices' dtype: no (k, m) temporary is made, and each example
+    gets the same bits whatever N is (a single (N, k) x (k, m) product's blocking, and so its rounding, depends on
+    N; see the module doc).
+    """
+    return torch.bmm(vectors.unsqueeze(-2), matrices).squeeze(-2)
+
+
 def _factor_block(grad: torch.Tensor, w: torch.Tensor) -> Dict[str, torch.Tensor]:
     """The factorisation of a block of examples' gradients ``grad`` (n, C, d) of the head ``w`` (C, d): their
     norms, largest rows and the :class:`HeadBatch` fields ``sigma, c, v, a, a_abs, rank_one_ratio`` (n, ...).
 
-    The (C, d) matrices are never copied whole to float64 (for a 1000 x 2048 head that copy cost more than the
-    factorisation): the passes over them run in their own dtype, except the sum that gives v (see
-    :func:`_row_combination64`); the C- and d-sized results are promoted to float64.
+    Every pass over the (C, d) matrices runs in their own dtype and makes no (C, d) temporary (for a 1000 x 2048
+    head, writing one cost more than the whole factorisation): matrix-vector products, and row block by row block
+    where entries must be visited one by one. The C- and d-sized results are promoted to float64.
     """
     dtype = grad.dtype
     row_norms = torch.linalg.vector_norm(grad, dim=-1).double()
@@ -443,20 +436,32 @@ def _factor_block(grad: torch.Tensor, w: torch.Tensor) -> Dict[str, torch.Tensor
     # One power-iteration step from the largest row: G is rank one up to rounding (or noise), and that row is
     # already its right factor up to rounding; the step averages the noise over all rows and columns.
     largest = grad[torch.arange(grad.shape[0], device=grad.device), row_norms.argmax(-1)]
-    start = _dot(grad, largest).double()  # only a direction to start from: its own dtype is enough
-    v = _row_combination64(start, grad)
+    transposed = grad.transpose(-1, -2)
+    v = _times(_times(largest, transposed), grad).double()
     v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    c = _dot(grad, v.to(dtype)).double()
+    low_v = v.to(dtype)
+    c = _times(low_v, transposed).double()
     sigma = torch.linalg.vector_norm(c, dim=-1)
     c = c / sigma.unsqueeze(-1)
     # measured on the residual itself: ||G||^2 - sigma^2 would cancel to nothing below sqrt(eps) of the dtype
-    residual = torch.addcmul(grad, (sigma.unsqueeze(-1) * c).to(dtype).unsqueeze(-1), v.to(dtype).unsqueeze(-2),
-                             value=-1)
-    rank_one_ratio = torch.linalg.vector_norm(residual, dim=(-2, -1)).double() / norm  # a ratio: dtype sums do
-    # a and a_abs from one product: |W_ij v_j| == |W_ij| |v_j| exactly, so no |W| copy of the whole head is made
-    terms = w * v.to(w.dtype).unsqueeze(-2)  # (n, C, d)
-    a = sigma.unsqueeze(-1) * terms.sum(-1).double()
-    a_abs = sigma.unsqueeze(-1) * torch.linalg.vector_norm(terms, ord=1, dim=-1).double()
+    outer = (sigma.unsqueeze(-1) * c).to(dtype).unsqueeze(-1)
+    # The passes that visit entries one by one run block by block of rows, each written into one scratch block: a
+    # fresh (C, d) temporary, or even a fresh block each time, is memory fresh from the system, whose page faults
+    # cost more than the arithmetic.
+    rows = examples_per_block(grad.shape[-1])
+    scratch = grad.new_empty((*grad.shape[:-2], min(rows, grad.shape[-2]), grad.shape[-1]))
+    squares = 0
+    for block, part in zip(grad.split(rows, -2), outer.split(rows, -2)):
+        residual = torch.addcmul(block, part, low_v.unsqueeze(-2), value=-1, out=scratch[..., :block.shape[-2], :])
+        squares = squares + torch.linalg.vector_norm(residual, dim=(-2, -1)).double().square()
+    rank_one_ratio = squares.sqrt() / norm  # a ratio: the dtype's own sums are accurate enough
+    # a = sigma W v; a_abs = sigma |W| |v|, the scale of the sums behind a (their rounding is relative to it)
+    v_w = v.to(w.dtype)
+    a = sigma.unsqueeze(-1) * _times(v_w, w.T.expand(len(v), -1, -1)).double()
+    magnitude, scratch = v_w.abs(), w.new_empty(min(rows, w.shape[0]), w.shape[1])
+    a_abs = torch.cat([_times(magnitude, torch.abs(block, out=scratch[:len(block)]).T.expand(len(v), -1, -1))
+                       for block in w.split(rows)], -1)
+    a_abs = sigma.unsqueeze(-1) * a_abs.double()
     return dict(norm=norm, largest=largest, sigma=sigma, c=c, v=v, a=a, a_abs=a_abs,
                 rank_one_ratio=rank_one_ratio)
 

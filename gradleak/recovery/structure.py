@@ -274,24 +274,23 @@ def residuals(problem: Problem, t: torch.Tensor, free_entries: torch.Tensor, off
 _LOGIT_FLOOR = -700.0
 
 
-def _grid_softmax(problem: HeadBatch, t: torch.Tensor) -> torch.Tensor:
-    """The softmax ``(N, K, C)`` at many scalars ``t`` (N, K): the grid's biggest pass.
+def _grid_softmax(problem: HeadBatch, t: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """The softmax ``(N, K, C)`` at many scalars ``t`` (N, K), each row times ``times`` (N, K): the grid's
+    biggest pass.
 
     Without a bias the largest logit ``t * a_i`` is read off the sign of ``t``, so the logits are shifted by it
-    through ``a`` (``t * (a - max a)``) instead of by a reduction over the classes, which is the slowest step of
-    a softmax over few classes.
+    (``t * a - t * max a``, or ``min a`` where ``t < 0``) instead of by a reduction over the classes, which is the
+    slowest step of a softmax over few classes. The factor joins the normalisation (one pass, not two).
     """
     if problem.bias is not None:
         shifted = problem.logits(t)
         shifted = shifted.sub_(shifted.amax(-1, keepdim=True))
     else:
-        a, scale = problem.a.unsqueeze(-2), t.unsqueeze(-1)
-        if bool((t > 0).all()):
-            shifted = scale * (a - a.amax(-1, keepdim=True))
-        else:
-            shifted = scale * torch.where(scale > 0, a - a.amax(-1, keepdim=True), a - a.amin(-1, keepdim=True))
+        a = problem.a.unsqueeze(-2)
+        largest = torch.where(t > 0, a.amax(-1), a.amin(-1))
+        shifted = torch.addcmul((-t * largest).unsqueeze(-1), t.unsqueeze(-1), a)
     p = shifted.clamp_min_(_LOGIT_FLOOR).exp_()
-    return p.div_(p.sum(-1, keepdim=True))
+    return p.mul_((times / p.sum(-1)).unsqueeze(-1))
 
 
 def grid_residuals(problem: HeadBatch, t: torch.Tensor, structures: Tuple[Structure, ...]) -> torch.Tensor:
@@ -304,10 +303,13 @@ def grid_residuals(problem: HeadBatch, t: torch.Tensor, structures: Tuple[Struct
     if not problem.scale_known:
         return torch.stack([residuals(problem, t, torch.full_like(t, s.free_entries, dtype=torch.long),
                                       torch.full_like(t, s.offset_free, dtype=torch.bool)) for s in structures], 1)
-    error = _grid_softmax(problem, t).mul_(t.unsqueeze(-1)).sub_(problem.broadcast("c", t))  # alpha y = t p - c
+    error = _grid_softmax(problem, t, t).sub_(problem.broadcast("c", t))  # alpha y = t p - c
+    # the label's largest entry: error's largest where t > 0, its smallest where t < 0
     if bool((t > 0).all()):
         top = error.argmax(-1, keepdim=True)
-    else:  # the label's largest entry: error's largest where t > 0, its smallest where t < 0
+    elif bool((t < 0).all()):
+        top = error.argmin(-1, keepdim=True)
+    else:
         top = torch.where(t > 0, error.argmax(-1), error.argmin(-1)).unsqueeze(-1)
     # zero the free entries in a copy rather than subtracting them from sums: at large |t| the largest
     # entry dominates the sum of squares and the subtraction would cancel catastrophically (c's entries are at
