@@ -10,6 +10,7 @@ import torch
 
 from gradleak.experiments import EXPERIMENTS, run_experiment
 from gradleak.experiments import common, label_recovery, landscape, noise
+from gradleak.head import head_gradients
 
 
 
@@ -77,6 +78,42 @@ def test_label_recovery_resume_skips_done_rows(quick_run, tmp_path):
     assert more["new_rows"] == 1 + 4   # exact: only sample 3 is new; idlg: samples 0-3
     rows = _rows(partial / "samples.csv")
     assert len(rows) == len({(r["sample"], r["method"]) for r in rows}) == 8
+
+
+def test_head_only_methods_answer_a_task_in_one_call_as_single_calls_would(monkeypatch):
+    import gradleak
+
+    setting = dict(dataset="cifar10", network="lenet", weights="untrained", seed=3, image_size=None, init=None)
+    env = common.shared_setup(**setting)
+    trials = [t for f in ("smoothing", "mixup") for t in common.draw_trials(env.labels, env.num_classes, f, 3, 3)]
+    methods = ["exact-head", "idlg", "exact-auto"]
+    calls = []
+    batched = gradleak.recover_labels
+    monkeypatch.setattr(gradleak, "recover_labels", lambda *a, **k: calls.append(len(a[0])) or batched(*a, **k))
+    rows = label_recovery.attack_trials([(trial, methods) for trial in trials], setting=setting)
+    assert calls == [3, 3, 3, 3]   # per head-only method and format, one call for the task's trials
+    assert [(r["sample"], r["format"], r["method"]) for r in rows] == \
+        [(t.sample, t.label_format, m) for t in trials for m in methods]
+    for row, (trial, method) in zip(rows, [(t, m) for t in trials for m in methods]):
+        truth = common.victim(env.model, env.images, trial)
+        single = common.attack(method, env.model, truth.gradients, trial.label_format)
+        graded = common.grade(single, truth)
+        for column in ("success", "label_error", "feature_cos"):
+            assert repr(row[column]) == repr(graded[column]), (method, column)   # the same bits (nan included)
+        assert (row["pred_eps"], row["determined"], row["message"]) == \
+            (single.pred_eps, single.determined, single.message)
+
+
+def test_attack_heads_fails_only_the_victim_it_cannot_read():
+    env = common.shared_setup(dataset="cifar10", network="lenet", weights="untrained", seed=3)
+    trials = common.draw_trials(env.labels, env.num_classes, "smoothing", 3, 3)
+    heads = [head_gradients(env.model, common.victim(env.model, env.images, t).gradients) for t in trials]
+    heads[1] = dict(heads[1], weight_grad=torch.zeros_like(heads[1]["weight_grad"]))
+    attempts = common.attack_heads("exact-head", env.model, heads, "smoothing")
+    assert attempts[1].label is None and "all zeros" in attempts[1].message
+    assert all(a.label is not None and a.determined for a in (attempts[0], attempts[2]))
+    with pytest.raises(ValueError, match="not the exact search on the head alone"):
+        common.attack_heads("exact", env.model, heads, "smoothing")
 
 
 def test_noise_at_zero_equals_clean_run(quick_run, tmp_path):

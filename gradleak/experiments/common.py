@@ -266,13 +266,67 @@ def attack(method: Union[str, Method], model: nn.Module, gradients: Mapping[str,
             res = recover_from_gradients(model, gradients, **options)
             if res.converged:
                 break
-        elapsed = (time.perf_counter() - start) * 1e3
-        return Attempt(res.label, res.feature, elapsed, determined=res.determined, pred_format=res.label_format,
-                       used=res.method, residual=res.residual, evaluations=res.evaluations,
-                       converged=res.converged, pred_classes=tuple(res.classes), pred_eps=res.eps,
-                       pred_lam=res.lam, message=res.message)
+        return _attempt(res, (time.perf_counter() - start) * 1e3)
     except (ValueError, RuntimeError) as error:
-        return Attempt(None, None, (time.perf_counter() - start) * 1e3, message=f"{type(error).__name__}: {error}")
+        return _failed(error, start)
+
+
+def _attempt(res, time_ms: float) -> Attempt:
+    """A :class:`~gradleak.recovery.api.RecoveryResult` as an :class:`Attempt` that took ``time_ms``."""
+    return Attempt(res.label, res.feature, time_ms, determined=res.determined, pred_format=res.label_format,
+                   used=res.method, residual=res.residual, evaluations=res.evaluations, converged=res.converged,
+                   pred_classes=tuple(res.classes), pred_eps=res.eps, pred_lam=res.lam, message=res.message)
+
+
+def _failed(error: Exception, start: float) -> Attempt:
+    return Attempt(None, None, (time.perf_counter() - start) * 1e3, message=f"{type(error).__name__}: {error}")
+
+
+def head_only(method: Union[str, Method]) -> bool:
+    """Whether ``method`` is the exact search on the head gradient alone: then :func:`attack_heads` recovers
+    many victims of one network in one :func:`gradleak.recover_labels` call."""
+    method = METHODS[method] if isinstance(method, str) else method
+    return method.kind == "recover" and method.options.get("method") == "exact" \
+        and not method.options.get("use_feature_layer", True)
+
+
+def attack_heads(method: Union[str, Method], model: nn.Module, heads: Sequence[Mapping[str, torch.Tensor]],
+                 label_format: str) -> List[Attempt]:
+    """:func:`attack` with a :func:`head_only` method on many victims of ``model`` at once, from their head
+    gradients ``heads`` (each ``dict(weight_grad=, bias_grad=)``, as :func:`gradleak.head.head_gradients` gives).
+
+    One :func:`gradleak.recover_labels` call answers them all, as the single calls would (its answers are theirs);
+    each attempt's ``time_ms`` is that call's time shared equally. When the call raises (one victim's gradient it
+    rejects), the victims are attacked one by one, so that only that victim's attempt fails.
+    """
+    from .. import recover_label, recover_labels
+    from ..head import find_head
+
+    method = METHODS[method] if isinstance(method, str) else method
+    if not head_only(method):
+        raise ValueError(f"{method.name} is not the exact search on the head alone")
+    head = find_head(model)[1]
+    bias = None if head.bias is None else head.bias.detach()
+    options = {"label_format": label_format,
+               **{key: value for key, value in method.options.items() if key != "use_feature_layer"}}
+    start = time.perf_counter()
+    try:
+        bias_grads = None if bias is None else torch.stack([h["bias_grad"] for h in heads])
+        results = recover_labels(torch.stack([h["weight_grad"] for h in heads]), head.weight.detach(), bias=bias,
+                                 bias_grads=bias_grads, **options)
+        share = (time.perf_counter() - start) * 1e3 / len(heads)
+        return [_attempt(res, share) for res in results]
+    except (ValueError, RuntimeError):
+        attempts = []
+        for h in heads:
+            start = time.perf_counter()
+            try:
+                res = recover_label(h["weight_grad"], head.weight.detach(), bias=bias, bias_grad=h["bias_grad"],
+                                    **options)
+                attempts.append(_attempt(res, (time.perf_counter() - start) * 1e3))
+            except (ValueError, RuntimeError) as error:
+                attempts.append(_failed(error, start))
+        return attempts
 
 
 def grade(attempt: Attempt, truth: Victim) -> Dict[str, Any]:

@@ -10,20 +10,25 @@ re-drawn. Outputs in ``out``:
 * ``summary.csv`` / ``summary.md``: accuracy with 95 % Wilson intervals, median errors, feature recovery,
   the count of trials the diagnostics flagged as undetermined, median time and speed relative to PSO.
 
-With ``ray`` the trials run as Ray tasks (:func:`.parallel.map_trials`) and ``samples.csv`` is the same file.
+The trials run ``TRIALS_PER_TASK`` at a time: the exact search on the head alone ("exact-head", "exact-auto")
+recovers the task's trials of each format in one :func:`gradleak.recover_labels` call, and each of their rows
+gets an equal share of that call's time; the other methods are timed per trial. With ``ray`` the tasks run as
+Ray tasks (:func:`.parallel.map_trials`) and ``samples.csv`` is the same file.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ..head import head_gradients
 from .common import (FEATURE_COS_TOL, FEATURE_REL_TOL, METHODS, SUCCESS_TOL, ResumableCSV, Trial, as_float, attack,
-                     draw_trials, grade, is_true, markdown_table, median, output_dir, resolve_formats, resolve_methods,
-                     shared_setup, victim, wilson_interval)
+                     attack_heads, draw_trials, grade, head_only, is_true, markdown_table, median, output_dir,
+                     resolve_formats, resolve_methods, shared_setup, victim, wilson_interval)
 from .parallel import map_trials
 
 DEFAULT_METHODS = ("exact", "exact-head", "lbfgs", "pso", "idlg")
@@ -37,6 +42,9 @@ SUMMARY_FIELDS = ["dataset", "network", "weights", "format", "method", "n", "suc
                   "ci_high", "median_label_error", "max_label_error", "median_label_l1", "feature_recovered",
                   "feature_n", "undetermined", "errors", "median_ms", "speedup_vs", "speedup"]
 QUICK_SAMPLES = 6
+#: Trials per task (one Ray task, one step of the progress bar): the head-only exact methods recover a task's
+#: trials of each format in one recover_labels call.
+TRIALS_PER_TASK = 25
 
 
 def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "untrained",
@@ -84,8 +92,10 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
             if todo:
                 jobs.append((trial, todo))
     new_rows = 0
-    for rows in map_trials(functools.partial(attack_trial, setting=setting), jobs, ray_address=ray,
-                           progress=progress, desc=f"label recovery {dataset}/{network}/{env.weights}"):
+    tasks = [jobs[start:start + TRIALS_PER_TASK] for start in range(0, len(jobs), TRIALS_PER_TASK)]
+    for rows in map_trials(functools.partial(attack_trials, setting=setting), tasks, ray_address=ray,
+                           progress=progress, desc=f"label recovery {dataset}/{network}/{env.weights} "
+                                                   f"({TRIALS_PER_TASK} trials per step)"):
         table.append(rows)
         new_rows += len(rows)
     summary = summarize(table.rows)
@@ -94,29 +104,51 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
     return {"summary": summary, "files": files, "new_rows": new_rows, "out": str(folder)}
 
 
-def attack_trial(job: Tuple[Trial, Sequence[str]], *, setting: Mapping[str, Any]) -> List[Dict[str, Any]]:
-    """One trial's ``samples.csv`` rows: its victim gradient, attacked by each of the named methods.
+def attack_trials(jobs: Sequence[Tuple[Trial, Sequence[str]]], *, setting: Mapping[str, Any]
+                  ) -> List[Dict[str, Any]]:
+    """``samples.csv`` rows of a few trials: each trial's victim gradient, attacked by each of its named methods,
+    rows in the order of the trials and of their methods.
+
+    The methods that read the head alone with the exact search (:func:`common.head_only`) attack the trials'
+    head gradients of each label format together, in one :func:`gradleak.recover_labels` call
+    (:func:`common.attack_heads`); the others attack each gradient as it is made (only the head gradients are
+    kept).
 
     Args:
-        job: ``(trial, method names)``.
+        jobs: ``(trial, method names)`` pairs.
         setting: :func:`common.shared_setup`'s arguments (the network is built once per process from them, here
             or in a Ray worker); its ``seed`` also seeds PSO, per sample.
     """
-    trial, methods = job
     env = shared_setup(**setting)
-    truth = victim(env.model, env.images, trial)
+    truths, attempts = [], {}
+    together: Dict[Tuple[str, str], List[int]] = defaultdict(list)   # (method, format) -> job indices
+    heads: Dict[int, Dict[str, Any]] = {}
+    for index, (trial, methods) in enumerate(jobs):
+        truth = victim(env.model, env.images, trial)
+        for name in methods:
+            if head_only(name):
+                together[name, trial.label_format].append(index)
+                heads.setdefault(index, head_gradients(env.model, truth.gradients))
+            else:
+                attempts[index, name] = attack(name, env.model, truth.gradients, trial.label_format,
+                                               seed=setting["seed"] + trial.sample)
+        truths.append(dataclasses.replace(truth, gradients={}))   # the evaluator needs the label and feature only
+    for (name, label_format), indices in together.items():
+        found = attack_heads(name, env.model, [heads[i] for i in indices], label_format)
+        attempts.update({(i, name): attempt for i, attempt in zip(indices, found)})
     rows = []
-    for name in methods:
-        attempt = attack(name, env.model, truth.gradients, trial.label_format, seed=setting["seed"] + trial.sample)
-        rows.append({"dataset": setting["dataset"], "network": setting["network"], "weights": env.weights,
-                     "format": trial.label_format, "sample": trial.sample, "method": name,
-                     **grade(attempt, truth), "determined": attempt.determined, "time_ms": attempt.time_ms,
-                     "used": attempt.used, "pred_format": attempt.pred_format,
-                     "pred_classes": attempt.pred_classes, "true_classes": trial.spec.classes,
-                     "pred_eps": attempt.pred_eps, "true_eps": trial.spec.eps, "pred_lam": attempt.pred_lam,
-                     "true_lam": trial.spec.lam, "residual": attempt.residual,
-                     "evaluations": attempt.evaluations, "converged": attempt.converged,
-                     "images": trial.indices, "message": attempt.message})
+    for index, (trial, methods) in enumerate(jobs):
+        for name in methods:
+            attempt, truth = attempts[index, name], truths[index]
+            rows.append({"dataset": setting["dataset"], "network": setting["network"], "weights": env.weights,
+                         "format": trial.label_format, "sample": trial.sample, "method": name,
+                         **grade(attempt, truth), "determined": attempt.determined, "time_ms": attempt.time_ms,
+                         "used": attempt.used, "pred_format": attempt.pred_format,
+                         "pred_classes": attempt.pred_classes, "true_classes": trial.spec.classes,
+                         "pred_eps": attempt.pred_eps, "true_eps": trial.spec.eps, "pred_lam": attempt.pred_lam,
+                         "true_lam": trial.spec.lam, "residual": attempt.residual,
+                         "evaluations": attempt.evaluations, "converged": attempt.converged,
+                         "images": trial.indices, "message": attempt.message})
     return rows
 
 
