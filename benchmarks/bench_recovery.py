@@ -16,6 +16,9 @@ calls, on the same gradients, side by side in recoveries per second (medians; th
 first ``--compare`` examples), with the largest label difference between the two and the undetermined fraction.
 
     python benchmarks/bench_recovery.py --batched 1000 --threads 2
+
+``--device cuda`` runs the networks and every recovery on the GPU (the same code; each timed call ends with a
+``torch.cuda.synchronize()``); without a CUDA device it stops with an error.
 """
 from __future__ import annotations
 
@@ -63,7 +66,10 @@ def main() -> None:
     parser.add_argument("--batched", type=int, metavar="N", help="throughput of N recoveries at once instead")
     parser.add_argument("--compare", type=int, default=200, help="with --batched: examples also run one by one")
     parser.add_argument("--repeats", type=int, default=5, help="with --batched: timed batched calls")
+    parser.add_argument("--device", default="cpu", help="where the networks and the recoveries run (cpu, cuda)")
     args = parser.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available on this machine")
     torch.set_num_threads(args.threads)
     if args.batched:
         batched_throughput(args)
@@ -71,7 +77,7 @@ def main() -> None:
     rows = []
     for index in args.configs:
         title, network, kwargs, dataset, size, num_classes = CONFIGS[index]
-        model = build_model(network, num_classes, seed=1, **kwargs)
+        model = build_model(network, num_classes, seed=1, **kwargs).to(args.device)
         images, labels = load_samples(dataset, size=size)
         for label_format in ("smoothing", "mixup"):
             trials = draw_trials(labels, num_classes, label_format, args.samples, args.seed)
@@ -83,16 +89,17 @@ def main() -> None:
                     options = dict(dict(label_format=label_format), **METHODS[method])
                     start = time.perf_counter()
                     result = gradleak.recover_from_gradients(model, gradients, **options)
-                    ms = (time.perf_counter() - start) * 1e3
-                    error = float((result.label.double() - truth.label).abs().max())
-                    cosine = float(torch.nn.functional.cosine_similarity(result.feature.double(), feature, dim=0))
+                    ms = finished(start, args.device) * 1e3
+                    error = float((result.label.double().cpu() - truth.label).abs().max())
+                    cosine = float(torch.nn.functional.cosine_similarity(result.feature.double().cpu(),
+                                                                         feature.cpu(), dim=0))
                     rows.append(dict(config=title, format=label_format, method=method, ms=ms, label_error=error,
                                      feature_cosine=cosine, success=error < 1e-3 and cosine > 0.999))
     with open(args.out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\ntorch threads: {args.threads}; {args.samples} samples per configuration and format; same gradients "
+    print(f"\ndevice: {args.device}; torch threads: {args.threads}; {args.samples} samples per configuration and format; same gradients "
           "for every method\n")
     header = f"{'configuration':36} {'format':9} {'method':10} {'median ms':>10} {'success':>8} {'x faster than pso':>18}"
     print(header)
@@ -116,6 +123,13 @@ def main() -> None:
     print(f"per-sample rows: {args.out}")
 
 
+def finished(start: float, device: str) -> float:
+    """Seconds since ``start`` once the work queued on ``device`` is done (a CUDA call returns before it is)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def head_gradients_of(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``(N, C, d)`` each example's gradient of its own soft cross-entropy with respect to the (bias-free) head's
     weight: autograd, vectorised over the examples (what ``single_example_gradients`` gives, one by one)."""
@@ -131,10 +145,12 @@ def head_gradients_of(model: torch.nn.Module, inputs: torch.Tensor, labels: torc
 
 def batched_throughput(args: argparse.Namespace) -> None:
     """Recoveries per second, one ``recover_labels`` call against one ``recover_label`` call per example."""
-    model = build_model("resnet18", 10, seed=1, stem="cifar")
+    model = build_model("resnet18", 10, seed=1, stem="cifar").to(args.device)
     images, labels = load_samples("cifar10")
+    images = images.to(args.device)
     weight = model.head.weight.detach()
-    print(f"ResNet18 / CIFAR-10 head 10 x 512, {args.batched} gradients per batch, torch threads {args.threads}, "
+    print(f"ResNet18 / CIFAR-10 head 10 x 512, {args.batched} gradients per batch, device {args.device}, "
+          f"torch threads {args.threads}, "
           f"single calls timed on the first {args.compare}\n")
     header = (f"{'labels':9} {'label_format':12} {'batched /s':>10} {'single /s':>10} {'ratio':>7} "
               f"{'undetermined':>12} {'max |label diff|':>17} {'determined differ':>17}")
@@ -143,7 +159,7 @@ def batched_throughput(args: argparse.Namespace) -> None:
     for kind in ("smoothing", "mixup"):
         trials = draw_trials(labels, 10, kind, args.batched, args.seed)
         inputs = torch.stack([victim_input(images, trial) for trial in trials])
-        targets = torch.stack([trial.spec.to_tensor(torch.float32) for trial in trials])
+        targets = torch.stack([trial.spec.to_tensor(torch.float32) for trial in trials]).to(args.device)
         grads = head_gradients_of(model, inputs, targets)
         for label_format in (kind, "auto"):
             recover_labels(grads[:10], weight, label_format=label_format)  # untimed: warm-up
@@ -151,12 +167,12 @@ def batched_throughput(args: argparse.Namespace) -> None:
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 results = recover_labels(grads, weight, label_format=label_format)
-                seconds.append(time.perf_counter() - start)
+                seconds.append(finished(start, args.device))
             single_ms, difference, disagree = [], 0.0, 0
             for i in range(min(args.compare, args.batched)):
                 start = time.perf_counter()
                 single = gradleak.recover_label(grads[i], weight, label_format=label_format)
-                single_ms.append((time.perf_counter() - start) * 1e3)
+                single_ms.append(finished(start, args.device) * 1e3)
                 difference = max(difference, float((single.label - results.labels[i]).abs().max()))
                 disagree += single.determined != bool(results.determined[i])
             batched_rate = args.batched / statistics.median(seconds)

@@ -170,3 +170,23 @@ def test_bad_bias_gradients():
         recover_labels(weight_grads, head.weight.detach(), bias_grads=bias_grads)
     with pytest.raises(ValueError, match="label_format must be one of"):
         recover_labels(weight_grads, head.weight.detach(), label_format="soft")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("label_format", ["auto", "smoothing"])
+def test_cuda_gives_the_cpu_answers(resnet_heads, label_format):
+    """The same code on the GPU: every example determined alike, labels and features equal to rounding (the
+    GPU's products round differently); single calls on the GPU give its batched answers to 1e-6 (the contract:
+    cuBLAS need not give each example the same bits whatever the batch)."""
+    grads, weight, _ = resnet_heads
+    on_cpu = recover_labels(grads, weight, label_format=label_format)
+    on_gpu = recover_labels(grads.cuda(), weight.cuda(), label_format=label_format)
+    assert on_gpu.labels.device.type == "cuda"
+    assert on_gpu.determined.tolist() == on_cpu.determined.tolist()
+    assert on_gpu.label_formats == on_cpu.label_formats
+    torch.testing.assert_close(on_gpu.labels.cpu(), on_cpu.labels, rtol=0, atol=1e-5)
+    torch.testing.assert_close(on_gpu.features.cpu(), on_cpu.features, rtol=1e-4, atol=1e-5)
+    for i in range(3):
+        single = gradleak.recover_label(grads[i].cuda(), weight.cuda(), label_format=label_format)
+        assert single.determined == bool(on_gpu.determined[i])
+        torch.testing.assert_close(single.label, on_gpu.labels[i], rtol=0, atol=1e-6)

@@ -182,8 +182,10 @@ def victim(model: nn.Module, images: torch.Tensor, trial: Trial) -> Victim:
     x = victim_input(images, trial)
     label = trial.spec.to_tensor(torch.float64)
     grads = single_example_gradients(model, x, label)
+    param = next(model.parameters())
     with torch.no_grad():
-        feature = model.features(x.unsqueeze(0))[0] if hasattr(model, "features") else None
+        feature = model.features(x.unsqueeze(0).to(device=param.device, dtype=param.dtype))[0] \
+            if hasattr(model, "features") else None
     return Victim(grads, label, feature)
 
 
