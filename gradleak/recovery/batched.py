@@ -1,7 +1,7 @@
 """``recover_labels``: many single-example gradients of one head, recovered as one vectorised computation.
 
 A server that audits many clients, or an experiment over many samples, holds N gradients of the same head, each
-of one example. :func:`recover_labels` factors them together (``(N, C, d)`` elementwise products and sums),
+of one example. :func:`recover_labels` factors them together (one row-vector product per example and matrix),
 evaluates one ``(N, K, C)`` grid for all of them, refines every candidate of every example by one batched
 Gauss-Newton, and runs the fit test on all of them at once: the pipeline of :func:`gradleak.recover_label`,
 which is the same code run on a batch of one. No step mixes examples (see :mod:`gradleak.recovery.structure`),
