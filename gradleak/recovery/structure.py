@@ -314,8 +314,12 @@ def grid_residuals(problem: HeadBatch, t: torch.Tensor, structures: Tuple[Struct
     # zero the free entries in a copy rather than subtracting them from sums: at large |t| the largest
     # entry dominates the sum of squares and the subtraction would cancel catastrophically (c's entries are at
     # most 1 and sum to 0, so its sums without an entry lose at most a factor C of precision: subtracted)
-    kept = error.scatter(-1, top, 0.0)
-    sums = (kept.sum(-1), torch.linalg.vecdot(kept, kept)) if any(s.free_entries == 1 for s in structures) else None
+    # every pass over the (N, K, C) grid writes into the softmax's own buffer where it can: a fresh grid-sized
+    # tensor is fresh memory, whose page faults cost more than the arithmetic on a 1000-class head
+    two_class = any(s.free_entries == 2 for s in structures)
+    kept = error.scatter(-1, top, 0.0) if two_class else error.scatter_(-1, top, 0.0)  # two-class reads error
+    norm = functools.partial(torch.linalg.vector_norm, dim=-1)  # a reduction: no grid-sized product
+    sums = (kept.sum(-1), norm(kept).square()) if any(s.free_entries == 1 for s in structures) else None
     c_rows = problem.broadcast("c", t)                                   # (N, 1, C): summed once per example
     c = c_rows.expand(*t.shape, -1)
     c_top = c.gather(-1, top)[..., 0]
@@ -328,7 +332,7 @@ def grid_residuals(problem: HeadBatch, t: torch.Tensor, structures: Tuple[Struct
         else:
             second = _second_free_score(error, top, structure.offset_free).argmax(-1, keepdim=True)
             kept_two = kept.scatter(-1, second, 0.0)
-            total, total_sq = kept_two.sum(-1), torch.linalg.vecdot(kept_two, kept_two)
+            total, total_sq = kept_two.sum(-1), norm(kept_two).square()
             c_second = c.gather(-1, second)[..., 0]
             c_total, c_total_sq = c_total - c_second, c_total_sq - c_second.square()
         if structure.offset_free:
