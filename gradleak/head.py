@@ -473,17 +473,17 @@ def find_head(model: nn.Module, head: Union[str, nn.Linear, None] = None) -> Tup
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    modules = dict(model.named_modules())
     if isinstance(head, str):
-        if head not in modules:
-            raise ValueError(f"model has no module named {head!r}")
-        found = [(head, modules[head])]
+        try:
+            found = [(head, model.get_submodule(head))]
+        except AttributeError:
+            raise ValueError(f"model has no module named {head!r}") from None
     elif isinstance(head, nn.Module):
-        found = [(name, m) for name, m in modules.items() if m is head]
+        found = [(name, m) for name, m in model.named_modules() if m is head]
         if not found:
             raise ValueError("the given head module is not part of the model")
     else:
-        found = [(name, m) for name, m in modules.items() if isinstance(m, nn.Linear)][-1:]
+        found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
         if not found:
             raise TypeError(f"{type(model).__name__} has no nn.Linear layer: gradleak needs a fully connected head")
     name, module = found[0]

@@ -14,7 +14,7 @@ import enum
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, overload
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, overload
 
 import torch
 from torch import nn
@@ -754,7 +754,9 @@ def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: 
     check_options(label_format, method, feature_sign, gradient_scale)
     found = find_head(model, head)
     with threads_for(found[1].weight.numel()):
-        named = named_gradients(model, gradients)
+        # a mapping is read as it is: only the head's entries (and the layer below's) are looked up, without a walk
+        # over every parameter of the model to validate the others on every call
+        named = gradients if isinstance(gradients, Mapping) else named_gradients(model, gradients)
         parts = head_gradients(model, named, found)
         single = factor_head(parts["weight_grad"], parts["weight"], parts["bias"], parts["bias_grad"],
                              rank_one_tol=rank_one_tol, scale_known=gradient_scale == "known")
