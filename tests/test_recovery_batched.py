@@ -190,3 +190,17 @@ def test_cuda_gives_the_cpu_answers(resnet_heads, label_format):
         single = gradleak.recover_label(grads[i].cuda(), weight.cuda(), label_format=label_format)
         assert single.determined == bool(on_gpu.determined[i])
         torch.testing.assert_close(single.label, on_gpu.labels[i], rtol=0, atol=1e-6)
+
+
+def test_results_are_normal_tensors_for_autograd(resnet_heads):
+    """The recovery runs in inference mode; what it hands out can still enter an autograd graph (a recovered
+    label as the target of a loss, as gradient matching uses it)."""
+    grads, weight, _ = resnet_heads
+    results = recover_labels(grads[:2], weight, label_format="auto")
+    single = gradleak.recover_label(grads[0], weight, label_format="auto")
+    for value in (results.labels, results.features, results.determined, results.gradient_scales, single.label,
+                  single.feature):
+        assert not value.is_inference()
+    logits = torch.zeros(2, weight.shape[0], requires_grad=True)
+    gradleak.soft_cross_entropy(logits * results.features[:, :1], results.labels).backward()
+    assert logits.grad is not None and bool(logits.grad.isfinite().all())

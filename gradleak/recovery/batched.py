@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ..head import factor_heads
-from .api import RecoveryResults, check_options, threads_for, recover_factored
+from .api import RecoveryResults, check_options, recover_factored, recovering
 
 
 def recover_labels(weight_grads: torch.Tensor, weight: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
@@ -51,7 +51,7 @@ def recover_labels(weight_grads: torch.Tensor, weight: torch.Tensor, *, bias: Op
     check_options(label_format, method, feature_sign, gradient_scale)
     # every pass runs block by block on cache-sized tensors: like one small head, a batch of small heads gains
     # nothing from intra-op threads (on 2 busy cores they made a batch of 1000 10 x 512 heads 50x slower)
-    with threads_for(weight_grads.shape[1:].numel() if isinstance(weight_grads, torch.Tensor) else 0):
+    with recovering(weight_grads.shape[1:].numel() if isinstance(weight_grads, torch.Tensor) else 0, method):
         problem = factor_heads(weight_grads, weight, bias, bias_grads, rank_one_tol=rank_one_tol,
                                scale_known=gradient_scale == "known")
         return recover_factored(problem, label_format=label_format, method=method, tol=tol,
