@@ -140,6 +140,26 @@ def test_fcn4_on_cifar10_with_a_common_eps_and_a_known_batch_size():
     assert max(eps) - min(eps) < 1e-4  # one eps for the batch, read per example
 
 
+def test_an_example_whose_split_scale_is_rough_is_read_by_its_label_structure():
+    """FCN-4 (untrained, with biases), CIFAR-10 at 64 px, a batch of 8 hard labels. The split finds every
+    example, but the feature scale it gives one of them carries more error than the gradient's rounding, so that
+    example's closed form (its own bias gradient) leaves a label entry below zero and is not determined; the
+    label's structure then fixes the feature's scale, and the batch is determined and right."""
+    import numpy as np
+    from gradleak.experiments.batch import BATCH_FORMATS, _victim
+    from gradleak.models import build_model, input_options
+
+    model = build_model("fcn4", 10, head_bias=True, init="default", seed=2023,
+                        **input_options("fcn4", channels=3, image_size=64))
+    images, classes = load_samples("cifar10", size=64)
+    rng = np.random.RandomState([2023, BATCH_FORMATS.index("hard"), 8, 2])
+    gradients, truth = _victim(model, images, classes, 10, "hard", 8, rng)
+    split = split_batch(model, gradients, batch_size=8)
+    _assert_split(split, truth["labels"], truth["features"])
+    methods = [result.method for result in split.examples]
+    assert "exact" in methods and "closed_form" in methods, methods
+
+
 def _relu_conv_net(head_bias, seed):
     """ReLU features with no Linear below the head: the head's own gradient must give the directions."""
     torch.manual_seed(seed)

@@ -6,8 +6,9 @@ For the mean soft-target cross-entropy over ``B`` examples, the head ``z = W h +
 
 **Only the directions of the features are needed.** If the rows of ``Ht`` (B, d) are the ``h_n`` up to positive
 scales, ``Et^T = B G pinv(Ht^T)`` gives ``et_n`` with ``et_n ht_n^T = e_n h_n^T``: each example's own head gradient
-``G_n`` is fixed, and :func:`gradleak.recover_label` solves it (the feature's scale from the label's structure, or
-from a known ``e_n``) and judges it with its fit test like any single example.
+``G_n`` is fixed, and :func:`gradleak.recover_label` solves it (the feature's scale from a known ``e_n``, or from the
+label's structure when that leaves the answer undetermined: the scale a split gives can carry more error than the
+gradient's rounding) and judges it with its fit test like any single example.
 
 **Where the directions come from.** ReLU features have many exact zeros, and a vector of a ``B``-dimensional
 subspace that vanishes on ``B - 1`` prescribed coordinates is fixed up to scale (the observation behind SPEAR,
@@ -276,12 +277,17 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
     examples = []
     for own_errors, feature in zip(errors, features):
         own = torch.outer(own_errors, feature).to(dtype)  # e_n h_n^T, judged at the gradient's precision
+        found = None
         if scale_known:
             # e_n itself is known: it is this example's bias gradient (of a zero bias, on a bias-free head)
-            examples.append(recover_label(own, weight, bias=weight.new_zeros(num_classes) if bias is None else bias,
-                                          bias_grad=own_errors.to(dtype), **options))
-        else:
-            examples.append(recover_label(own, weight, bias=bias, **options))
+            found = recover_label(own, weight, bias=weight.new_zeros(num_classes) if bias is None else bias,
+                                  bias_grad=own_errors.to(dtype), **options)
+        if found is None or not found.determined:
+            # the feature's scale is then read from the label's structure instead: the scale the split gives
+            # can carry more error than the gradient's rounding (the joint checks below judge either answer)
+            searched = recover_label(own, weight, bias=bias, **options)
+            found = searched if found is None or searched.determined else found
+        examples.append(found)
     stacked = torch.stack([result.feature for result in examples])
     diagnostics.update(_reproduction(examples, weight, bias, weight_grad, bias_grad))
     reasons = [f"example {n}: {result.message}" for n, result in enumerate(examples) if not result.determined]
