@@ -382,7 +382,8 @@ def _factor(weight_grads: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     # block by block of examples: each block's temporaries stay in cache (a (1000, 10, 512) stack went from 220 ms
     # to 30 ms), and each example's arithmetic is the same whatever block it is in
     blocks = [_factor_block(part, w) for part in grad.split(examples_per_block(grad[0].numel()))]
-    found = {name: torch.cat([block[name] for block in blocks]) for name in blocks[0]}
+    found = blocks[0] if len(blocks) == 1 else {name: torch.cat([block[name] for block in blocks])
+                                                for name in blocks[0]}
     norm, rank_one_ratio = found.pop("norm"), found["rank_one_ratio"]
     # The big matrices' finiteness is read off sums the factorisation made anyway (a NaN or inf entry makes its
     # norm, or its term of |W| |v|, non-finite), instead of a pass of their own; only then is the culprit looked

@@ -356,12 +356,12 @@ def _label_parameters(label: torch.Tensor, free: torch.Tensor, free_entries: tor
     or the two mixed classes lower first), eps ``(N,)``, lam ``(N,)`` the weight of the higher class of a
     two-class answer above the common value (nan for one class, or when the two weigh nothing)."""
     rest = mask_of(free, label.shape[-1])
-    common = torch.where(offset_free, (label * rest).sum(-1) / rest.sum(-1), torch.zeros_like(label[:, 0]))
+    common = torch.where(offset_free, (label * rest).sum(-1) / rest.sum(-1), 0.0)
     low, high = free.amin(-1, keepdim=True), free.amax(-1, keepdim=True)
     weight_low, weight_high = label.gather(-1, low)[:, 0] - common, label.gather(-1, high)[:, 0] - common
     total = weight_low + weight_high
     two = free_entries == 2
-    lam = torch.where(two & (total != 0), weight_high / total, torch.full_like(total, math.nan))
+    lam = torch.where(two & (total != 0), weight_high / total, math.nan)
     classes = torch.where(two.unsqueeze(-1), torch.cat([low, high], -1),
                           torch.stack([free[:, 0], torch.full_like(free[:, 0], -1)], -1))
     return classes, common * label.shape[-1], lam
@@ -477,7 +477,7 @@ def _label_error(problem: HeadBatch, answer: Minima, own: torch.Tensor, structur
         free_here = pair if structure.free_entries == 2 else pair[:, :1].expand(-1, 2)
         error = label_standard_error(problem, structure, answer.t[:, 0], answer.alpha[:, 0], free_here,
                                      t_free=not t_fixed).amax(-1)
-        errors.append(torch.where(applies, error, torch.full_like(error, -math.inf)))
+        errors.append(torch.where(applies, error, -math.inf))
     return torch.stack(errors, -1).amax(-1)
 
 
@@ -491,7 +491,7 @@ def _first_nonempty(*masks: torch.Tensor) -> torch.Tensor:
 
 def _lowest(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``(N,)`` the first index of the lowest of ``values`` (N, n) where ``mask``."""
-    return torch.where(mask, values, torch.full_like(values, math.inf)).argmin(-1)
+    return torch.where(mask, values, math.inf).argmin(-1)
 
 
 def _decide(problem: HeadBatch, minima: Dict[str, Minima], *, tol: torch.Tensor, ambiguity_ratio: float,
@@ -545,14 +545,14 @@ def _decide(problem: HeadBatch, minima: Dict[str, Minima], *, tol: torch.Tensor,
     own = rank[best]
     rivals = candidate & (rank <= simplest) \
         & ((found.labels - answer.labels).abs().amax(-1) > same_answer_atol)
-    runner_up = torch.where(rivals, found.residual, torch.full_like(found.residual, math.inf)).amin(-1)
+    runner_up = torch.where(rivals, found.residual, math.inf).amin(-1)
     residual = answer.residual[:, 0]
-    margin = torch.where(residual > 0, runner_up / residual, torch.full_like(residual, math.inf))
-    margin = torch.where(has_candidate, margin, torch.ones_like(margin))
+    margin = torch.where(residual > 0, runner_up / residual, math.inf)
+    margin = torch.where(has_candidate, margin, 1.0)
     classes, eps, lam = _label_parameters(answer.labels[:, 0], answer.free[:, 0], free_entries[best],
                                           offset_free[best])
-    minor = torch.where(lam.isfinite(), torch.minimum(lam, 1.0 - lam) * (1.0 - eps), torch.zeros_like(lam))
-    minor = torch.where(free_entries[best] == 2, minor, torch.full_like(minor, math.inf))
+    minor = torch.where(lam.isfinite(), torch.minimum(lam, 1.0 - lam) * (1.0 - eps), 0.0)
+    minor = torch.where(free_entries[best] == 2, minor, math.inf)
     step = 10 * same_answer_atol
     reason = torch.full_like(best, _Reason.DETERMINED)
     for failed, why in reversed([(~has_candidate & uninformative.any(-1), _Reason.NO_EQUATIONS),

@@ -10,6 +10,7 @@ candidate sets are padded (:class:`~gradleak.recovery.structure.Minima` ``live``
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -52,7 +53,7 @@ def _grid_minima(r: torch.Tensor, live: torch.Tensor, halves: int, max_starts: i
     left, right = torch.cat([edge, curve[..., :-1]], -1), torch.cat([curve[..., 1:], edge], -1)
     is_min = (curve <= left) & (curve <= right) & alive
     is_min[..., -1] = False  # the far end is the saturated, trivial limit
-    key = torch.where(is_min, curve, torch.full_like(curve, float("inf")))
+    key = torch.where(is_min, curve, math.inf)
     # a partial selection sort, max_starts rounds of argmin (the first of equal values): cheaper than sorting
     # the whole grid for the few minima it has
     chosen = []
@@ -73,7 +74,7 @@ def _grid_starts(problem: HeadBatch, structures: Sequence[Structure], sign: torc
     grid, alive = log_grid(problem, points_per_decade, decades, sign, halves)
     curves = grid_residuals(problem, grid, tuple(structures))                  # (N, S, G)
     chosen, found = _grid_minima(curves, alive.unsqueeze(1), halves, max_starts)  # (N, S, halves * max_starts)
-    value = torch.where(found, curves.gather(-1, chosen), torch.full_like(chosen, 2.0, dtype=curves.dtype))
+    value = torch.where(found, curves.gather(-1, chosen), 2.0)
     # basins at the trivial level (r ~ 1) are not worth refining; keep at least the best one of each structure
     promising = found & (value < 0.5)
     promising.scatter_(-1, value.argmin(-1, keepdim=True), True)

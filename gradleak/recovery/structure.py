@@ -25,6 +25,7 @@ take a single :class:`~gradleak.head.HeadProblem` with tensors that lack the bat
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, fields
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, TypeVar, Union
 
@@ -152,7 +153,7 @@ def _deletion_scores(p: torch.Tensor, c: torch.Tensor, weight: torch.Tensor, off
     without = without.scatter(-1, dominant, exact)
     keep = 1 - offset / count.clamp_min(1)
     score = residual.square() / (keep * without / spread.clamp_min(tiny)).clamp_min(tiny)
-    return torch.where(weight > 0, score, torch.full_like(score, -1.0))
+    return torch.where(weight > 0, score, -1.0)
 
 
 @_one_or_many
@@ -194,7 +195,7 @@ def free_entries_of(problem: Problem, t: torch.Tensor, p: torch.Tensor, free_ent
         seconds = _deletion_scores(p.unsqueeze(-2).expand_as(rest), c.unsqueeze(-2), rest,
                                    offset_free.unsqueeze(-1).expand(*offset_free.shape, count))   # (N, K, m, C)
         gain = first.gather(-1, firsts) + seconds.amax(-1)
-        pair = torch.where(free_entries == 2, gain.argmax(-1), torch.zeros_like(free_entries))
+        pair = torch.where(free_entries == 2, gain.argmax(-1), 0)
         top = firsts.gather(-1, pair.unsqueeze(-1))[..., 0]
         second = seconds.gather(-2, pair[..., None, None].expand(*pair.shape, 1, p.shape[-1]))[..., 0, :]
     second = second.topk(choices, dim=-1).indices
@@ -395,14 +396,14 @@ class Minima:
     def order(self, columns: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(N, m)``: the candidates ``columns`` (m,) (default all) of each example by residual, best first,
         then the padding (a stable sort: ties keep their order)."""
-        key = torch.where(self.live, self.residual, torch.full_like(self.residual, float("inf")))
+        key = torch.where(self.live, self.residual, math.inf)
         if columns is None:
             return key.sort(dim=-1, stable=True).indices
         return columns[key[:, columns].sort(dim=-1, stable=True).indices]
 
     def best_residual(self) -> torch.Tensor:
         """``(N,)`` the lowest residual of each example's real candidates (inf without any)."""
-        return torch.where(self.live, self.residual, torch.full_like(self.residual, float("inf"))).amin(-1)
+        return torch.where(self.live, self.residual, math.inf).amin(-1)
 
     def distinct(self, atol: float) -> "Minima":
         """Of candidates sorted best first (:meth:`order`), those whose labels differ by more than ``atol``
@@ -447,7 +448,7 @@ def evaluate(problem: HeadBatch, free_entries: torch.Tensor, offset_free: torch.
     informative = (projected_c.norm(dim=-1) > ROUNDING_SLACK * precision
                    + problem.broadcast("rank_one_ratio", t)) \
         & (problem.broadcast("c_max", t) / alpha.abs() > ROUNDING_SLACK * precision)
-    residual = torch.where(informative, residual, torch.ones_like(residual))
+    residual = torch.where(informative, residual, 1.0)
     # What rounding alone would leave, entry by entry: the victim computed z = W h and p - y in the gradient's
     # precision u, so z carries ~u |t| sigma |W||v| absolute error, and p_i and y_i ~u of themselves. Noise that
     # breaks the rank-one structure reaches each entry of c as ``problem.entry_noise``, i.e. that over |alpha|
