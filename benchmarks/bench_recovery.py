@@ -99,8 +99,8 @@ def main() -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\ndevice: {args.device}; torch threads: {args.threads}; {args.samples} samples per configuration and format; same gradients "
-          "for every method\n")
+    print(f"\ndevice: {args.device}; torch threads: {args.threads}; {args.samples} samples per configuration and "
+          "format; same gradients for every method\n")
     header = f"{'configuration':36} {'format':9} {'method':10} {'median ms':>10} {'success':>8} {'x faster than pso':>18}"
     print(header)
     print("-" * len(header))

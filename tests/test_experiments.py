@@ -10,7 +10,6 @@ import torch
 
 from gradleak.experiments import EXPERIMENTS, run_experiment
 from gradleak.experiments import common, label_recovery, landscape, noise
-from gradleak.head import head_gradients
 
 
 
@@ -107,8 +106,8 @@ def test_head_only_methods_answer_a_task_in_one_call_as_single_calls_would(monke
 def test_attack_heads_fails_only_the_victim_it_cannot_read():
     env = common.shared_setup(dataset="cifar10", network="lenet", weights="untrained", seed=3)
     trials = common.draw_trials(env.labels, env.num_classes, "smoothing", 3, 3)
-    heads = [head_gradients(env.model, common.victim(env.model, env.images, t).gradients) for t in trials]
-    heads[1] = dict(heads[1], weight_grad=torch.zeros_like(heads[1]["weight_grad"]))
+    heads = [common.head_entries(env.model, common.victim(env.model, env.images, t).gradients) for t in trials]
+    heads[1] = dict(heads[1], **{"head.weight": torch.zeros_like(heads[1]["head.weight"])})
     attempts = common.attack_heads("exact-head", env.model, heads, "smoothing")
     assert attempts[1].label is None and "all zeros" in attempts[1].message
     assert all(a.label is not None and a.determined for a in (attempts[0], attempts[2]))

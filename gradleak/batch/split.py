@@ -277,16 +277,15 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
     examples = []
     for own_errors, feature in zip(errors, features):
         own = torch.outer(own_errors, feature).to(dtype)  # e_n h_n^T, judged at the gradient's precision
-        found = None
-        if scale_known:
-            # e_n itself is known: it is this example's bias gradient (of a zero bias, on a bias-free head)
-            found = recover_label(own, weight, bias=weight.new_zeros(num_classes) if bias is None else bias,
-                                  bias_grad=own_errors.to(dtype), **options)
+        # e_n itself is known: it is this example's bias gradient (of a zero bias, on a bias-free head)
+        found = recover_label(own, weight, bias=weight.new_zeros(num_classes) if bias is None else bias,
+                              bias_grad=own_errors.to(dtype), **options) if scale_known else None
         if found is None or not found.determined:
-            # the feature's scale is then read from the label's structure instead: the scale the split gives
-            # can carry more error than the gradient's rounding (the joint checks below judge either answer)
+            # the feature's scale read from the label's structure instead: the scale the split gives can carry
+            # more error than the gradient's rounding (the joint checks below judge either answer)
             searched = recover_label(own, weight, bias=bias, **options)
-            found = searched if found is None or searched.determined else found
+            if found is None or searched.determined:
+                found = searched
         examples.append(found)
     stacked = torch.stack([result.feature for result in examples])
     diagnostics.update(_reproduction(examples, weight, bias, weight_grad, bias_grad))

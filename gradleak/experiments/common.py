@@ -270,7 +270,7 @@ def attack(method: Union[str, Method], model: nn.Module, gradients: Mapping[str,
                 break
         return _attempt(res, (time.perf_counter() - start) * 1e3)
     except (ValueError, RuntimeError) as error:
-        return _failed(error, start)
+        return Attempt(None, None, (time.perf_counter() - start) * 1e3, message=f"{type(error).__name__}: {error}")
 
 
 def _attempt(res, time_ms: float) -> Attempt:
@@ -278,10 +278,6 @@ def _attempt(res, time_ms: float) -> Attempt:
     return Attempt(res.label, res.feature, time_ms, determined=res.determined, pred_format=res.label_format,
                    used=res.method, residual=res.residual, evaluations=res.evaluations, converged=res.converged,
                    pred_classes=tuple(res.classes), pred_eps=res.eps, pred_lam=res.lam, message=res.message)
-
-
-def _failed(error: Exception, start: float) -> Attempt:
-    return Attempt(None, None, (time.perf_counter() - start) * 1e3, message=f"{type(error).__name__}: {error}")
 
 
 def head_only(method: Union[str, Method]) -> bool:
@@ -292,43 +288,44 @@ def head_only(method: Union[str, Method]) -> bool:
         and not method.options.get("use_feature_layer", True)
 
 
-def attack_heads(method: Union[str, Method], model: nn.Module, heads: Sequence[Mapping[str, torch.Tensor]],
+def head_entries(model: nn.Module, gradients: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The entries of ``gradients`` that belong to ``model``'s head: all a :func:`head_only` method reads, and
+    small enough to keep for many victims."""
+    from ..head import find_head
+
+    name, head = find_head(model)
+    prefix = f"{name}." if name else ""
+    return {prefix + key: gradients[prefix + key] for key, _ in head.named_parameters()}
+
+
+def attack_heads(method: Union[str, Method], model: nn.Module, gradients: Sequence[Mapping[str, torch.Tensor]],
                  label_format: str) -> List[Attempt]:
-    """:func:`attack` with a :func:`head_only` method on many victims of ``model`` at once, from their head
-    gradients ``heads`` (each ``dict(weight_grad=, bias_grad=)``, as :func:`gradleak.head.head_gradients` gives).
+    """:func:`attack` with a :func:`head_only` method on many victims of ``model`` at once, from their
+    ``gradients`` (each a mapping that holds at least the head's entries, e.g. :func:`head_entries`).
 
     One :func:`gradleak.recover_labels` call answers them all, as the single calls would (its answers are theirs);
     each attempt's ``time_ms`` is that call's time shared equally. When the call raises (one victim's gradient it
     rejects), the victims are attacked one by one, so that only that victim's attempt fails.
     """
-    from .. import recover_label, recover_labels
-    from ..head import find_head
+    from .. import recover_labels
+    from ..head import find_head, head_gradients
 
     method = METHODS[method] if isinstance(method, str) else method
     if not head_only(method):
         raise ValueError(f"{method.name} is not the exact search on the head alone")
-    head = find_head(model)[1]
-    bias = None if head.bias is None else head.bias.detach()
+    found = find_head(model)
     options = {"label_format": label_format,
                **{key: value for key, value in method.options.items() if key != "use_feature_layer"}}
     start = time.perf_counter()
     try:
-        bias_grads = None if bias is None else torch.stack([h["bias_grad"] for h in heads])
-        results = recover_labels(torch.stack([h["weight_grad"] for h in heads]), head.weight.detach(), bias=bias,
-                                 bias_grads=bias_grads, **options)
-        share = (time.perf_counter() - start) * 1e3 / len(heads)
-        return [_attempt(res, share) for res in results]
+        parts = [head_gradients(model, named, found) for named in gradients]
+        bias_grads = None if parts[0]["bias"] is None else torch.stack([part["bias_grad"] for part in parts])
+        results = recover_labels(torch.stack([part["weight_grad"] for part in parts]), parts[0]["weight"],
+                                 bias=parts[0]["bias"], bias_grads=bias_grads, **options)
     except (ValueError, RuntimeError):
-        attempts = []
-        for h in heads:
-            start = time.perf_counter()
-            try:
-                res = recover_label(h["weight_grad"], head.weight.detach(), bias=bias, bias_grad=h["bias_grad"],
-                                    **options)
-                attempts.append(_attempt(res, (time.perf_counter() - start) * 1e3))
-            except (ValueError, RuntimeError) as error:
-                attempts.append(_failed(error, start))
-        return attempts
+        return [attack(method, model, named, label_format) for named in gradients]
+    share = (time.perf_counter() - start) * 1e3 / len(gradients)
+    return [_attempt(res, share) for res in results]
 
 
 def grade(attempt: Attempt, truth: Victim) -> Dict[str, Any]:

@@ -25,9 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..head import head_gradients
 from .common import (FEATURE_COS_TOL, FEATURE_REL_TOL, METHODS, SUCCESS_TOL, ResumableCSV, Trial, as_float, attack,
-                     attack_heads, draw_trials, grade, head_only, is_true, markdown_table, median, output_dir,
+                     attack_heads, draw_trials, grade, head_entries, head_only, is_true, markdown_table, median, output_dir,
                      resolve_formats, resolve_methods, shared_setup, victim, wilson_interval)
 from .parallel import map_trials
 
@@ -122,19 +121,18 @@ def attack_trials(jobs: Sequence[Tuple[Trial, Sequence[str]]], *, setting: Mappi
     env = shared_setup(**setting)
     truths, attempts = [], {}
     together: Dict[Tuple[str, str], List[int]] = defaultdict(list)   # (method, format) -> job indices
-    heads: Dict[int, Dict[str, Any]] = {}
     for index, (trial, methods) in enumerate(jobs):
         truth = victim(env.model, env.images, trial)
         for name in methods:
             if head_only(name):
                 together[name, trial.label_format].append(index)
-                heads.setdefault(index, head_gradients(env.model, truth.gradients))
             else:
                 attempts[index, name] = attack(name, env.model, truth.gradients, trial.label_format,
                                                seed=setting["seed"] + trial.sample)
-        truths.append(dataclasses.replace(truth, gradients={}))   # the evaluator needs the label and feature only
+        # the evaluator needs the label and feature; the head-only methods, still to run, the head's entries
+        truths.append(dataclasses.replace(truth, gradients=head_entries(env.model, truth.gradients)))
     for (name, label_format), indices in together.items():
-        found = attack_heads(name, env.model, [heads[i] for i in indices], label_format)
+        found = attack_heads(name, env.model, [truths[i].gradients for i in indices], label_format)
         attempts.update({(i, name): attempt for i, attempt in zip(indices, found)})
     rows = []
     for index, (trial, methods) in enumerate(jobs):

@@ -19,8 +19,9 @@ shape ``(N, K)`` (``K`` candidates per example) and per-candidate ``(N, K, C)`` 
 broadcast with :meth:`~gradleak.head.HeadBatch.broadcast`; the hypothesis of each candidate (``free_entries``,
 ``offset_free``) may be given per candidate ``(N, K)`` or shared by the examples ``(K,)``. No operation mixes
 examples, and every reduction runs along one example's entries, so each example gets the same bits whatever the
-batch holds (the only matrix products are the factorisation's, one per example: see :mod:`gradleak.head`). :func:`residuals` and :func:`free_entries_of` also
-take a single :class:`~gradleak.head.HeadProblem` with tensors that lack the batch dimension.
+batch holds (the only matrix products are the factorisation's, one per example: see :mod:`gradleak.head`).
+:func:`residuals` and :func:`free_entries_of` also take a single :class:`~gradleak.head.HeadProblem` with tensors
+that lack the batch dimension.
 """
 from __future__ import annotations
 
