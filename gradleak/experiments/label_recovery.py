@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .common import (FEATURE_COS_TOL, FEATURE_REL_TOL, METHODS, SUCCESS_TOL, ResumableCSV, Trial, as_float, attack,
-                     attack_heads, draw_trials, grade, head_entries, head_only, is_true, markdown_table, median, output_dir,
-                     resolve_formats, resolve_methods, shared_setup, victim, wilson_interval)
+                     attack_heads, draw_trials, grade, head_entries, head_only, is_true, markdown_table, median,
+                     output_dir, resolve_formats, resolve_methods, shared_setup, victim, wilson_interval)
 from .parallel import map_trials
 
 DEFAULT_METHODS = ("exact", "exact-head", "lbfgs", "pso", "idlg")
