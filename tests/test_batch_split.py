@@ -182,7 +182,28 @@ def test_sigmoid_features_are_reported_as_not_split(digits):
     split = split_batch(model, gradients)
     assert not split.determined and split.examples == [] and split.features is None
     assert split.source == "head" and split.rank == 4 and "no exact zeros" in split.message
+    assert "B <= 3 with 10 classes" in split.message  # beyond what the labels' structure pins (by_labels)
     assert split.draws <= CHUNK  # the first chunk tells
+    assert split.found_by == ""
+
+
+@pytest.mark.parametrize("kind", ["smoothing", "mixup"])
+def test_sigmoid_features_split_by_their_labels_when_the_batch_is_small(digits, kind):
+    """No zeros, but B = 2 <= (C - 3) / 2: the labels' structure finds the examples (measured: 19 of 20 pairs of
+    digits split, all right); whatever is determined is right."""
+    model = lenet(10, channels=1, image_size=8, generator=torch.Generator().manual_seed(0))
+    right = 0
+    for first in range(0, 48, 8):
+        index = torch.tensor([first, first + 50])
+        gradients, labels, features = _batch(model, digits[0][index], digits[1][index], kind, first)
+        split = split_batch(model, gradients)
+        if not split.examples:
+            continue
+        assert split.found_by == "labels" and split.rank == 2 and split.draws == 0
+        label_error, cosine = _errors(split, labels, features)
+        assert (label_error < 1e-3 and cosine > 0.999) or not split.determined
+        right += split.determined
+    assert right >= 5
 
 
 def test_batches_too_large_to_split_are_reported(digits):

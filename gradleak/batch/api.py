@@ -65,7 +65,8 @@ class BatchRecoveryResult:
             the estimates of the mean feature when that is more (nan without one).
         gradient_scale: ``s`` with observed gradients = ``s *`` the true ones: 1.0 when the scale is known,
             recovered with ``gradient_scale="unknown"`` (``-lr`` for one plain SGD step's weight delta).
-        split_message: why the batch was not split into its examples ("" when it was, or for B = 1).
+        split_message: why the batch was not split into its examples, or why its examples were not used ("" when
+            they were, or for B = 1).
     """
 
     class_mass: Optional[torch.Tensor]
@@ -180,7 +181,12 @@ def recover_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Opt
                          f"example, B = 1, needs none), and the batch was not split into its examples: {not_split}")
     mass = _class_mass(parts, size, label_format, scale_known, common)
     if parted is not None and parted.examples:
-        return _from_split(parted, mass, common)
+        if parted.determined or not mass.determined:
+            return _from_split(parted, mass, common)
+        # examples the split could not pin down do not overrule a class mass that is determined
+        not_split = (f"split into examples that are not determined ({parted.message}): the class mass answers; "
+                     "the split is in extra['split']")
+        mass.extra["split"] = parted
     mass.split_message = not_split
     return mass
 

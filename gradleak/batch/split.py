@@ -22,6 +22,11 @@ that example's zero set:
 * ``source`` = "head" otherwise, while ``B <= C - 1``: the ``h_n`` span ``G``'s row space (its rows sum to zero, so
   ``rank(G) <= min(B, C - 1)``), and each ``h_n`` is a non-negative vector of that space with many zeros.
 
+**Without zeros.** For ``B <= (C - 3) / 2`` (the head source) the examples are first sought by their labels'
+structure (:mod:`gradleak.batch.by_labels`): each example's prediction minus a structured label lies in ``G``'s
+column space, which pins its feature at full scale with equations to spare. That needs no zeros (sigmoid features,
+or ReLU features averaged over space), and the set it finds is judged by the same checks as below.
+
 **Drawing rows.** A draw takes ``B - 1`` rows that are independent (ReLU patterns are correlated: many rows share
 the low-dimensional span of the few examples active there, and dependent rows leave several null directions).
 Rows are weighted, chunk by chunk, towards those likely inactive for the examples still missing: small rows
@@ -65,6 +70,7 @@ from .._checks import as_tensor, check_finite, positive_int
 from ..head import GradientsLike, find_head, head_gradients, named_gradients, storage_precision
 from ..recovery import RecoveryResult, recover_label
 from ..recovery.feature_layer import layers_below_head
+from .by_labels import LabelSplit, can_complete, largest_batch, split_by_labels
 
 #: Entries of a refined candidate (unit norm) below ``ZERO_UNITS`` times the rounding they carry are zeros: measured
 #: on float32 digits MLPs (B = 2 to 16), true zeros sit below 0.2 units and the smallest true non-zero above 600.
@@ -119,6 +125,9 @@ class BatchSplit:
         draws: null directions drawn from the source matrix (the search of the layer's inputs not counted).
         diagnostics: the joint checks' relative errors (``weight_grad``, ``bias_grad``, ``layer_grad``,
             ``layer_bias_grad``, ``delta``), as far as they were reached.
+        found_by: how the examples' features were found: "zeros" (their zero sets), "labels" (their labels'
+            structure, :mod:`gradleak.batch.by_labels`) or "zeros and labels" (the examples the zeros missed by
+            their labels); "" when the batch was not split.
     """
 
     examples: List[RecoveryResult]
@@ -130,6 +139,7 @@ class BatchSplit:
     batch_size: int
     draws: int = 0
     diagnostics: Mapping[str, float] = field(default_factory=dict)
+    found_by: str = "zeros"
 
 
 @dataclass(frozen=True)
@@ -226,7 +236,7 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
     live = int(matrix.any(dim=1).sum())
 
     def refuse(message: str, draws: int = 0, diagnostics: Optional[Dict[str, float]] = None) -> BatchSplit:
-        return BatchSplit([], None, False, message, rank, source, size, draws, dict(diagnostics or {}))
+        return BatchSplit([], None, False, message, rank, source, size, draws, dict(diagnostics or {}), "")
 
     if source == "head" and size > num_classes - 1:
         return refuse(f"B = {size} examples but the head's gradient has rank at most C - 1 = {num_classes - 1}: "
@@ -244,28 +254,46 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
         return refuse(f"only {live} rows of the {source} gradient are not zero: a direction of {size} examples "
                       f"needs {_zeros_needed(size)} zeros among them to be pinned and checked")
 
-    subspace = _subspace(matrix, size, precision)
-    if layer is None:
-        check, remaining = _non_negative, None
+    tol = _joint_tolerance(precision)
+    by_labels = split_by_labels(weight_grad, weight, bias, bias_grad, size, precision=precision, tolerance=tol,
+                                seed=seed) if layer is None and can_complete(size, 0, num_classes) else None
+    draws, directions = 0, None
+    if by_labels is not None and by_labels.features is not None:
+        # every example at its scale, from its label's structure (no zeros needed): judged below like any split
+        features, scale_known, diagnostics, found_by = by_labels.features, True, {}, "labels"
     else:
-        check, remaining = _HeadShaped(weight, precision), _Remaining(matrix, layer[1], precision, seed)
-    directions, draws, sparse = _search(subspace, size, check, remaining, max_draws=max_draws, seed=seed)
-    if not sparse:
-        return refuse(f"no draw of B - 1 = {size - 1} rows vanishes on any other row: the head's input has no "
-                      "exact zeros (sigmoid or other dense features), and the batch cannot be split by its zeros",
-                      draws)
-    if directions.shape[0] < size:
-        return refuse(f"found {directions.shape[0]} of {size} example directions in {draws} draws (max_draws): "
-                      "too many examples for the budget, examples with too few zeros, or not one batch of this "
-                      "model's examples", draws)
-
-    if layer is None:
-        features, scale_known, diagnostics = directions.clamp_min(0.0), False, {}  # rounding below zero is zero
-    else:
-        features, scale_known, diagnostics = _layer_features(directions, layer[1], layer_grads)
+        subspace = _subspace(matrix, size, precision)
+        if layer is None:
+            check, remaining = _non_negative, None
+        else:
+            check, remaining = _HeadShaped(weight, precision), _Remaining(matrix, layer[1], precision, seed)
+        directions, draws, sparse = _search(subspace, size, check, remaining, max_draws=max_draws, seed=seed)
+        missing = size - directions.shape[0]
+        if layer is None and sparse and directions.shape[0] and can_complete(size, directions.shape[0], num_classes):
+            # each direction the zeros gave is pinned by its label (one that fits none is dropped), and the examples
+            # they did not give are sought by their labels once the others' terms are taken out
+            by_labels = split_by_labels(weight_grad, weight, bias, bias_grad, size, precision=precision,
+                                        tolerance=tol, known=directions, seed=seed)
+            missing = 0 if by_labels.features is not None else missing
+        if not sparse or missing > 0:
+            labels_said = "" if layer is not None else _labels_message(by_labels, size, num_classes)
+            if not sparse:
+                return refuse(f"no draw of B - 1 = {size - 1} rows vanishes on any other row: the head's input has "
+                              "no exact zeros (sigmoid or other dense features), and the batch cannot be split by "
+                              f"its zeros{labels_said}", draws)
+            return refuse(f"found {directions.shape[0]} of {size} example directions in {draws} draws (max_draws): "
+                          "too many examples for the budget, examples with too few zeros, or not one batch of this "
+                          f"model's examples{labels_said}", draws)
+        if by_labels is not None and by_labels.features is not None:
+            features, scale_known, diagnostics, found_by = by_labels.features, True, {}, "zeros and labels"
+        elif layer is None:
+            features, scale_known, diagnostics = directions.clamp_min(0.0), False, {}  # rounding below zero is 0
+            found_by = "zeros"
+        else:
+            features, scale_known, diagnostics = _layer_features(directions, layer[1], layer_grads)
+            found_by = "zeros"
     errors, features, scale_known = _errors(features, scale_known, directions if layer else None, weight,
                                             weight_grad, bias_grad, diagnostics)
-    tol = _joint_tolerance(precision)
     failed = {name: value for name, value in diagnostics.items() if not value <= tol}
     if failed:
         return refuse(f"the {size} directions found do not explain the batch jointly (relative errors "
@@ -294,7 +322,8 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
     if misfit:
         reasons.append(f"the recovered labels and features do not reproduce the head's gradients (relative errors "
                        f"{_describe(misfit)}, tolerance {tol:.2g})")
-    return BatchSplit(examples, stacked, not reasons, "; ".join(reasons), rank, source, size, draws, diagnostics)
+    return BatchSplit(examples, stacked, not reasons, "; ".join(reasons), rank, source, size, draws, diagnostics,
+                      found_by)
 
 
 def _errors(features: torch.Tensor, scale_known: bool, directions: Optional[torch.Tensor], weight: torch.Tensor,
@@ -357,6 +386,17 @@ def _checked(value: Optional[torch.Tensor], name: str, shape: torch.Size) -> tor
         raise ValueError(f"the {name} has shape {tuple(value.shape)}, expected {tuple(shape)}")
     check_finite(value, name)
     return value
+
+
+def _labels_message(by_labels: Optional[LabelSplit], size: int, num_classes: int) -> str:
+    """What the search by label structure said, for a refusal (head source)."""
+    if by_labels is None:
+        return (f"; by their labels' structure the head pins examples only for B <= {largest_batch(num_classes)} "
+                f"with {num_classes} classes")
+    if by_labels.candidates < size:
+        return f"; by their labels' structure {by_labels.candidates} of {size} examples were found"
+    return (f"; by their labels' structure no set of {size} of the {by_labels.candidates} candidates rebuilds the "
+            f"gradient alone (best relative error {by_labels.misfit:.2g}, next {by_labels.runner_up:.2g})")
 
 
 def _relative(estimate: torch.Tensor, observed: torch.Tensor) -> float:

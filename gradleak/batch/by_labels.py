@@ -1,0 +1,276 @@
+"""A small batch's features found by their examples' label structure: a split that needs no zeros.
+
+For the mean soft-target cross-entropy over ``B`` examples the head's gradient ``G = (1/B) sum_n e_n h_n^T`` (C, d)
+has the column space of the ``e_n = p_n - y_n`` (an orthonormal basis ``U``, C x B) and the row space of the
+features ``h_n`` (``V``, d x B). One example's feature is ``h = V a`` for some ``a`` in R^B, its prediction is
+``p(a) = softmax(W V a + b)``, and its ``e`` lies in the span of ``U``: with ``P = I - U U^T``,
+
+    P p(a) = P y.
+
+A structured label is ``y = base + theta * D``: label smoothing of class ``k`` (``1/C + theta (e_k - 1/C)``,
+``theta = 1 - eps``; hard labels at ``theta = 1``) or a mixup of classes ``j`` and ``k`` (``e_k + theta (e_j -
+e_k)``). Both ``p`` and ``y`` sum to one and the ``e_n`` sum to zero, so that is ``C - B - 1`` equations in the
+``B + 1`` unknowns ``a`` and ``theta``: for ``B <= (C - 3) / 2`` every example is an isolated zero of the
+residual ``|| P p(a) - P y ||`` (``theta`` fitted by least squares, the structure the best of all of them), with
+equations to spare, and any other zero is a coincidence. Sigmoid features, which have no zeros, split this way as
+well as ReLU ones.
+
+**The search.** Starts ``a`` spread over directions (uniform on the sphere) and scales (logits spreading from
+``1e-3`` to ``30``), refined together by Gauss-Newton with each start's label structure held (the structure is
+chosen again between the two rounds; two-class labels are tried among the :data:`PAIR_CLASSES` classes the
+column space leans on most); every start that reaches the gradient's rounding is a candidate, with its feature at
+full scale, its label and its ``e``. Candidates that agree are one.
+
+**With some examples known.** Directions found otherwise (a ReLU feature's zeros) are each given their scale and
+label by the same search along the direction (``C - B - 1`` equations in two unknowns, for ``B <= C - 4``); a
+direction that fits no label is dropped. Their terms are taken out of ``G``, and the examples left are sought in
+what remains, so a split that the zeros leave short by up to :func:`largest_batch` examples is completed.
+
+**The set.** ``B`` candidates are the batch only if they rebuild it: ``sum_n (U^T e_n) a_n^T = B U^T G V`` (and
+``sum_n e_n = B dL/db`` with a head bias). Every set of ``B`` of the best candidates is tried at once; the one
+that rebuilds the gradient is returned only when no other set comes close, and the caller judges it like any
+split (each example's own fit test, the joint reproductions).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+#: Starting points of the search (spread over directions and logit scales).
+STARTS = 8192
+#: Gauss-Newton steps in each of the two rounds.
+STEPS = 12
+#: At most this many distinct candidates (best residual first) are combined into sets of B.
+MOST_CANDIDATES = 8
+#: Largest batch searched: the search is over a B-dimensional space, and B is at most (C - 3) / 2 anyway.
+MOST_EXAMPLES = 4
+#: Two-class (mixup) labels are tried among this many classes (those the gradient's column space leans on most).
+PAIR_CLASSES = 12
+#: Logit spreads (standard deviation over the classes) the starts cover, log-spaced.
+LOGIT_SPREADS = (1e-3, 30.0)
+#: Candidates closer than this (relative to their size) are one.
+SAME_CANDIDATE = 1e-4
+#: A set that rebuilds the gradient is unique when every other set misses by this many times more.
+UNIQUE_FACTOR = 100.0
+
+
+def largest_batch(num_classes: int) -> int:
+    """The largest ``B`` whose examples the label structure pins down with an equation to spare: ``C - B - 1``
+    equations, ``B + 1`` unknowns per example (capped at :data:`MOST_EXAMPLES`)."""
+    return min(MOST_EXAMPLES, (num_classes - 3) // 2)
+
+
+def can_complete(size: int, known: int, num_classes: int) -> bool:
+    """Whether the labels' structure can split a batch of ``size`` examples of which ``known`` directions were
+    found otherwise: with none known, at most :func:`largest_batch` examples; with some, each one's scale and label
+    pinned along its direction (``C - B - 1`` equations, two unknowns, one to spare), and the examples they leave
+    at most :func:`largest_batch`."""
+    if known == 0:
+        return size <= largest_batch(num_classes)
+    return size <= num_classes - 4 and size - known <= largest_batch(num_classes)
+
+
+@dataclass(frozen=True)
+class LabelSplit:
+    """The examples of a batch found by their label structure.
+
+    Attributes:
+        features: ``(B, d)`` float64 head inputs at their scale, or None when no set was found.
+        errors: ``(B, C)`` float64 ``e_n = p_n - y_n`` of those features and labels, or None.
+        candidates: distinct candidates the search found.
+        misfit: relative error with which the best set rebuilds the gradient (inf without a set).
+        runner_up: the same for the second-best set (inf without one).
+    """
+
+    features: Optional[torch.Tensor]
+    errors: Optional[torch.Tensor]
+    candidates: int
+    misfit: float
+    runner_up: float
+
+
+def _structures(columns: torch.Tensor):
+    """Every label structure tried, as rows ``(P base, P D)`` (F, C) each and their classes ``(first, second)``
+    (F,) each: smoothing of each class (``first = second``), then mixup of each pair ``first < second`` (``y =
+    e_second + theta (e_first - e_second)``) among the :data:`PAIR_CLASSES` classes the column space leans on most.
+
+    A label's classes carry its ``e``'s largest entries, so they are the classes where the column space of the
+    ``e_n`` is largest (``1 - P_kk = |U_k|^2``): that keeps the pairs few with many classes.
+    """
+    num_classes = columns.shape[0]
+    projector = torch.eye(num_classes, dtype=columns.dtype, device=columns.device) - columns @ columns.T
+    leaning = (1 - projector.diagonal()).topk(min(PAIR_CLASSES, num_classes)).indices.sort().values
+    low, high = torch.triu_indices(len(leaning), len(leaning), 1, device=projector.device)
+    classes = torch.arange(num_classes, device=projector.device)
+    first, second = torch.cat([classes, leaning[low]]), torch.cat([classes, leaning[high]])
+    smooth_base = projector.new_full((num_classes, num_classes), 1.0 / num_classes)  # P 1 = 1: 1 is orthogonal to U
+    smooth_direction = projector - 1.0 / num_classes
+    pair_base, pair_direction = projector[second[num_classes:]], projector[first[num_classes:]] - projector[
+        second[num_classes:]]
+    return torch.cat([smooth_base, pair_base]), torch.cat([smooth_direction, pair_direction]), first, second
+
+
+def _fit(projected_p: torch.Tensor, base: torch.Tensor, direction: torch.Tensor):
+    """The label structures fitted to ``P p`` (K, C): residual norms and ``theta`` (K, F) for all ``(base,
+    direction)`` rows (F, C) at once, from inner products (no (K, F, C) tensor)."""
+    norm_sq = direction.square().sum(-1).clamp_min(torch.finfo(direction.dtype).tiny)
+    along = projected_p @ direction.T - (base * direction).sum(-1)                       # (P D) . (P p - P base)
+    offset_sq = projected_p.square().sum(-1, keepdim=True) - 2 * projected_p @ base.T + base.square().sum(-1)
+    return (offset_sq - along.square() / norm_sq).clamp_min(0).sqrt(), along / norm_sq
+
+
+def _project(values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``P values`` along the class dimension (the last) of ``values`` (..., C): ``P = I - U U^T``
+    with ``U = columns`` (C, B), without a (C, C) product."""
+    return values - (values @ columns) @ columns.T
+
+
+def _search(weight_reduced: torch.Tensor, bias: torch.Tensor, columns: torch.Tensor, starts: int, seed: int):
+    """Refined starts in the span whose head weights are ``weight_reduced`` (C, m), ``P`` from the column space
+    ``columns`` (C, B): ``(a (K, m), residual (K,), theta (K,), and the classes of each one's structure (K,)
+    twice)``."""
+    base, direction, first, second = _structures(columns)
+    generator = torch.Generator().manual_seed(seed)
+    dim = weight_reduced.shape[1]
+    a = torch.randn(starts, dim, generator=generator, dtype=torch.float64)
+    a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+    spread = torch.logspace(math.log10(LOGIT_SPREADS[0]), math.log10(LOGIT_SPREADS[1]), starts, dtype=torch.float64)
+    a = a.to(weight_reduced.device)
+    a = a * (spread.to(a.device) / (a @ weight_reduced.T).std(-1).clamp_min(1e-300)).unsqueeze(-1)
+    identity = torch.eye(dim, dtype=a.dtype, device=a.device)
+    for _ in range(2):
+        p = torch.softmax(a @ weight_reduced.T + bias, -1)
+        structure = _fit(_project(p, columns), base, direction)[0].argmin(-1)
+        offset, along = base[structure], direction[structure]
+        along = along / torch.linalg.vector_norm(along, dim=-1, keepdim=True).clamp_min(1e-300)
+        for _ in range(STEPS):
+            p = torch.softmax(a @ weight_reduced.T + bias, -1)
+            target = _project(p, columns) - offset
+            residual = target - along * (along * target).sum(-1, keepdim=True)
+            slope = p.unsqueeze(-1) * (weight_reduced - (p @ weight_reduced).unsqueeze(-2))   # dp/da (K, C, m)
+            slope = slope - columns @ (columns.T @ slope)
+            slope = slope - along.unsqueeze(-1) * (along.unsqueeze(-1) * slope).sum(-2, keepdim=True)
+            normal = slope.transpose(-1, -2) @ slope
+            damping = 1e-12 * normal.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None] * identity
+            step = -torch.linalg.solve(normal + damping + 1e-300 * identity,
+                                       (slope.transpose(-1, -2) @ residual.unsqueeze(-1))).squeeze(-1)
+            length, limit = torch.linalg.vector_norm(step, dim=-1), torch.linalg.vector_norm(a, dim=-1)
+            a = a + step * (limit / length.clamp_min(1e-300)).clamp(max=1.0).unsqueeze(-1)
+    p = torch.softmax(a @ weight_reduced.T + bias, -1)
+    fits, theta = _fit(_project(p, columns), base, direction)
+    residual, structure = fits.min(-1)
+    return a, residual, theta.gather(-1, structure.unsqueeze(-1)).squeeze(-1), first[structure], second[structure]
+
+
+def _candidates(weight: torch.Tensor, bias: torch.Tensor, basis: torch.Tensor, columns: torch.Tensor, *,
+                starts: int, precision: float, seed: int):
+    """The distinct examples found in the span of ``basis`` (d, m), best fit first (at most
+    :data:`MOST_CANDIDATES`): ``(features (n, d), errors (n, C))``, float64."""
+    num_classes = weight.shape[0]
+    weight_reduced = weight @ basis
+    a, residual, theta, first, second = _search(weight_reduced, bias, columns, starts, seed)
+    labels = _labels(first, second, theta, num_classes)
+    errors = torch.softmax(a @ weight_reduced.T + bias, -1) - labels
+    slack = math.sqrt(precision)
+    good = ((residual <= 100 * precision) & (labels >= -slack).all(-1) & (labels <= 1 + slack).all(-1)
+            & (torch.linalg.vector_norm(errors, dim=-1) > slack))
+    a, residual, errors = a[good], residual[good], errors[good]
+    order = residual.argsort()
+    a, errors = a[order], errors[order]
+    # a candidate reached from several starts counts once (the best of them): the best one left, then those
+    # away from it, until MOST_CANDIDATES (a loop over candidates found, not over starts)
+    found_a, found_errors = [], []
+    while a.shape[0] and len(found_a) < MOST_CANDIDATES:
+        found_a.append(a[0])
+        found_errors.append(errors[0])
+        away = torch.linalg.vector_norm(a - a[0], dim=-1) > SAME_CANDIDATE * torch.linalg.vector_norm(a[0])
+        a, errors = a[away], errors[away]
+    if not found_a:
+        return basis.new_zeros(0, basis.shape[0]), basis.new_zeros(0, num_classes)
+    return torch.stack(found_a) @ basis.T, torch.stack(found_errors)
+
+
+def _spans(g: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(U (C, B), V (d, B))``: orthonormal bases of the column and row spaces of a rank-``size`` gradient ``g``."""
+    left, _, right = torch.linalg.svd(g, full_matrices=False)
+    return left[:, :size], right[:size].T
+
+
+def _labels(first: torch.Tensor, second: torch.Tensor, theta: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(K, C)`` labels of the structures with classes ``first``, ``second`` (K,) each (see :func:`_structures`)
+    and weights ``theta`` (K,)."""
+    eye = torch.eye(num_classes, dtype=theta.dtype, device=theta.device)
+    smooth = (first == second).unsqueeze(-1)
+    base = torch.where(smooth, 1.0 / num_classes, eye[second])
+    direction = torch.where(smooth, eye[second] - 1.0 / num_classes, eye[first] - eye[second])
+    return base + theta.unsqueeze(-1) * direction
+
+
+def split_by_labels(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    bias_grad: Optional[torch.Tensor], size: int, *, precision: float, tolerance: float,
+                    known: Optional[torch.Tensor] = None, seed: int = 0) -> LabelSplit:
+    """Find the ``size`` examples of a batch gradient by their label structure.
+
+    Args:
+        weight_grad: ``(C, d)`` ``G`` of the batch (rank ``size``); weight: ``(C, d)``; bias, bias_grad: ``(C,)`` or
+            None.
+        size: ``B``; at most :func:`largest_batch` of C examples are sought (beyond the ``known`` ones).
+        precision: the gradient's rounding (relative); a candidate must fit its structure to 100 times it.
+        tolerance: the largest relative error with which a set may rebuild ``G`` (and ``dL/db``).
+        known: ``(k, d)`` directions of some of the examples, found otherwise (their zeros). Each is given its
+            scale and label by a search along it (``C - B - 1`` equations, 2 unknowns), and its term is taken
+            out of ``G`` (and ``dL/db``) before the rest are sought in what remains.
+        seed: seeds the starts.
+    """
+    g, w = weight_grad.double(), weight.double()
+    num_classes = w.shape[0]
+    b = w.new_zeros(num_classes) if bias is None else bias.double()
+    db = None if bias_grad is None else bias_grad.double()
+    columns, rows = _spans(g, size)
+    pinned_h, pinned_e = [], []
+    for direction in ([] if known is None else known.double()):  # a loop over the few examples found otherwise
+        h, e = _candidates(w, b, direction.unsqueeze(-1), columns, starts=STARTS // 16, precision=precision,
+                           seed=seed)
+        if h.shape[0]:
+            pinned_h.append(h[0])
+            pinned_e.append(e[0])
+    pinned_h = torch.stack(pinned_h) if pinned_h else g.new_zeros(0, g.shape[1])
+    pinned_e = torch.stack(pinned_e) if pinned_e else g.new_zeros(0, num_classes)
+    rest = size - pinned_h.shape[0]
+    if rest > largest_batch(num_classes):
+        return LabelSplit(None, None, pinned_h.shape[0], math.inf, math.inf)
+    if rest < 0:  # more known directions than examples: the set is chosen among them
+        features, errors, rest = pinned_h, pinned_e, size
+        pinned_h, pinned_e = pinned_h[:0], pinned_e[:0]
+    elif rest:
+        remaining = g - pinned_e.T @ pinned_h / size                     # the examples not pinned yet
+        remaining_columns, remaining_rows = _spans(remaining, rest)
+        features, errors = _candidates(w, b, remaining_rows, remaining_columns, starts=STARTS,
+                                       precision=precision, seed=seed)
+    else:
+        features, errors = g.new_zeros(0, g.shape[1]), g.new_zeros(0, num_classes)
+    count = pinned_h.shape[0] + features.shape[0]
+    if features.shape[0] < rest:
+        return LabelSplit(None, None, count, math.inf, math.inf)
+    # every set of the candidates, with the pinned examples, must rebuild G (in its spans) and dL/db
+    sets = torch.tensor(list(itertools.combinations(range(features.shape[0]), rest)), dtype=torch.long,
+                        device=g.device)                                                     # (S, rest)
+    target = size * columns.T @ g @ rows - (pinned_e @ columns).T @ (pinned_h @ rows)
+    pieces = (errors @ columns).unsqueeze(-1) * (features @ rows).unsqueeze(-2)              # (n, B, B)
+    misfit = torch.linalg.vector_norm((pieces[sets].sum(1) - target).flatten(1), dim=-1) \
+        / torch.linalg.vector_norm(size * columns.T @ g @ rows)
+    if db is not None:
+        left = size * db - pinned_e.sum(0)
+        misfit = misfit + torch.linalg.vector_norm(errors[sets].sum(1) - left, dim=-1) \
+            / (size * torch.linalg.vector_norm(db)).clamp_min(1e-300)
+    ranked = misfit.sort()
+    best, runner_up = float(ranked.values[0]), float(ranked.values[1]) if len(sets) > 1 else math.inf
+    if not (best <= tolerance and runner_up > max(UNIQUE_FACTOR * best, tolerance)):
+        return LabelSplit(None, None, count, best, runner_up)
+    chosen = sets[ranked.indices[0]]
+    return LabelSplit(torch.cat([pinned_h, features[chosen]]), torch.cat([pinned_e, errors[chosen]]), count, best,
+                      runner_up)

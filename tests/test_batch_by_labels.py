@@ -1,0 +1,132 @@
+"""gradleak.batch.by_labels: a small batch's examples found by their labels' structure (no zeros needed), checked
+against the truth the test alone knows (the batch's labels and head inputs)."""
+import pytest
+import torch
+
+import gradleak
+from gradleak.batch.by_labels import can_complete, largest_batch, split_by_labels
+from gradleak.batch.split import split_batch
+from gradleak.data import load_samples
+from gradleak.experiments.common import input_options
+from gradleak.models import build_model
+
+
+@pytest.fixture(scope="module")
+def cifar10():
+    return load_samples("cifar10")
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    # dense features: ReLU outputs averaged over space, with too few zeros to split a batch by them
+    return build_model("resnet18", 10, head_bias=True, init="default", seed=3,
+                       **input_options("resnet18", channels=3, image_size=32))
+
+
+def _labels(kind, size, generator):
+    """(B, 10) smoothed labels (each its own eps) or mixup labels of two random classes."""
+    rows = []
+    for _ in range(size):
+        first, shift = torch.randint(10, (), generator=generator), torch.randint(1, 10, (), generator=generator)
+        weight = float(torch.empty(()).uniform_(0.05, 0.95, generator=generator))
+        rows.append(gradleak.smooth_label(int(first), 10, 0.3 * weight) if kind == "smoothing" else
+                    gradleak.mixup_label(int(first), int((first + shift) % 10), weight, 10))
+    return torch.stack(rows)
+
+
+def _batch(model, images, kind, seed, size):
+    generator = torch.Generator().manual_seed(seed)
+    x = images[torch.randperm(images.shape[0], generator=generator)[:size]]
+    targets = _labels(kind, size, generator)
+    seen = {}
+    hook = model.head.register_forward_hook(lambda module, inputs, output: seen.update(h=inputs[0].detach()))
+    parameters = dict(model.named_parameters())
+    try:
+        loss = gradleak.soft_cross_entropy(model(x), targets)
+    finally:
+        hook.remove()
+    gradients = dict(zip(parameters, torch.autograd.grad(loss, list(parameters.values()))))
+    return gradients, targets, seen["h"]
+
+
+def _paired(found, truth):
+    """``(pairs, smallest cosine)``: ``found[pairs[n]]`` is the true example ``n`` (each found once, or the test
+    fails)."""
+    cosine = torch.nn.functional.normalize(found.double(), dim=1) @ torch.nn.functional.normalize(truth.double(),
+                                                                                                   dim=1).T
+    pairs = cosine.argmax(dim=0)
+    assert sorted(pairs.tolist()) == list(range(truth.shape[0]))
+    return pairs, float(cosine[pairs, torch.arange(len(pairs))].min())
+
+
+def test_how_many_examples_the_structure_pins():
+    # C - B - 1 equations, B + 1 unknowns, one to spare
+    assert [largest_batch(c) for c in (4, 5, 9, 10, 100)] == [0, 1, 3, 3, 4]
+    # with some examples known, each is pinned along its direction (B <= C - 4) and at most 3 of 10 are left
+    assert can_complete(4, 2, 10) and can_complete(6, 3, 10) and can_complete(3, 0, 10)
+    assert not can_complete(7, 5, 10) and not can_complete(5, 1, 10) and not can_complete(4, 0, 10)
+
+
+@pytest.mark.parametrize("kind", ["smoothing", "mixup"])
+def test_examples_the_zeros_missed_are_found_by_their_labels(cifar10, resnet18, kind):
+    """B = 4 of 10 classes is beyond the labels alone (B <= 3); with two examples' directions known (here the true
+    ones, as the zeros give them) and a spurious one among them, all four come back at their scale."""
+    gradients, labels, features = _batch(resnet18, cifar10[0], kind, 40, 4)
+    weight, bias = resnet18.head.weight.detach(), resnet18.head.bias.detach()
+    spurious = torch.nn.functional.normalize(features[0] + features[1], dim=0).double()  # a mixture of two
+    known = torch.cat([torch.nn.functional.normalize(features[2:].double(), dim=1), spurious[None]])
+    options = dict(precision=torch.finfo(torch.float32).eps, tolerance=1e-3)
+    assert split_by_labels(gradients["head.weight"], weight, bias, gradients["head.bias"], 4, **options).features \
+        is None
+    found = split_by_labels(gradients["head.weight"], weight, bias, gradients["head.bias"], 4, known=known,
+                            **options)
+    assert found.features is not None
+    pairs, cosine = _paired(found.features, features)
+    relative = torch.linalg.vector_norm(found.features[pairs] - features.double(), dim=1) \
+        / torch.linalg.vector_norm(features.double(), dim=1)
+    assert cosine > 0.999 and float(relative.max()) < 1e-4
+    truth = torch.softmax(features.double() @ weight.double().T + bias.double(), -1) - labels.double()
+    assert float((found.errors[pairs] - truth).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("kind, size", [("smoothing", 2), ("mixup", 2), ("smoothing", 3), ("mixup", 3)])
+def test_resnet18_batches_split_by_their_labels(cifar10, resnet18, kind, size):
+    gradients, labels, features = _batch(resnet18, cifar10[0], kind, size, size)
+    split = split_batch(resnet18, gradients, batch_size=size)
+    assert split.determined, split.message
+    assert split.found_by == "labels" and split.source == "head" and split.draws == 0
+    pairs, cosine = _paired(split.features, features)
+    assert cosine > 0.999
+    for n, found in enumerate(pairs.tolist()):
+        result = split.examples[found]
+        assert result.determined and float((result.label.double() - labels[n].double()).abs().max()) < 1e-3
+    # the search alone gives the features at their scale, and the examples' gradient terms
+    weight, bias = resnet18.head.weight.detach(), resnet18.head.bias.detach()
+    found = split_by_labels(gradients["head.weight"], weight, bias, gradients["head.bias"], size, precision=torch.finfo(torch.float32).eps, tolerance=1e-3)
+    pairs, _ = _paired(found.features, features)
+    relative = torch.linalg.vector_norm(found.features[pairs] - features.double(), dim=1) \
+        / torch.linalg.vector_norm(features.double(), dim=1)
+    assert float(relative.max()) < 1e-4
+    truth = torch.softmax(features.double() @ weight.double().T + bias.double(), -1) - labels.double()
+    assert float((found.errors[pairs] - truth).abs().max()) < 1e-4
+
+
+def test_gradients_of_two_batches_are_not_split_by_labels(cifar10, resnet18):
+    first, _, _ = _batch(resnet18, cifar10[0], "smoothing", 11, 2)
+    second, _, _ = _batch(resnet18, cifar10[0], "mixup", 12, 2)
+    head = resnet18.head
+    # the head's weight gradient of one batch with the bias gradient of another: no set of two rebuilds both
+    found = split_by_labels(first["head.weight"], head.weight.detach(), head.bias.detach(), second["head.bias"], 2,
+                            precision=torch.finfo(torch.float32).eps, tolerance=1e-3)
+    assert found.features is None and found.errors is None and not found.misfit <= 1e-3
+    split = split_batch(resnet18, dict(first, **{"head.bias": second["head.bias"]}), batch_size=2)
+    assert not split.determined
+
+
+def test_beyond_what_the_structure_pins_the_message_says_so(cifar10, resnet18):
+    gradients, _, _ = _batch(resnet18, cifar10[0], "smoothing", 4, 4)
+    split = split_batch(resnet18, gradients, batch_size=4, max_draws=512)
+    if not split.examples:
+        assert "B <= 3 with 10 classes" in split.message
+    else:
+        assert split.found_by == "zeros"
