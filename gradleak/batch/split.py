@@ -177,7 +177,8 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
         model: the classifier; its head is the last ``nn.Linear`` (or ``head``), bias optional. Its input must be
             ReLU features: the output of ``Linear -> ReLU`` right below the head (the layer source, which reads
             up to ``B = min(d, n_in)`` examples), or any non-negative sparse features with ``B <= C - 1`` (the
-            head source). Sigmoid features have no zeros and are reported as not split.
+            head source). Features without zeros (sigmoids) are split by their labels' structure while
+            ``B <= (C - 3) / 2`` (:mod:`gradleak.batch.by_labels`), and reported as not split beyond.
         gradients: ``{parameter name: gradient}`` or a sequence aligned with ``model.parameters()``, of the mean
             soft-target cross-entropy over the batch at its known scale (a plain gradient, not a weight update).
         batch_size: ``B``, or None to read it as the numerical rank of the source matrix. That rank only says
