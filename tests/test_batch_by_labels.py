@@ -130,3 +130,23 @@ def test_beyond_what_the_structure_pins_the_message_says_so(cifar10, resnet18):
         assert "B <= 3 with 10 classes" in split.message
     else:
         assert split.found_by == "zeros"
+
+
+def test_labels_outside_every_structure_are_never_split_with_confidence(cifar10, resnet18):
+    """Three-class soft labels fit no structure the search knows: no set of examples is found by the labels, and
+    nothing is reported as determined."""
+    weight, bias = resnet18.head.weight.detach(), resnet18.head.bias.detach()
+    for seed, size in ((0, 2), (1, 3), (2, 2)):
+        generator = torch.Generator().manual_seed(seed)
+        x = cifar10[0][torch.randperm(cifar10[0].shape[0], generator=generator)[:size]]
+        labels = torch.zeros(size, 10)
+        for row in labels:
+            weights = torch.rand(3, generator=generator) + 0.2
+            row[torch.randperm(10, generator=generator)[:3]] = weights / weights.sum()
+        parameters = dict(resnet18.named_parameters())
+        loss = gradleak.soft_cross_entropy(resnet18(x), labels)
+        gradients = dict(zip(parameters, torch.autograd.grad(loss, list(parameters.values()))))
+        found = split_by_labels(gradients["head.weight"], weight, bias, gradients["head.bias"], size,
+                                precision=torch.finfo(torch.float32).eps, tolerance=1e-3)
+        assert found.features is None
+        assert not gradleak.recover_batch(resnet18, gradients, batch_size=size).determined
