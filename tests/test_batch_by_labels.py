@@ -64,7 +64,10 @@ def test_how_many_examples_the_structure_pins():
     assert [largest_batch(c) for c in (4, 5, 9, 10, 100)] == [0, 1, 3, 3, 4]
     # with some examples known, each is pinned along its direction (B <= C - 4) and at most 3 of 10 are left
     assert can_complete(4, 2, 10) and can_complete(6, 3, 10) and can_complete(3, 0, 10)
-    assert not can_complete(7, 5, 10) and not can_complete(5, 1, 10) and not can_complete(4, 0, 10)
+    assert not can_complete(7, 5, 10) and not can_complete(6, 1, 10) and not can_complete(5, 0, 10)
+    # one unknown fewer when the examples share the labels' weight (hard labels, one eps, batch mixup)
+    assert [largest_batch(c, shared_weight=True) for c in (4, 5, 9, 10, 100)] == [1, 1, 3, 4, 4]
+    assert can_complete(4, 0, 10) and can_complete(5, 1, 10)
 
 
 @pytest.mark.parametrize("kind", ["smoothing", "mixup"])
@@ -124,10 +127,10 @@ def test_gradients_of_two_batches_are_not_split_by_labels(cifar10, resnet18):
 
 
 def test_beyond_what_the_structure_pins_the_message_says_so(cifar10, resnet18):
-    gradients, _, _ = _batch(resnet18, cifar10[0], "smoothing", 4, 4)
-    split = split_batch(resnet18, gradients, batch_size=4, max_draws=512)
+    gradients, _, _ = _batch(resnet18, cifar10[0], "smoothing", 4, 5)
+    split = split_batch(resnet18, gradients, batch_size=5, max_draws=512)
     if not split.examples:
-        assert "B <= 3 with 10 classes" in split.message
+        assert "B <= 3 with 10 classes (4 with hard labels, one smoothing eps or batch mixup)" in split.message
     else:
         assert split.found_by == "zeros"
 

@@ -21,6 +21,13 @@ chosen again between the two rounds; two-class labels are tried among the :data:
 column space leans on most); every start that reaches the gradient's rounding is a candidate, with its feature at
 full scale, its label and its ``e``. Candidates that agree are one.
 
+**Hard labels, one eps, batch mixup.** At ``B = (C - 2) / 2`` (4 of 10 classes) each example has as many
+equations as unknowns: finitely many zeros, most of them spurious. When the examples share their labels' weight
+(one smoothing eps, the ``lam`` of batch mixup, or none for hard labels) they have one to spare again. The
+weight is read first, as the one that most distinct zeros of the free search agree on (a spurious zero carries
+its own); the search then runs with the labels held (hard ones always tried), and each example found is polished
+with its weight free (near its zero the square system converges to it exactly).
+
 **With some examples known.** Directions found otherwise (a ReLU feature's zeros) are each given their scale and
 label by the same search along the direction (``C - B - 1`` equations in two unknowns, for ``B <= C - 4``); a
 direction that fits no label is dropped. Their terms are taken out of ``G``, and the examples left are sought in
@@ -36,7 +43,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -46,7 +53,7 @@ STARTS = 8192
 STEPS = 12
 #: At most this many distinct candidates (best residual first) are combined into sets of B.
 MOST_CANDIDATES = 8
-#: Largest batch searched: the search is over a B-dimensional space, and B is at most (C - 3) / 2 anyway.
+#: Largest batch searched: the search is over a B-dimensional space, and B is at most (C - 2) / 2 anyway.
 MOST_EXAMPLES = 4
 #: Two-class (mixup) labels are tried among this many classes (those the gradient's column space leans on most).
 PAIR_CLASSES = 12
@@ -55,24 +62,29 @@ LOGIT_SPREADS = (1e-3, 30.0)
 #: Candidates closer than this (relative to their size) are one: where the structure pins a feature's scale only
 #: loosely, starts converge along the flat basin, measured up to 4e-4 apart with labels within 3e-4 (ResNet18).
 SAME_CANDIDATE = 1e-3
+#: Distinct candidates (weight free) whose weights are compared to find the weight a batch shares.
+SHARED_CANDIDATES = 256
+#: Candidates whose labels' weights agree this closely share it (measured: a batch's examples within 1e-5).
+SHARED_WEIGHT_TOL = 1e-4
 #: A set that rebuilds the gradient is unique when every other set misses by this many times more.
 UNIQUE_FACTOR = 100.0
 
 
-def largest_batch(num_classes: int) -> int:
+def largest_batch(num_classes: int, shared_weight: bool = False) -> int:
     """The largest ``B`` whose examples the label structure pins down with an equation to spare: ``C - B - 1``
-    equations, ``B + 1`` unknowns per example (capped at :data:`MOST_EXAMPLES`)."""
-    return min(MOST_EXAMPLES, (num_classes - 3) // 2)
+    equations, ``B + 1`` unknowns per example, or ``B`` when the examples share their labels' weight (``1 - eps``
+    of label smoothing with one eps, or ``lam`` of batch mixup); capped at :data:`MOST_EXAMPLES`."""
+    return min(MOST_EXAMPLES, (num_classes - 2 - (not shared_weight)) // 2)
 
 
 def can_complete(size: int, known: int, num_classes: int) -> bool:
     """Whether the labels' structure can split a batch of ``size`` examples of which ``known`` directions were
-    found otherwise: with none known, at most :func:`largest_batch` examples; with some, each one's scale and label
-    pinned along its direction (``C - B - 1`` equations, two unknowns, one to spare), and the examples they leave
-    at most :func:`largest_batch`."""
+    found otherwise: with none known, at most :func:`largest_batch` examples (of a batch that shares its labels'
+    weight: the search finds out whether it does); with some, each one's scale and label pinned along its
+    direction (``C - B - 1`` equations, two unknowns, one to spare), and the examples they leave as many."""
     if known == 0:
-        return size <= largest_batch(num_classes)
-    return size <= num_classes - 4 and size - known <= largest_batch(num_classes)
+        return size <= largest_batch(num_classes, shared_weight=True)
+    return size <= num_classes - 4 and size - known <= largest_batch(num_classes, shared_weight=True)
 
 
 @dataclass(frozen=True)
@@ -94,33 +106,73 @@ class LabelSplit:
     runner_up: float
 
 
-def _structures(columns: torch.Tensor):
-    """Every label structure tried, as rows ``(P base, P D)`` (F, C) each and their classes ``(first, second)``
-    (F,) each: smoothing of each class (``first = second``), then mixup of each pair ``first < second`` (``y =
-    e_second + theta (e_first - e_second)``) among the :data:`PAIR_CLASSES` classes the column space leans on most.
+@dataclass(frozen=True)
+class _Structures:
+    """The label structures a search tries, F of them: ``y = base + theta D`` projected, ``(P base, P D)`` rows
+    ``(F, C)`` each, their classes ``first, second`` (F,) (smoothing of ``second`` where they are equal, else the
+    mixup ``e_second + theta (e_first - e_second)``), and ``theta`` (F,) where each label is held (``P base`` is
+    then the whole label and ``P D`` zero), or None where ``theta`` is fitted."""
 
-    A label's classes carry its ``e``'s largest entries, so they are the classes where the column space of the
-    ``e_n`` is largest (``1 - P_kk = |U_k|^2``): that keeps the pairs few with many classes.
-    """
-    num_classes = columns.shape[0]
-    projector = torch.eye(num_classes, dtype=columns.dtype, device=columns.device) - columns @ columns.T
-    leaning = (1 - projector.diagonal()).topk(min(PAIR_CLASSES, num_classes)).indices.sort().values
+    base: torch.Tensor
+    direction: torch.Tensor
+    first: torch.Tensor
+    second: torch.Tensor
+    theta: Optional[torch.Tensor] = None
+
+
+def _pair_classes(projector: torch.Tensor, both_orders: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The pairs ``(first, second)`` tried for two-class labels: among the :data:`PAIR_CLASSES` classes the column
+    space leans on most (``1 - P_kk = |U_k|^2``; a label's classes carry its ``e``'s largest entries, which keeps
+    the pairs few with many classes), ``first < second`` or both orders."""
+    leaning = (1 - projector.diagonal()).topk(min(PAIR_CLASSES, projector.shape[0])).indices.sort().values
     low, high = torch.triu_indices(len(leaning), len(leaning), 1, device=projector.device)
+    if both_orders:
+        low, high = torch.cat([low, high]), torch.cat([high, low])
+    return leaning[low], leaning[high]
+
+
+def _projector(columns: torch.Tensor) -> torch.Tensor:
+    return torch.eye(columns.shape[0], dtype=columns.dtype, device=columns.device) - columns @ columns.T
+
+
+def _free_structures(columns: torch.Tensor) -> _Structures:
+    """Smoothing of each class, then mixup of each pair, ``theta`` fitted (one unknown per label)."""
+    projector = _projector(columns)
+    num_classes = projector.shape[0]
+    first, second = _pair_classes(projector, both_orders=False)
     classes = torch.arange(num_classes, device=projector.device)
-    first, second = torch.cat([classes, leaning[low]]), torch.cat([classes, leaning[high]])
     smooth_base = projector.new_full((num_classes, num_classes), 1.0 / num_classes)  # P 1 = 1: 1 is orthogonal to U
-    smooth_direction = projector - 1.0 / num_classes
-    pair_base, pair_direction = projector[second[num_classes:]], projector[first[num_classes:]] - projector[
-        second[num_classes:]]
-    return torch.cat([smooth_base, pair_base]), torch.cat([smooth_direction, pair_direction]), first, second
+    return _Structures(torch.cat([smooth_base, projector[second]]),
+                       torch.cat([projector - 1.0 / num_classes, projector[first] - projector[second]]),
+                       torch.cat([classes, first]), torch.cat([classes, second]))
 
 
-def _fit(projected_p: torch.Tensor, base: torch.Tensor, direction: torch.Tensor):
-    """The label structures fitted to ``P p`` (K, C): residual norms and ``theta`` (K, F) for all ``(base,
-    direction)`` rows (F, C) at once, from inner products (no (K, F, C) tensor)."""
+def _held_structures(columns: torch.Tensor, shared: Optional[float]) -> _Structures:
+    """Labels with no unknown: hard labels of each class, and with a ``shared`` weight (eps of label smoothing,
+    the lesser mixup weight) smoothing of each class by it and mixup of each pair by it (in both orders)."""
+    projector = _projector(columns)
+    num_classes = projector.shape[0]
+    classes = torch.arange(num_classes, device=projector.device)
+    base, first, second, theta = [projector], [classes], [classes], [projector.new_ones(num_classes)]
+    if shared is not None:
+        low, high = _pair_classes(projector, both_orders=True)
+        base += [(1 - shared) * projector + shared / num_classes, shared * projector[low] + (1 - shared) *
+                 projector[high]]
+        first, second = first + [classes, low], second + [classes, high]
+        theta += [projector.new_full((num_classes,), 1 - shared), projector.new_full((len(low),), shared)]
+    base = torch.cat(base)
+    return _Structures(base, torch.zeros_like(base), torch.cat(first), torch.cat(second), torch.cat(theta))
+
+
+def _fit(projected_p: torch.Tensor, structures: _Structures) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The label structures fitted to ``P p`` (K, C): residual norms and ``theta`` (K, F) for all of them at once,
+    from inner products (no (K, F, C) tensor); ``theta`` least squares, or held."""
+    base, direction = structures.base, structures.direction
+    offset_sq = projected_p.square().sum(-1, keepdim=True) - 2 * projected_p @ base.T + base.square().sum(-1)
+    if structures.theta is not None:
+        return offset_sq.clamp_min(0).sqrt(), structures.theta.expand_as(offset_sq)
     norm_sq = direction.square().sum(-1).clamp_min(torch.finfo(direction.dtype).tiny)
     along = projected_p @ direction.T - (base * direction).sum(-1)                       # (P D) . (P p - P base)
-    offset_sq = projected_p.square().sum(-1, keepdim=True) - 2 * projected_p @ base.T + base.square().sum(-1)
     return (offset_sq - along.square() / norm_sq).clamp_min(0).sqrt(), along / norm_sq
 
 
@@ -130,23 +182,27 @@ def _project(values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return values - (values @ columns) @ columns.T
 
 
-def _search(weight_reduced: torch.Tensor, bias: torch.Tensor, columns: torch.Tensor, starts: int, seed: int):
-    """Refined starts in the span whose head weights are ``weight_reduced`` (C, m), ``P`` from the column space
-    ``columns`` (C, B): ``(a (K, m), residual (K,), theta (K,), and the classes of each one's structure (K,)
-    twice)``."""
-    base, direction, first, second = _structures(columns)
+def _starts(weight_reduced: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """``(count, m)`` starting points: directions uniform on the sphere, scales spreading the logits over
+    :data:`LOGIT_SPREADS` (log-spaced)."""
     generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(count, weight_reduced.shape[1], generator=generator, dtype=torch.float64)
+    a = (a / torch.linalg.vector_norm(a, dim=-1, keepdim=True)).to(weight_reduced.device)
+    spread = torch.logspace(math.log10(LOGIT_SPREADS[0]), math.log10(LOGIT_SPREADS[1]), count, dtype=torch.float64)
+    return a * (spread.to(a.device) / (a @ weight_reduced.T).std(-1).clamp_min(1e-300)).unsqueeze(-1)
+
+
+def _search(weight_reduced: torch.Tensor, bias: torch.Tensor, columns: torch.Tensor, structures: _Structures,
+            a: torch.Tensor):
+    """Starts ``a`` (K, m) refined in the span whose head weights are ``weight_reduced`` (C, m), ``P`` from the
+    column space ``columns`` (C, B): ``(a (K, m), residual (K,), theta (K,), and the classes of each one's
+    structure (K,) twice)``."""
     dim = weight_reduced.shape[1]
-    a = torch.randn(starts, dim, generator=generator, dtype=torch.float64)
-    a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True)
-    spread = torch.logspace(math.log10(LOGIT_SPREADS[0]), math.log10(LOGIT_SPREADS[1]), starts, dtype=torch.float64)
-    a = a.to(weight_reduced.device)
-    a = a * (spread.to(a.device) / (a @ weight_reduced.T).std(-1).clamp_min(1e-300)).unsqueeze(-1)
     identity = torch.eye(dim, dtype=a.dtype, device=a.device)
     for _ in range(2):
         p = torch.softmax(a @ weight_reduced.T + bias, -1)
-        structure = _fit(_project(p, columns), base, direction)[0].argmin(-1)
-        offset, along = base[structure], direction[structure]
+        structure = _fit(_project(p, columns), structures)[0].argmin(-1)
+        offset, along = structures.base[structure], structures.direction[structure]
         along = along / torch.linalg.vector_norm(along, dim=-1, keepdim=True).clamp_min(1e-300)
         for _ in range(STEPS):
             p = torch.softmax(a @ weight_reduced.T + bias, -1)
@@ -162,37 +218,63 @@ def _search(weight_reduced: torch.Tensor, bias: torch.Tensor, columns: torch.Ten
             length, limit = torch.linalg.vector_norm(step, dim=-1), torch.linalg.vector_norm(a, dim=-1)
             a = a + step * (limit / length.clamp_min(1e-300)).clamp(max=1.0).unsqueeze(-1)
     p = torch.softmax(a @ weight_reduced.T + bias, -1)
-    fits, theta = _fit(_project(p, columns), base, direction)
+    fits, weights = _fit(_project(p, columns), structures)
     residual, structure = fits.min(-1)
-    return a, residual, theta.gather(-1, structure.unsqueeze(-1)).squeeze(-1), first[structure], second[structure]
+    return (a, residual, weights.gather(-1, structure.unsqueeze(-1)).squeeze(-1), structures.first[structure],
+            structures.second[structure])
 
 
 def _candidates(weight: torch.Tensor, bias: torch.Tensor, basis: torch.Tensor, columns: torch.Tensor, *,
-                starts: int, precision: float, seed: int):
-    """The distinct examples found in the span of ``basis`` (d, m), best fit first (at most
-    :data:`MOST_CANDIDATES`): ``(features (n, d), errors (n, C))``, float64."""
+                starts: Union[int, torch.Tensor], precision: float, seed: int,
+                structures: Optional[_Structures] = None, most: int = MOST_CANDIDATES):
+    """The distinct examples found in the span of ``basis`` (d, m) from ``starts`` (a number of them, see
+    :func:`_starts`, or the points themselves (K, m)), best fit first (at most ``most``), under the ``structures``
+    (default: every one, its weight fitted): ``(features (n, d), errors (n, C), weights (n,))``, float64. A weight
+    is eps for a smoothed label and the lesser class weight of a two-class one (0 for hard)."""
     num_classes = weight.shape[0]
     weight_reduced = weight @ basis
-    a, residual, theta, first, second = _search(weight_reduced, bias, columns, starts, seed)
+    structures = _free_structures(columns) if structures is None else structures
+    a = _starts(weight_reduced, starts, seed) if isinstance(starts, int) else starts
+    a, residual, theta, first, second = _search(weight_reduced, bias, columns, structures, a)
     labels = _labels(first, second, theta, num_classes)
     errors = torch.softmax(a @ weight_reduced.T + bias, -1) - labels
     slack = math.sqrt(precision)
     good = ((residual <= 100 * precision) & (labels >= -slack).all(-1) & (labels <= 1 + slack).all(-1)
             & (torch.linalg.vector_norm(errors, dim=-1) > slack))
-    a, residual, errors = a[good], residual[good], errors[good]
-    order = residual.argsort()
-    a, errors = a[order], errors[order]
+    weights = torch.where(first == second, 1 - theta, torch.minimum(theta, 1 - theta))
+    order = residual[good].argsort()
+    a, errors, weights = a[good][order], errors[good][order], weights[good][order]
     # a candidate reached from several starts counts once (the best of them): the best one left, then those
-    # away from it, until MOST_CANDIDATES (a loop over candidates found, not over starts)
-    found_a, found_errors = [], []
-    while a.shape[0] and len(found_a) < MOST_CANDIDATES:
-        found_a.append(a[0])
-        found_errors.append(errors[0])
+    # away from it, until ``most`` (a loop over candidates found, not over starts)
+    kept = []
+    while a.shape[0] and len(kept) < most:
+        kept.append((a[0], errors[0], weights[0]))
         away = torch.linalg.vector_norm(a - a[0], dim=-1) > SAME_CANDIDATE * torch.linalg.vector_norm(a[0])
-        a, errors = a[away], errors[away]
-    if not found_a:
-        return basis.new_zeros(0, basis.shape[0]), basis.new_zeros(0, num_classes)
-    return torch.stack(found_a) @ basis.T, torch.stack(found_errors)
+        a, errors, weights = a[away], errors[away], weights[away]
+    if not kept:
+        return basis.new_zeros(0, basis.shape[0]), basis.new_zeros(0, num_classes), basis.new_zeros(0)
+    found_a, found_errors, found_weights = (torch.stack(values) for values in zip(*kept))
+    return found_a @ basis.T, found_errors, found_weights
+
+
+def _shared_weight(weight: torch.Tensor, bias: torch.Tensor, basis: torch.Tensor, columns: torch.Tensor, *,
+                   starts: int, precision: float, seed: int) -> Optional[float]:
+    """The labels' weight (eps, or the lesser mixup weight) that the examples in the span of ``basis`` share, or
+    None.
+
+    With the weight free each example is one of finitely many zeros (as many equations as unknowns), most of them
+    spurious; the examples' zeros all carry the shared weight, a spurious one its own. The weight most distinct
+    candidates agree on (at least two, within :data:`SHARED_WEIGHT_TOL`) is the batch's. Hard labels (weight 0)
+    are left out: they are tried anyway, and in batch mixup an example mixed with its own class is one.
+    """
+    _, _, weights = _candidates(weight, bias, basis, columns, starts=starts, precision=precision, seed=seed,
+                                most=SHARED_CANDIDATES)
+    weights = weights[weights > SHARED_WEIGHT_TOL]  # hard labels share nothing: they are always tried
+    agree = (weights.unsqueeze(0) - weights.unsqueeze(1)).abs() <= SHARED_WEIGHT_TOL
+    support = agree.sum(-1)
+    if not len(weights) or int(support.max()) < 2:
+        return None
+    return float(weights[agree[support.argmax()]].mean())
 
 
 def _spans(g: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -234,15 +316,15 @@ def split_by_labels(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optio
     columns, rows = _spans(g, size)
     pinned_h, pinned_e = [], []
     for direction in ([] if known is None else known.double()):  # a loop over the few examples found otherwise
-        h, e = _candidates(w, b, direction.unsqueeze(-1), columns, starts=STARTS // 16, precision=precision,
-                           seed=seed)
+        h, e, _ = _candidates(w, b, direction.unsqueeze(-1), columns, starts=STARTS // 16, precision=precision,
+                              seed=seed)
         if h.shape[0]:
             pinned_h.append(h[0])
             pinned_e.append(e[0])
     pinned_h = torch.stack(pinned_h) if pinned_h else g.new_zeros(0, g.shape[1])
     pinned_e = torch.stack(pinned_e) if pinned_e else g.new_zeros(0, num_classes)
     rest = size - pinned_h.shape[0]
-    if rest > largest_batch(num_classes):
+    if rest > largest_batch(num_classes, shared_weight=True):
         return LabelSplit(None, None, pinned_h.shape[0], math.inf, math.inf)
     if rest < 0:  # more known directions than examples: the set is chosen among them
         features, errors, rest = pinned_h, pinned_e, size
@@ -250,8 +332,17 @@ def split_by_labels(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optio
     elif rest:
         remaining = g - pinned_e.T @ pinned_h / size                     # the examples not pinned yet
         remaining_columns, remaining_rows = _spans(remaining, rest)
-        features, errors = _candidates(w, b, remaining_rows, remaining_columns, starts=STARTS,
-                                       precision=precision, seed=seed)
+        search = dict(starts=STARTS, precision=precision, seed=seed)
+        if rest > largest_batch(num_classes):  # one unknown too many, unless the labels are hard or share a weight
+            shared = _shared_weight(w, b, remaining_rows, remaining_columns, **search)
+            held, _, _ = _candidates(w, b, remaining_rows, remaining_columns,
+                                     structures=_held_structures(remaining_columns, shared), **search)
+            if not held.shape[0]:
+                return LabelSplit(None, None, pinned_h.shape[0], math.inf, math.inf)
+            # each polished with its weight free: near its zero the square system converges to it exactly, where
+            # the shared weight is known only to the spread of the candidates that gave it
+            search["starts"] = held @ remaining_rows
+        features, errors, _ = _candidates(w, b, remaining_rows, remaining_columns, **search)
     else:
         features, errors = g.new_zeros(0, g.shape[1]), g.new_zeros(0, num_classes)
     count = pinned_h.shape[0] + features.shape[0]

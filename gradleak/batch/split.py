@@ -256,43 +256,51 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
                       f"needs {_zeros_needed(size)} zeros among them to be pinned and checked")
 
     tol = _joint_tolerance(precision)
-    by_labels = split_by_labels(weight_grad, weight, bias, bias_grad, size, precision=precision, tolerance=tol,
-                                seed=seed) if layer is None and can_complete(size, 0, num_classes) else None
-    draws, directions = 0, None
-    if by_labels is not None and by_labels.features is not None:
-        # every example at its scale, from its label's structure (no zeros needed): judged below like any split
-        features, scale_known, diagnostics, found_by = by_labels.features, True, {}, "labels"
-    else:
+    head_source = layer is None
+
+    def by_labels_split(known: Optional[torch.Tensor] = None) -> LabelSplit:
+        return split_by_labels(weight_grad, weight, bias, bias_grad, size, precision=precision, tolerance=tol,
+                               known=known, seed=seed)
+
+    by_labels, found_by, draws, directions = None, "", 0, None
+    if head_source and size <= largest_batch(num_classes):  # each example has an equation to spare: labels first
+        by_labels = by_labels_split()
+        found_by = "labels" if by_labels.features is not None else ""
+    if not found_by:
         subspace = _subspace(matrix, size, precision)
         if layer is None:
             check, remaining = _non_negative, None
         else:
             check, remaining = _HeadShaped(weight, precision), _Remaining(matrix, layer[1], precision, seed)
         directions, draws, sparse = _search(subspace, size, check, remaining, max_draws=max_draws, seed=seed)
-        missing = size - directions.shape[0]
-        if layer is None and sparse and directions.shape[0] and can_complete(size, directions.shape[0], num_classes):
+        found = directions.shape[0]
+        if head_source and sparse and found and can_complete(size, found, num_classes):
             # each direction the zeros gave is pinned by its label (one that fits none is dropped), and the examples
             # they did not give are sought by their labels once the others' terms are taken out
-            by_labels = split_by_labels(weight_grad, weight, bias, bias_grad, size, precision=precision,
-                                        tolerance=tol, known=directions, seed=seed)
-            missing = 0 if by_labels.features is not None else missing
-        if not sparse or missing > 0:
-            labels_said = "" if layer is not None else _labels_message(by_labels, size, num_classes)
+            by_labels = by_labels_split(directions)
+            found_by = "zeros and labels" if by_labels.features is not None else ""
+        if not found_by and sparse and found >= size:
+            found_by = "zeros"
+        if not found_by and head_source and size > largest_batch(num_classes) and can_complete(size, 0, num_classes):
+            # the last resort, without zeros: examples whose labels are hard or share one weight
+            by_labels = by_labels_split()
+            found_by = "labels" if by_labels.features is not None else ""
+        if not found_by:
+            labels_said = _labels_message(by_labels, size, num_classes) if head_source else ""
             if not sparse:
                 return refuse(f"no draw of B - 1 = {size - 1} rows vanishes on any other row: the head's input has "
                               "no exact zeros (sigmoid or other dense features), and the batch cannot be split by "
                               f"its zeros{labels_said}", draws)
-            return refuse(f"found {directions.shape[0]} of {size} example directions in {draws} draws (max_draws): "
-                          "too many examples for the budget, examples with too few zeros, or not one batch of this "
-                          f"model's examples{labels_said}", draws)
-        if by_labels is not None and by_labels.features is not None:
-            features, scale_known, diagnostics, found_by = by_labels.features, True, {}, "zeros and labels"
-        elif layer is None:
-            features, scale_known, diagnostics = directions.clamp_min(0.0), False, {}  # rounding below zero is 0
-            found_by = "zeros"
-        else:
-            features, scale_known, diagnostics = _layer_features(directions, layer[1], layer_grads)
-            found_by = "zeros"
+            return refuse(f"found {found} of {size} example directions in {draws} draws (max_draws): too many "
+                          "examples for the budget, examples with too few zeros, or not one batch of this model's "
+                          f"examples{labels_said}", draws)
+    if found_by in ("labels", "zeros and labels"):
+        # every example at its scale, from its label's structure: judged below like any split
+        features, scale_known, diagnostics = by_labels.features, True, {}
+    elif layer is None:
+        features, scale_known, diagnostics = directions.clamp_min(0.0), False, {}  # rounding below zero is zero
+    else:
+        features, scale_known, diagnostics = _layer_features(directions, layer[1], layer_grads)
     errors, features, scale_known = _errors(features, scale_known, directions if layer else None, weight,
                                             weight_grad, bias_grad, diagnostics)
     failed = {name: value for name, value in diagnostics.items() if not value <= tol}
@@ -393,7 +401,8 @@ def _labels_message(by_labels: Optional[LabelSplit], size: int, num_classes: int
     """What the search by label structure said, for a refusal (head source)."""
     if by_labels is None:
         return (f"; by their labels' structure the head pins examples only for B <= {largest_batch(num_classes)} "
-                f"with {num_classes} classes")
+                f"with {num_classes} classes ({largest_batch(num_classes, shared_weight=True)} with hard labels, "
+                "one smoothing eps or batch mixup)")
     if by_labels.candidates < size:
         return f"; by their labels' structure {by_labels.candidates} of {size} examples were found"
     return (f"; by their labels' structure no set of {size} of the {by_labels.candidates} candidates rebuilds the "
