@@ -105,10 +105,11 @@ def recover_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Opt
     cross-entropy; every example's soft label and feature when the batch can be split into its examples.
 
     A batch of up to ``SPLIT_MAX_BATCH`` examples at a known scale is first split
-    (:func:`~gradleak.batch.split.split_batch`: ReLU features below the head, or ``B <= C - 1``); the split's
-    answer stands only where the class mass (when the head has a bias) agrees with it. Otherwise the answer is the
-    class mass with its counts and eps (:mod:`gradleak.batch.mass`), and ``split_message`` says why there are no
-    examples.
+    (:func:`~gradleak.batch.split.split_batch`: by ReLU features' zeros, below the head or in it while
+    ``B <= C - 1``, or by the labels' structure while ``B <= (C - 3) / 2``); the split's answer stands only where
+    the class mass (when the head has a bias) agrees with it, and where its examples are determined or the class
+    mass is not. Otherwise the answer is the class mass with its counts and eps (:mod:`gradleak.batch.mass`), and
+    ``split_message`` says why there are no examples.
 
     Args:
         model: the classifier; its head (the last ``nn.Linear``, or ``head``) needs a bias for ``B > 1`` unless

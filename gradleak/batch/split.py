@@ -25,7 +25,10 @@ that example's zero set:
 **Without zeros.** For ``B <= (C - 3) / 2`` (the head source) the examples are first sought by their labels'
 structure (:mod:`gradleak.batch.by_labels`): each example's prediction minus a structured label lies in ``G``'s
 column space, which pins its feature at full scale with equations to spare. That needs no zeros (sigmoid features,
-or ReLU features averaged over space), and the set it finds is judged by the same checks as below.
+or ReLU features averaged over space), and the set it finds is judged by the same checks as below. Beyond, the
+directions the zeros give are pinned by their labels and the examples they miss are sought by theirs (for
+``B <= C - 4``), and at ``B = (C - 2) / 2`` a batch whose labels are hard or share one weight is split by its
+labels as the last resort.
 
 **Drawing rows.** A draw takes ``B - 1`` rows that are independent (ReLU patterns are correlated: many rows share
 the low-dimensional span of the few examples active there, and dependent rows leave several null directions).
@@ -178,7 +181,8 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
             ReLU features: the output of ``Linear -> ReLU`` right below the head (the layer source, which reads
             up to ``B = min(d, n_in)`` examples), or any non-negative sparse features with ``B <= C - 1`` (the
             head source). Features without zeros (sigmoids) are split by their labels' structure while
-            ``B <= (C - 3) / 2`` (:mod:`gradleak.batch.by_labels`), and reported as not split beyond.
+            ``B <= (C - 3) / 2``, or ``(C - 2) / 2`` when the labels are hard or share one eps or mixup weight
+            (:mod:`gradleak.batch.by_labels`), and reported as not split beyond.
         gradients: ``{parameter name: gradient}`` or a sequence aligned with ``model.parameters()``, of the mean
             soft-target cross-entropy over the batch at its known scale (a plain gradient, not a weight update).
         batch_size: ``B``, or None to read it as the numerical rank of the source matrix. That rank only says
