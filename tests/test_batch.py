@@ -267,7 +267,7 @@ def test_when_the_batch_is_not_split_the_class_mass_says_why(cifar10):
     assert kept.method == "class_mass" and kept.examples == [] and "split=False" in kept.split_message
     update = {name: -0.1 * g for name, g in gradients.items()}
     scaled = gradleak.recover_batch(model, update, batch_size=4, gradient_scale="unknown")
-    assert scaled.examples == [] and "known gradient scale" in scaled.split_message
+    assert scaled.examples == [] and "unknown gradient scale" in scaled.split_message
     images, _ = cifar10
     lenet = build_model("lenet", 10, head_bias=True, init="default", seed=3)
     x, classes, _ = _draw(images, 4, 10, 3)

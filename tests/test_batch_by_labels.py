@@ -153,3 +153,20 @@ def test_labels_outside_every_structure_are_never_split_with_confidence(cifar10,
                                 precision=torch.finfo(torch.float32).eps, tolerance=1e-3)
         assert found.features is None
         assert not gradleak.recover_batch(resnet18, gradients, batch_size=size).determined
+
+
+@pytest.mark.parametrize("kind, size", [("smoothing", 3), ("mixup", 2)])
+def test_a_weight_update_of_unknown_learning_rate_is_split_by_labels(cifar10, resnet18, kind, size):
+    """The spans of G, and so the examples, do not depend on the gradient's scale: a client's SGD delta (lr not
+    told) splits like its gradient, and the scale comes back as -lr."""
+    gradients, labels, features = _batch(resnet18, cifar10[0], kind, 20 + size, size)
+    update = {name: -0.05 * g for name, g in gradients.items()}
+    result = gradleak.recover_batch(resnet18, update, batch_size=size, gradient_scale="unknown")
+    assert result.method == "split" and result.determined, result.message
+    assert result.gradient_scale == pytest.approx(-0.05, rel=1e-4)
+    split = result.extra["split"]
+    pairs, cosine = _paired(split.features, features)
+    assert cosine > 0.999
+    for n, found in enumerate(pairs.tolist()):
+        assert float((split.examples[found].label.double() - labels[n].double()).abs().max()) < 1e-3
+    assert float((result.class_mass - labels.double().sum(0)).abs().max()) < 1e-3

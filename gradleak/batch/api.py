@@ -167,19 +167,19 @@ def recover_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Opt
     parted, not_split = None, ""
     if not split:
         not_split = "not tried (split=False)"
-    elif not scale_known:
-        not_split = "a batch is split only at its known gradient scale"
     elif size > SPLIT_MAX_BATCH:
         not_split = f"B = {size} exceeds SPLIT_MAX_BATCH = {SPLIT_MAX_BATCH}"
     else:
         parted = split_batch(model, named, batch_size=size, label_format=label_format, head=found[1],
-                             **{"max_draws": SPLIT_MAX_DRAWS, **options})
+                             **{"max_draws": SPLIT_MAX_DRAWS, **options, "gradient_scale": gradient_scale})
         not_split = parted.message if not parted.examples else ""
     if parts["bias_grad"] is None:
         if parted is not None and parted.examples:
             return _from_split(parted, None, common)
         raise ValueError("the head has no bias: a batch's class mass is read from the head's bias gradient (one "
                          f"example, B = 1, needs none), and the batch was not split into its examples: {not_split}")
+    if parted is not None and parted.examples and not scale_known and label_format == "mixup":
+        return _from_split(parted, None, common)  # a mixup batch's class mass cannot fit the scale: the split does
     mass = _class_mass(parts, size, label_format, scale_known, common)
     if parted is not None and parted.examples:
         if parted.determined or not mass.determined:
@@ -212,7 +212,7 @@ def _from_split(parted: BatchSplit, mass: Optional[BatchRecoveryResult], common:
         reasons.append(f"the class mass fits counts {mass.counts.tolist()}, the examples give {counts.tolist()}")
     return BatchRecoveryResult(class_mass, counts, eps, examples, not reasons, counts is not None and not reasons,
                                "; ".join(reasons), label_format=label_format, method="split",
-                               extra={"split": parted}, **common)
+                               gradient_scale=parted.gradient_scale, extra={"split": parted}, **common)
 
 
 def dominant_counts(labels: torch.Tensor) -> Optional[torch.Tensor]:

@@ -97,6 +97,7 @@ class LabelSplit:
         candidates: distinct candidates the search found.
         misfit: relative error with which the best set rebuilds the gradient (inf without a set).
         runner_up: the same for the second-best set (inf without one).
+        gradient_scale: ``s`` with observed gradients = ``s *`` the ones the set gives (1.0 at a known scale).
     """
 
     features: Optional[torch.Tensor]
@@ -104,6 +105,7 @@ class LabelSplit:
     candidates: int
     misfit: float
     runner_up: float
+    gradient_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -295,7 +297,7 @@ def _labels(first: torch.Tensor, second: torch.Tensor, theta: torch.Tensor, num_
 
 def split_by_labels(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     bias_grad: Optional[torch.Tensor], size: int, *, precision: float, tolerance: float,
-                    known: Optional[torch.Tensor] = None, seed: int = 0) -> LabelSplit:
+                    known: Optional[torch.Tensor] = None, scale_known: bool = True, seed: int = 0) -> LabelSplit:
     """Find the ``size`` examples of a batch gradient by their label structure.
 
     Args:
@@ -307,8 +309,13 @@ def split_by_labels(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optio
         known: ``(k, d)`` directions of some of the examples, found otherwise (their zeros). Each is given its
             scale and label by a search along it (``C - B - 1`` equations, 2 unknowns), and its term is taken
             out of ``G`` (and ``dL/db``) before the rest are sought in what remains.
+        scale_known: False when the gradients are ``s`` times the true ones for an unknown ``s`` (a weight update):
+            the spans and so the examples do not depend on it, and each set's ``s`` is fitted by least squares
+            before it is judged (``known`` needs the scale).
         seed: seeds the starts.
     """
+    if known is not None and not scale_known:
+        raise ValueError("directions found otherwise are pinned at the gradient's known scale only")
     g, w = weight_grad.double(), weight.double()
     num_classes = w.shape[0]
     b = w.new_zeros(num_classes) if bias is None else bias.double()
@@ -353,16 +360,19 @@ def split_by_labels(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optio
                         device=g.device)                                                     # (S, rest)
     target = size * columns.T @ g @ rows - (pinned_e @ columns).T @ (pinned_h @ rows)
     pieces = (errors @ columns).unsqueeze(-1) * (features @ rows).unsqueeze(-2)              # (n, B, B)
-    misfit = torch.linalg.vector_norm((pieces[sets].sum(1) - target).flatten(1), dim=-1) \
-        / torch.linalg.vector_norm(size * columns.T @ g @ rows)
-    if db is not None:
-        left = size * db - pinned_e.sum(0)
-        misfit = misfit + torch.linalg.vector_norm(errors[sets].sum(1) - left, dim=-1) \
-            / (size * torch.linalg.vector_norm(db)).clamp_min(1e-300)
+    rebuilt = pieces[sets].sum(1).flatten(1)                                                 # (S, B * B)
+    target, norm = target.flatten(), torch.linalg.vector_norm(size * columns.T @ g @ rows)
+    if db is not None:  # the bias gradient joins, weighted like G
+        weight_db = norm / (size * torch.linalg.vector_norm(db)).clamp_min(1e-300)
+        rebuilt = torch.cat([rebuilt, weight_db * errors[sets].sum(1)], -1)
+        target = torch.cat([target, weight_db * (size * db - pinned_e.sum(0))])
+    scale = torch.ones(len(sets), dtype=g.dtype, device=g.device) if scale_known else \
+        (rebuilt @ target) / rebuilt.square().sum(-1).clamp_min(1e-300)
+    misfit = torch.linalg.vector_norm(scale.unsqueeze(-1) * rebuilt - target, dim=-1) / norm
     ranked = misfit.sort()
     best, runner_up = float(ranked.values[0]), float(ranked.values[1]) if len(sets) > 1 else math.inf
     if not (best <= tolerance and runner_up > max(UNIQUE_FACTOR * best, tolerance)):
         return LabelSplit(None, None, count, best, runner_up)
     chosen = sets[ranked.indices[0]]
     return LabelSplit(torch.cat([pinned_h, features[chosen]]), torch.cat([pinned_e, errors[chosen]]), count, best,
-                      runner_up)
+                      runner_up, float(scale[ranked.indices[0]]))

@@ -131,6 +131,8 @@ class BatchSplit:
         found_by: how the examples' features were found: "zeros" (their zero sets), "labels" (their labels'
             structure, :mod:`gradleak.batch.by_labels`) or "zeros and labels" (the examples the zeros missed by
             their labels); "" when the batch was not split.
+        gradient_scale: ``s`` with observed gradients = ``s *`` the true ones: 1.0 at a known scale, fitted with
+            ``gradient_scale="unknown"`` (``-lr`` for one SGD step's weight delta); nan when not split.
     """
 
     examples: List[RecoveryResult]
@@ -143,6 +145,7 @@ class BatchSplit:
     draws: int = 0
     diagnostics: Mapping[str, float] = field(default_factory=dict)
     found_by: str = "zeros"
+    gradient_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -194,21 +197,22 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
         max_draws: most null directions drawn before giving up (time grows about linearly with it, and with
             ``B^2``: 4096 draws take ~0.1 s at ``B = 8`` on one core).
         seed: seed of the row sampling (a successful split does not depend on it).
-        **recovery_options: passed to :func:`gradleak.recover_label` (``tol``, ``ambiguity_ratio``, ...).
+        **recovery_options: passed to :func:`gradleak.recover_label` (``tol``, ``ambiguity_ratio``, ...);
+            ``gradient_scale="unknown"`` for gradients that are ``s`` times the true ones (a weight update): only the
+            labels' structure splits those (from the head, see above), fitting ``s``, and every example is then
+            recovered from the gradients divided by it.
 
     Returns:
         :class:`BatchSplit`; its tensors in the gradient's dtype.
 
     Raises:
-        ValueError: NaN or infinite gradients, a zero head gradient, shapes that do not match the model, a
-            ``batch_size`` below the gradient's rank, or ``gradient_scale="unknown"``.
+        ValueError: NaN or infinite gradients, a zero head gradient, shapes that do not match the model, or a
+            ``batch_size`` below the gradient's rank.
     """
     if batch_size is not None:
         positive_int(batch_size, "batch_size")
     positive_int(max_draws, "max_draws")
-    if recovery_options.get("gradient_scale", "known") != "known":
-        raise ValueError("split_batch reads gradients at their known scale; gradient_scale='unknown' is not "
-                         "supported for batches")
+    gradient_scale_known = recovery_options.pop("gradient_scale", "known") == "known"
     found = find_head(model, head)
     named = named_gradients(model, gradients)
     parts = head_gradients(model, named, found)
@@ -241,7 +245,7 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
     live = int(matrix.any(dim=1).sum())
 
     def refuse(message: str, draws: int = 0, diagnostics: Optional[Dict[str, float]] = None) -> BatchSplit:
-        return BatchSplit([], None, False, message, rank, source, size, draws, dict(diagnostics or {}), "")
+        return BatchSplit([], None, False, message, rank, source, size, draws, dict(diagnostics or {}), "", math.nan)
 
     if source == "head" and size > num_classes - 1:
         return refuse(f"B = {size} examples but the head's gradient has rank at most C - 1 = {num_classes - 1}: "
@@ -264,12 +268,22 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
 
     def by_labels_split(known: Optional[torch.Tensor] = None) -> LabelSplit:
         return split_by_labels(weight_grad, weight, bias, bias_grad, size, precision=precision, tolerance=tol,
-                               known=known, seed=seed)
+                               known=known, scale_known=gradient_scale_known, seed=seed)
 
     by_labels, found_by, draws, directions = None, "", 0, None
     if head_source and size <= largest_batch(num_classes):  # each example has an equation to spare: labels first
         by_labels = by_labels_split()
         found_by = "labels" if by_labels.features is not None else ""
+    if not found_by and not gradient_scale_known:
+        # the zeros give directions but no scales: the gradient's unknown scale is fitted by the labels alone
+        if head_source and size > largest_batch(num_classes) and can_complete(size, 0, num_classes):
+            by_labels = by_labels_split()
+            found_by = "labels" if by_labels.features is not None else ""
+        if not found_by:
+            labels_said = _labels_message(by_labels, size, num_classes) if head_source else ""
+            return refuse("with an unknown gradient scale only the labels' structure splits a batch (from the head "
+                          f"alone, B <= {largest_batch(num_classes, shared_weight=True)} of {num_classes} classes)"
+                          f"{labels_said}")
     if not found_by:
         subspace = _subspace(matrix, size, precision)
         if layer is None:
@@ -298,9 +312,14 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
             return refuse(f"found {found} of {size} example directions in {draws} draws (max_draws): too many "
                           "examples for the budget, examples with too few zeros, or not one batch of this model's "
                           f"examples{labels_said}", draws)
+    gradient_scale = 1.0
     if found_by in ("labels", "zeros and labels"):
-        # every example at its scale, from its label's structure: judged below like any split
+        # every example at its scale, from its label's structure: judged below like any split, on the gradients
+        # brought to their true scale when it was unknown
         features, scale_known, diagnostics = by_labels.features, True, {}
+        gradient_scale = by_labels.gradient_scale
+        weight_grad = weight_grad / gradient_scale
+        bias_grad = None if bias_grad is None else bias_grad / gradient_scale
     elif layer is None:
         features, scale_known, diagnostics = directions.clamp_min(0.0), False, {}  # rounding below zero is zero
     else:
@@ -336,7 +355,7 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
         reasons.append(f"the recovered labels and features do not reproduce the head's gradients (relative errors "
                        f"{_describe(misfit)}, tolerance {tol:.2g})")
     return BatchSplit(examples, stacked, not reasons, "; ".join(reasons), rank, source, size, draws, diagnostics,
-                      found_by)
+                      found_by, gradient_scale)
 
 
 def _errors(features: torch.Tensor, scale_known: bool, directions: Optional[torch.Tensor], weight: torch.Tensor,
