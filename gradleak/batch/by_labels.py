@@ -53,8 +53,9 @@ STARTS = 8192
 STEPS = 12
 #: At most this many distinct candidates (best residual first) are combined into sets of B.
 MOST_CANDIDATES = 8
-#: Largest batch searched: the search is over a B-dimensional space, and B is at most (C - 2) / 2 anyway.
-MOST_EXAMPLES = 4
+#: Largest batch searched: the search is over a B-dimensional space (the examples it finds are taken out and the
+#: rest sought again in a smaller one), and B is at most (C - 2) / 2 anyway.
+MOST_EXAMPLES = 8
 #: Two-class (mixup) labels are tried among this many classes (those the gradient's column space leans on most).
 PAIR_CLASSES = 12
 #: Logit spreads (standard deviation over the classes) the starts cover, log-spaced.
@@ -259,6 +260,23 @@ def _candidates(weight: torch.Tensor, bias: torch.Tensor, basis: torch.Tensor, c
     return found_a @ basis.T, found_errors, found_weights
 
 
+def _search_rest(weight: torch.Tensor, bias: torch.Tensor, remaining: torch.Tensor, rest: int, *, precision: float,
+                 seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The candidates ``(features, errors)`` for the ``rest`` examples whose gradient ``remaining`` (C, d) holds."""
+    columns, rows = _spans(remaining, rest)
+    search = dict(starts=STARTS, precision=precision, seed=seed)
+    if rest > largest_batch(weight.shape[0]):  # one unknown too many, unless the labels are hard or share a weight
+        shared = _shared_weight(weight, bias, rows, columns, **search)
+        held, _, _ = _candidates(weight, bias, rows, columns, structures=_held_structures(columns, shared), **search)
+        if not held.shape[0]:
+            return held, held.new_zeros(0, weight.shape[0])
+        # each polished with its weight free: near its zero the square system converges to it exactly, where the
+        # shared weight is known only to the spread of the candidates that gave it
+        search["starts"] = held @ rows
+    features, errors, _ = _candidates(weight, bias, rows, columns, **search)
+    return features, errors
+
+
 def _shared_weight(weight: torch.Tensor, bias: torch.Tensor, basis: torch.Tensor, columns: torch.Tensor, *,
                    starts: int, precision: float, seed: int) -> Optional[float]:
     """The labels' weight (eps, or the lesser mixup weight) that the examples in the span of ``basis`` share, or
@@ -333,25 +351,20 @@ def split_by_labels(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optio
     rest = size - pinned_h.shape[0]
     if rest > largest_batch(num_classes, shared_weight=True):
         return LabelSplit(None, None, pinned_h.shape[0], math.inf, math.inf)
+    features, errors = g.new_zeros(0, g.shape[1]), g.new_zeros(0, num_classes)
     if rest < 0:  # more known directions than examples: the set is chosen among them
         features, errors, rest = pinned_h, pinned_e, size
         pinned_h, pinned_e = pinned_h[:0], pinned_e[:0]
-    elif rest:
-        remaining = g - pinned_e.T @ pinned_h / size                     # the examples not pinned yet
-        remaining_columns, remaining_rows = _spans(remaining, rest)
-        search = dict(starts=STARTS, precision=precision, seed=seed)
-        if rest > largest_batch(num_classes):  # one unknown too many, unless the labels are hard or share a weight
-            shared = _shared_weight(w, b, remaining_rows, remaining_columns, **search)
-            held, _, _ = _candidates(w, b, remaining_rows, remaining_columns,
-                                     structures=_held_structures(remaining_columns, shared), **search)
-            if not held.shape[0]:
-                return LabelSplit(None, None, pinned_h.shape[0], math.inf, math.inf)
-            # each polished with its weight free: near its zero the square system converges to it exactly, where
-            # the shared weight is known only to the spread of the candidates that gave it
-            search["starts"] = held @ remaining_rows
-        features, errors, _ = _candidates(w, b, remaining_rows, remaining_columns, **search)
-    else:
-        features, errors = g.new_zeros(0, g.shape[1]), g.new_zeros(0, num_classes)
+    while rest > 0:
+        features, errors = _search_rest(w, b, g - pinned_e.T @ pinned_h / size, rest, precision=precision,
+                                        seed=seed)
+        if features.shape[0] >= rest or not features.shape[0] or not scale_known:
+            break
+        # fewer found than are left: with equations to spare those are examples (a spurious one leaves a remainder
+        # no set rebuilds); they are taken out (at the known scale), and the rest sought again in a smaller span,
+        # where starts find them more easily
+        pinned_h, pinned_e = torch.cat([pinned_h, features]), torch.cat([pinned_e, errors])
+        rest -= features.shape[0]
     count = pinned_h.shape[0] + features.shape[0]
     if features.shape[0] < rest:
         return LabelSplit(None, None, count, math.inf, math.inf)
