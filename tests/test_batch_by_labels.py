@@ -23,21 +23,22 @@ def resnet18():
                        **input_options("resnet18", channels=3, image_size=32))
 
 
-def _labels(kind, size, generator):
-    """(B, 10) smoothed labels (each its own eps) or mixup labels of two random classes."""
+def _labels(kind, size, generator, num_classes):
+    """(B, C) smoothed labels (each its own eps) or mixup labels of two random classes."""
     rows = []
     for _ in range(size):
-        first, shift = torch.randint(10, (), generator=generator), torch.randint(1, 10, (), generator=generator)
+        first = torch.randint(num_classes, (), generator=generator)
+        shift = torch.randint(1, num_classes, (), generator=generator)
         weight = float(torch.empty(()).uniform_(0.05, 0.95, generator=generator))
-        rows.append(gradleak.smooth_label(int(first), 10, 0.3 * weight) if kind == "smoothing" else
-                    gradleak.mixup_label(int(first), int((first + shift) % 10), weight, 10))
+        rows.append(gradleak.smooth_label(int(first), num_classes, 0.3 * weight) if kind == "smoothing" else
+                    gradleak.mixup_label(int(first), int((first + shift) % num_classes), weight, num_classes))
     return torch.stack(rows)
 
 
 def _batch(model, images, kind, seed, size):
     generator = torch.Generator().manual_seed(seed)
     x = images[torch.randperm(images.shape[0], generator=generator)[:size]]
-    targets = _labels(kind, size, generator)
+    targets = _labels(kind, size, generator, model.head.out_features)
     seen = {}
     hook = model.head.register_forward_hook(lambda module, inputs, output: seen.update(h=inputs[0].detach()))
     parameters = dict(model.named_parameters())
@@ -178,22 +179,11 @@ def test_examples_found_are_taken_out_and_the_rest_sought_again(cifar10):
     8 of 8), and the rest are found once those are taken out of G."""
     model = build_model("resnet18", 100, head_bias=True, init="default", seed=5,
                         **input_options("resnet18", channels=3, image_size=32))
-    generator = torch.Generator().manual_seed(8)
-    x = cifar10[0][torch.randperm(cifar10[0].shape[0], generator=generator)[:8]]
-    classes = torch.randperm(100, generator=generator)[:8]
-    labels = torch.stack([gradleak.smooth_label(int(k), 100, 0.1) for k in classes])
-    seen = {}
-    hook = model.head.register_forward_hook(lambda module, inputs, output: seen.update(h=inputs[0].detach()))
-    parameters = dict(model.named_parameters())
-    try:
-        loss = gradleak.soft_cross_entropy(model(x), labels)
-    finally:
-        hook.remove()
-    gradients = dict(zip(parameters, torch.autograd.grad(loss, list(parameters.values()))))
+    gradients, _, features = _batch(model, cifar10[0], "smoothing", 8, 8)
     found = split_by_labels(gradients["head.weight"], model.head.weight.detach(), model.head.bias.detach(),
                             gradients["head.bias"], 8, precision=torch.finfo(torch.float32).eps, tolerance=1e-3)
     assert found.features is not None
-    pairs, cosine = _paired(found.features, seen["h"])
-    relative = torch.linalg.vector_norm(found.features[pairs] - seen["h"].double(), dim=1) \
-        / torch.linalg.vector_norm(seen["h"].double(), dim=1)
+    pairs, cosine = _paired(found.features, features)
+    relative = torch.linalg.vector_norm(found.features[pairs] - features.double(), dim=1) \
+        / torch.linalg.vector_norm(features.double(), dim=1)
     assert cosine > 0.999 and float(relative.max()) < 1e-4
