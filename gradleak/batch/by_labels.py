@@ -371,10 +371,11 @@ def split_by_labels(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optio
     # every set of the candidates, with the pinned examples, must rebuild G (in its spans) and dL/db
     sets = torch.tensor(list(itertools.combinations(range(features.shape[0]), rest)), dtype=torch.long,
                         device=g.device)                                                     # (S, rest)
-    target = size * columns.T @ g @ rows - (pinned_e @ columns).T @ (pinned_h @ rows)
+    observed = size * columns.T @ g @ rows                                                   # (B, B)
+    target = (observed - (pinned_e @ columns).T @ (pinned_h @ rows)).flatten()
     pieces = (errors @ columns).unsqueeze(-1) * (features @ rows).unsqueeze(-2)              # (n, B, B)
     rebuilt = pieces[sets].sum(1).flatten(1)                                                 # (S, B * B)
-    target, norm = target.flatten(), torch.linalg.vector_norm(size * columns.T @ g @ rows)
+    norm = torch.linalg.vector_norm(observed)
     if db is not None:  # the bias gradient joins, weighted like G
         weight_db = norm / (size * torch.linalg.vector_norm(db)).clamp_min(1e-300)
         rebuilt = torch.cat([rebuilt, weight_db * errors[sets].sum(1)], -1)

@@ -266,25 +266,17 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
     tol = _joint_tolerance(precision)
     head_source = layer is None
 
-    def by_labels_split(known: Optional[torch.Tensor] = None) -> LabelSplit:
-        return split_by_labels(weight_grad, weight, bias, bias_grad, size, precision=precision, tolerance=tol,
-                               known=known, scale_known=gradient_scale_known, seed=seed)
+    def by_labels_split(how: str, known: Optional[torch.Tensor] = None) -> Tuple[LabelSplit, str]:
+        """The split by labels and ``how`` it was found, or "" where it was not."""
+        result = split_by_labels(weight_grad, weight, bias, bias_grad, size, precision=precision, tolerance=tol,
+                                 known=known, scale_known=gradient_scale_known, seed=seed)
+        return result, how if result.features is not None else ""
 
-    by_labels, found_by, draws, directions = None, "", 0, None
-    if head_source and size <= largest_batch(num_classes):  # each example has an equation to spare: labels first
-        by_labels = by_labels_split()
-        found_by = "labels" if by_labels.features is not None else ""
-    if not found_by and not gradient_scale_known:
-        # the zeros give directions but no scales: the gradient's unknown scale is fitted by the labels alone
-        if head_source and size > largest_batch(num_classes) and can_complete(size, 0, num_classes):
-            by_labels = by_labels_split()
-            found_by = "labels" if by_labels.features is not None else ""
-        if not found_by:
-            labels_said = _labels_message(by_labels, size, num_classes) if head_source else ""
-            return refuse("with an unknown gradient scale only the labels' structure splits a batch (from the head "
-                          f"alone, B <= {largest_batch(num_classes, shared_weight=True)} of {num_classes} classes)"
-                          f"{labels_said}")
-    if not found_by:
+    by_labels, found_by, draws, directions, found, sparse = None, "", 0, None, 0, True
+    labels_alone = head_source and can_complete(size, 0, num_classes)
+    if labels_alone and size <= largest_batch(num_classes):  # each example has an equation to spare: labels first
+        by_labels, found_by = by_labels_split("labels")
+    if not found_by and gradient_scale_known:  # the zeros give directions, not the gradient's scale
         subspace = _subspace(matrix, size, precision)
         if layer is None:
             check, remaining = _non_negative, None
@@ -295,23 +287,25 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
         if head_source and sparse and found and can_complete(size, found, num_classes):
             # each direction the zeros gave is pinned by its label (one that fits none is dropped), and the examples
             # they did not give are sought by their labels once the others' terms are taken out
-            by_labels = by_labels_split(directions)
-            found_by = "zeros and labels" if by_labels.features is not None else ""
+            by_labels, found_by = by_labels_split("zeros and labels", directions)
         if not found_by and sparse and found >= size:
             found_by = "zeros"
-        if not found_by and head_source and size > largest_batch(num_classes) and can_complete(size, 0, num_classes):
-            # the last resort, without zeros: examples whose labels are hard or share one weight
-            by_labels = by_labels_split()
-            found_by = "labels" if by_labels.features is not None else ""
-        if not found_by:
-            labels_said = _labels_message(by_labels, size, num_classes) if head_source else ""
-            if not sparse:
-                return refuse(f"no draw of B - 1 = {size - 1} rows vanishes on any other row: the head's input has "
-                              "no exact zeros (sigmoid or other dense features), and the batch cannot be split by "
-                              f"its zeros{labels_said}", draws)
-            return refuse(f"found {found} of {size} example directions in {draws} draws (max_draws): too many "
-                          "examples for the budget, examples with too few zeros, or not one batch of this model's "
-                          f"examples{labels_said}", draws)
+    if not found_by and labels_alone and size > largest_batch(num_classes):
+        # the last resort, without zeros: examples whose labels are hard or share one weight
+        by_labels, found_by = by_labels_split("labels")
+    if not found_by:
+        labels_said = _labels_message(by_labels, size, num_classes) if head_source else ""
+        if not gradient_scale_known:
+            return refuse("with an unknown gradient scale only the labels' structure splits a batch (from the head "
+                          f"alone, B <= {largest_batch(num_classes, shared_weight=True)} of {num_classes} classes)"
+                          f"{labels_said}")
+        if not sparse:
+            return refuse(f"no draw of B - 1 = {size - 1} rows vanishes on any other row: the head's input has no "
+                          "exact zeros (sigmoid or other dense features), and the batch cannot be split by its "
+                          f"zeros{labels_said}", draws)
+        return refuse(f"found {found} of {size} example directions in {draws} draws (max_draws): too many examples "
+                      "for the budget, examples with too few zeros, or not one batch of this model's "
+                      f"examples{labels_said}", draws)
     gradient_scale = 1.0
     if found_by in ("labels", "zeros and labels"):
         # every example at its scale, from its label's structure: judged below like any split, on the gradients
