@@ -270,9 +270,10 @@ def test_when_the_batch_is_not_split_the_class_mass_says_why(cifar10):
     assert scaled.examples == [] and "unknown gradient scale" in scaled.split_message
     images, _ = cifar10
     lenet = build_model("lenet", 10, head_bias=True, init="default", seed=3)
-    x, classes, _ = _draw(images, 4, 10, 3)
-    result = gradleak.recover_batch(lenet, _batch(lenet, x, classes, 0.1)[0], batch_size=4)
-    assert result.method == "class_mass" and result.examples == [] and result.split_message  # sigmoid: no zeros
+    x, classes, _ = _draw(images, 8, 10, 3)
+    result = gradleak.recover_batch(lenet, _batch(lenet, x, classes, 0.1)[0], batch_size=8)
+    # sigmoid features have no zeros, and their near-parallel directions leave the joint system no single batch
+    assert result.method == "class_mass" and result.examples == [] and "solved as one system" in result.split_message
     assert torch.equal(result.counts, torch.bincount(classes, minlength=10)) or not result.determined
 
 

@@ -13,7 +13,8 @@ from ..head import GradientsLike, find_head, head_gradients, named_gradients, st
 from ..labels import LABEL_FORMATS
 from ..recovery import RecoveryResult, recover_from_gradients
 from ..recovery.api import GRADIENT_SCALES
-from .mass import LatticeFit, fit_lattice, fit_lattice_unknown_scale, mean_feature, prediction_mass
+from .mass import (LatticeFit, fit_lattice, fit_lattice_unknown_scale, mean_feature, nearby_counts,
+                   prediction_mass)
 from .split import BatchSplit, split_batch
 
 #: How far (in examples, times ``1 - eps``) a class mass may sit from its lattice point and still fix the counts:
@@ -164,23 +165,30 @@ def recover_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Opt
     if size == 1:
         return _single(model, named, found, label_format, dict(options, gradient_scale=gradient_scale), common)
     scale_known = gradient_scale == "known"
+    # the class mass first: its counts let the split solve a batch that nothing else splits
+    mass = None if parts["bias_grad"] is None or (label_format == "mixup" and not scale_known) else \
+        _class_mass(parts, size, label_format, scale_known, common)
     parted, not_split = None, ""
     if not split:
         not_split = "not tried (split=False)"
     elif size > SPLIT_MAX_BATCH:
         not_split = f"B = {size} exceeds SPLIT_MAX_BATCH = {SPLIT_MAX_BATCH}"
     else:
+        # counts the class mass does not pin down are tried with their neighbours: the solve tells them apart
+        counts = None if mass is None or mass.counts is None else mass.counts.unsqueeze(0) if mass.counts_determined \
+            else torch.cat([mass.counts.unsqueeze(0), nearby_counts(mass.class_mass, mass.counts, mass.eps)])
         parted = split_batch(model, named, batch_size=size, label_format=label_format, head=found[1],
-                             **{"max_draws": SPLIT_MAX_DRAWS, **options, "gradient_scale": gradient_scale})
+                             **{"max_draws": SPLIT_MAX_DRAWS, "counts": counts, **options,
+                                "gradient_scale": gradient_scale})
         not_split = parted.message if not parted.examples else ""
-    if parts["bias_grad"] is None:
-        if parted is not None and parted.examples:
-            return _from_split(parted, None, common)
-        raise ValueError("the head has no bias: a batch's class mass is read from the head's bias gradient (one "
-                         f"example, B = 1, needs none), and the batch was not split into its examples: {not_split}")
-    if parted is not None and parted.examples and not scale_known and label_format == "mixup":
-        return _from_split(parted, None, common)  # a mixup batch's class mass cannot fit the scale: the split does
-    mass = _class_mass(parts, size, label_format, scale_known, common)
+    if mass is None and parted is not None and parted.examples:
+        return _from_split(parted, None, common)  # no class mass, or (mixup at an unknown scale) none that fits
+    if mass is None:
+        if parts["bias_grad"] is None:
+            raise ValueError("the head has no bias: a batch's class mass is read from the head's bias gradient (one "
+                             f"example, B = 1, needs none), and the batch was not split into its examples: "
+                             f"{not_split}")
+        mass = _class_mass(parts, size, label_format, scale_known, common)  # mixup at an unknown scale: says why not
     if parted is not None and parted.examples:
         if parted.determined or not mass.determined:
             return _from_split(parted, mass, common)

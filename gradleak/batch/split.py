@@ -74,6 +74,7 @@ from ..head import GradientsLike, find_head, head_gradients, named_gradients, st
 from ..recovery import RecoveryResult, recover_label
 from ..recovery.feature_layer import layers_below_head
 from .by_labels import LabelSplit, can_complete, largest_batch, split_by_labels
+from .joint import largest_joint_batch, solve_jointly
 
 #: Entries of a refined candidate (unit norm) below ``ZERO_UNITS`` times the rounding they carry are zeros: measured
 #: on float32 digits MLPs (B = 2 to 16), true zeros sit below 0.2 units and the smallest true non-zero above 600.
@@ -129,8 +130,9 @@ class BatchSplit:
         diagnostics: the joint checks' relative errors (``weight_grad``, ``bias_grad``, ``layer_grad``,
             ``layer_bias_grad``, ``delta``), as far as they were reached.
         found_by: how the examples' features were found: "zeros" (their zero sets), "labels" (their labels'
-            structure, :mod:`gradleak.batch.by_labels`) or "zeros and labels" (the examples the zeros missed by
-            their labels); "" when the batch was not split.
+            structure, :mod:`gradleak.batch.by_labels`), "zeros and labels" (the examples the zeros missed by
+            their labels) or "joint" (the whole batch solved at once from its counts, :mod:`gradleak.batch.joint`);
+            "" when the batch was not split.
         gradient_scale: ``s`` with observed gradients = ``s *`` the true ones: 1.0 at a known scale, fitted with
             ``gradient_scale="unknown"`` (``-lr`` for one SGD step's weight delta); nan when not split.
     """
@@ -176,7 +178,7 @@ class _Subspace:
 
 def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optional[int] = None,
                 label_format: str = "auto", head: Union[str, nn.Linear, None] = None, max_draws: int = 200_000,
-                seed: int = 0, **recovery_options) -> BatchSplit:
+                seed: int = 0, counts: Optional[torch.Tensor] = None, **recovery_options) -> BatchSplit:
     """Split the gradient of a small batch into its examples' soft labels and head features.
 
     Args:
@@ -197,6 +199,10 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
         max_draws: most null directions drawn before giving up (time grows about linearly with it, and with
             ``B^2``: 4096 draws take ~0.1 s at ``B = 8`` on one core).
         seed: seed of the row sampling (a successful split does not depend on it).
+        counts: ``(C,)`` the examples per class, when known (the class mass's, see :func:`gradleak.recover_batch`),
+            or ``(K, C)`` candidates for them: a batch of ``B <= C - 1`` examples smoothed with one eps (or hard)
+            that nothing else splits is then solved as one system (:mod:`gradleak.batch.joint`) for each, with a
+            head bias, at a known scale, and read when exactly one candidate's solve fits.
         **recovery_options: passed to :func:`gradleak.recover_label` (``tol``, ``ambiguity_ratio``, ...);
             ``gradient_scale="unknown"`` for gradients that are ``s`` times the true ones (a weight update): only the
             labels' structure splits those (from the head, see above), fitting ``s``, and every example is then
@@ -255,16 +261,21 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
     if batch_size is None and rank >= ceiling:
         return refuse(f"the {source} gradient has rank {rank}, the most it can have ({bound}): B >= {rank}, the "
                       "gradient cannot tell B; pass batch_size")
-    if rank < size:
-        return refuse(f"the {source} gradient has rank {rank} < B = {size}: the examples' "
-                      f"{'inputs to the layer' if layer else 'features'} are linearly dependent (or B exceeds the "
-                      "layer's widths), so their directions are not separable")
-    if live < _zeros_needed(size):
-        return refuse(f"only {live} rows of the {source} gradient are not zero: a direction of {size} examples "
-                      f"needs {_zeros_needed(size)} zeros among them to be pinned and checked")
-
     tol = _joint_tolerance(precision)
     head_source = layer is None
+    # the whole batch solved at once needs neither separable directions nor zeros, only its counts
+    joint_possible = (head_source and counts is not None and gradient_scale_known and bias_grad is not None
+                      and label_format != "mixup" and size <= largest_joint_batch(num_classes))
+    unseparable = ""  # why the examples cannot be found one by one
+    if rank < size:
+        unseparable = (f"the {source} gradient has rank {rank} < B = {size}: the examples' "
+                       f"{'inputs to the layer' if layer else 'features'} are linearly dependent (or B exceeds the "
+                       "layer's widths), so their directions are not separable")
+    elif live < _zeros_needed(size):
+        unseparable = (f"only {live} rows of the {source} gradient are not zero: a direction of {size} examples "
+                       f"needs {_zeros_needed(size)} zeros among them to be pinned and checked")
+    if unseparable and not joint_possible:
+        return refuse(unseparable)
 
     def by_labels_split(how: str, known: Optional[torch.Tensor] = None) -> Tuple[LabelSplit, str]:
         """The split by labels and ``how`` it was found, or "" where it was not."""
@@ -273,10 +284,10 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
         return result, how if result.features is not None else ""
 
     by_labels, found_by, draws, directions, found, sparse = None, "", 0, None, 0, True
-    labels_alone = head_source and can_complete(size, 0, num_classes)
+    labels_alone = head_source and can_complete(size, 0, num_classes) and not unseparable
     if labels_alone and size <= largest_batch(num_classes):  # each example has an equation to spare: labels first
         by_labels, found_by = by_labels_split("labels")
-    if not found_by and gradient_scale_known:  # the zeros give directions, not the gradient's scale
+    if not found_by and gradient_scale_known and not unseparable:  # zeros give directions, not the gradient's scale
         subspace = _subspace(matrix, size, precision)
         if layer is None:
             check, remaining = _non_negative, None
@@ -293,8 +304,23 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
     if not found_by and labels_alone and size > largest_batch(num_classes):
         # the last resort, without zeros: examples whose labels are hard or share one weight
         by_labels, found_by = by_labels_split("labels")
+    joint_said = ""
+    if not found_by and joint_possible:
+        candidates = counts.reshape(-1, num_classes)
+        wrong = candidates.sum(-1) != size
+        if bool(wrong.any()):
+            raise ValueError(f"counts sum to {int(candidates[wrong][0].sum())}, not to the batch size {size}")
+        # a loop over the few candidate counts: each is a whole solve, and the batch is read only when one fits
+        solves = [solve_jointly(weight_grad, weight, bias, bias_grad, row, precision=precision, seed=seed)
+                  for row in candidates]
+        fitting = [n for n, joint in enumerate(solves) if joint.features is not None]
+        if len(fitting) == 1:
+            by_labels, found_by = solves[fitting[0]], "joint"
+        joint_said = _joint_message(solves, candidates, fitting, precision)
     if not found_by:
-        labels_said = _labels_message(by_labels, size, num_classes) if head_source else ""
+        if unseparable:
+            return refuse(unseparable + joint_said)
+        labels_said = _labels_message(by_labels, size, num_classes) + joint_said if head_source else ""
         if not gradient_scale_known:
             return refuse("with an unknown gradient scale only the labels' structure splits a batch (from the head "
                           f"alone, B <= {largest_batch(num_classes, shared_weight=True)} of {num_classes} classes)"
@@ -307,7 +333,7 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
                       "for the budget, examples with too few zeros, or not one batch of this model's "
                       f"examples{labels_said}", draws)
     gradient_scale = 1.0
-    if found_by in ("labels", "zeros and labels"):
+    if found_by in ("labels", "zeros and labels", "joint"):
         # every example at its scale, from its label's structure: judged below like any split, on the gradients
         # brought to their true scale when it was unknown
         features, scale_known, diagnostics = by_labels.features, True, {}
@@ -424,6 +450,23 @@ def _labels_message(by_labels: Optional[LabelSplit], size: int, num_classes: int
         return f"; by their labels' structure {by_labels.candidates} of {size} examples were found"
     return (f"; by their labels' structure no set of {size} of the {by_labels.candidates} candidates rebuilds the "
             f"gradient alone (best relative error {by_labels.misfit:.2g}, next {by_labels.runner_up:.2g})")
+
+
+def _joint_message(solves: List[LabelSplit], candidates: torch.Tensor, fitting: List[int], precision: float) -> str:
+    """What the joint solves with the candidate counts (K, C) found, for a refusal."""
+    if len(fitting) == 1:
+        return ""
+    if fitting:
+        return (f"; solved as one system, counts {' and '.join(str(candidates[n].tolist()) for n in fitting)} "
+                "all fit: the counts are ambiguous")
+    joint, counts = solves[0], candidates[0].tolist()
+    others = f" (and {len(solves) - 1} counts one example away)" if len(solves) > 1 else ""
+    said = f"; solved as one system with counts {counts}{others}, "
+    if not joint.candidates:
+        return said + (f"no start converged (best residual {joint.misfit / precision:.3g} rounding units): the counts "
+                       "or the label format (one eps for the batch) do not hold, or the starts missed")
+    return said + (f"two batches fit (residuals {joint.misfit / precision:.3g} and {joint.runner_up / precision:.3g} "
+                   "rounding units)")
 
 
 def _relative(estimate: torch.Tensor, observed: torch.Tensor) -> float:

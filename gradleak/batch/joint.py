@@ -1,0 +1,176 @@
+"""A batch of up to ``C - 1`` examples solved as one system, once its counts are known.
+
+The head's gradient ``G = (1/B) sum_n e_n h_n^T`` (C, d) of a batch of ``B <= C - 1`` examples has rank ``B``: the
+features span its row space (an orthonormal basis ``V``, d x B) and the ``e_n = p_n - y_n`` its column space
+(``U``, C x B). Write each feature as ``h_n = V a_n``. With labels smoothed by one eps (hard labels: eps = 0),
+``y_n = theta e_{k_n} + (1 - theta) / C`` with ``theta = 1 - eps``, and ``e_n = softmax(W V a_n + b) - y_n``:
+
+    sum_n (U^T e_n) a_n^T = B U^T G V        (B^2 equations)
+    sum_n e_n             = B dL/db           (B more, in the span of U)
+    (I - U U^T) e_n       = 0                 (C - B - 1 per example)
+
+in the ``B^2 + 1`` unknowns ``a_n`` and ``theta``. One example alone has ``C - B - 1`` equations for ``B + 1``
+unknowns, too few beyond ``B = (C - 3) / 2`` (see :mod:`gradleak.batch.by_labels`); together the examples have
+``B (C - B) - 1`` to spare, at ``B = C - 1`` too.
+
+The classes ``k_n`` are the counts' (from the class mass): the examples are exchangeable, so the ``n``-th slot
+takes the ``n``-th class of the sorted list. Wrong counts leave no solution, since the system is overdetermined.
+
+**The solve.** Levenberg-Marquardt on all unknowns at once, from :data:`STARTS` starts spread around the batch's
+mean feature (:func:`gradleak.batch.mass.mean_feature`), all starts together. A start converges when its residual
+reaches the gradient's rounding. Every converged start must give the same batch (up to the order of examples of
+one class); if two give different ones, the batch is ambiguous and no answer is returned. The caller judges the
+answer like any split: each example's own fit test and the joint reproductions.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch.func import jacfwd, vmap
+
+from .by_labels import LabelSplit, _spans
+from .mass import mean_feature
+
+#: Starts of the solve, spread around the mean feature.
+STARTS = 32
+#: Spreads of the starts around the mean feature (relative to its norm), log-spaced over the starts.
+START_SPREADS = (0.03, 3.0)
+#: Levenberg-Marquardt iterations at most; and for the starts that end near the rounding apart from the best.
+ITERATIONS = 100
+POLISH_ITERATIONS = 1000
+#: A start has converged when its residual norm is at most this many rounding units of the gradient (measured on
+#: ResNet18 and LeNet batches of 8 and 9: the batch itself at 0.5 to 1.9 units, wrong batches from 2.9 units up).
+CONVERGED_UNITS = 10.0
+#: Converged starts whose features differ by more than this (relative) are different batches.
+SAME_BATCH = 1e-3
+#: The batch is unique when every start that ended at another one misses by this many times more (and does not
+#: converge itself): the single example's rule for a unique answer.
+AMBIGUITY_RATIO = 3.0
+#: A start is done when a step gains less than this part of its cost, or its damping exceeds MOST_DAMPING.
+STALLED = 1e-12
+MOST_DAMPING = 1e10
+#: Initial ``theta = 1 - eps``.
+THETA_START = 0.9
+
+
+def largest_joint_batch(num_classes: int) -> int:
+    """The largest ``B`` the joint system reads: the head's gradient holds every feature while ``B <= C - 1``."""
+    return num_classes - 1
+
+
+def solve_jointly(weight_grad: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bias_grad: torch.Tensor,
+                  counts: torch.Tensor, *, precision: float, seed: int = 0) -> LabelSplit:
+    """Every example's feature and label of a batch gradient whose counts are known, by solving the batch at once.
+
+    Args:
+        weight_grad: ``(C, d)`` ``G`` of the batch (rank ``B``); weight: ``(C, d)``; bias, bias_grad: ``(C,)``.
+        counts: ``(C,)`` integers summing to ``B <= C - 1``: the examples per class (smoothing or hard labels with
+            one eps).
+        precision: the gradient's rounding (relative).
+        seed: seeds the starts.
+
+    Returns:
+        :class:`~gradleak.batch.by_labels.LabelSplit`: features ``(B, d)`` and errors ``(B, C)`` when the solve
+        converged to one batch, else None for both; ``candidates`` is the number of converged starts, ``misfit``
+        the best residual norm and ``runner_up`` that of a converged start giving a different batch (inf if none).
+    """
+    g, w, b, db = weight_grad.double(), weight.double(), bias.double(), bias_grad.double()
+    num_classes = w.shape[0]
+    size = int(counts.sum())
+    if not 2 <= size <= largest_joint_batch(num_classes):
+        raise ValueError(f"the joint solve reads 2 <= B <= C - 1 = {num_classes - 1} examples, got B = {size}")
+    columns, rows = _spans(g, size)
+    weight_reduced = w @ rows                                                        # (C, B)
+    target = size * columns.T @ g @ rows                                             # (B, B)
+    bias_target = size * db
+    scale, bias_scale = torch.linalg.vector_norm(target), torch.linalg.vector_norm(bias_target).clamp_min(1e-300)
+    classes = torch.repeat_interleave(torch.arange(num_classes, device=g.device), counts.to(g.device))
+    one_hot = torch.eye(num_classes, dtype=g.dtype, device=g.device)[classes]        # (B, C)
+
+    def errors_of(a: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(a @ weight_reduced.T + b, -1) - (theta * one_hot + (1 - theta) / num_classes)
+
+    def residual(x: torch.Tensor) -> torch.Tensor:
+        a, theta = x[:-1].reshape(size, size), x[-1]
+        e = errors_of(a, theta)
+        along = e @ columns                                                          # (B, B): U^T e_n
+        return torch.cat([((along.T @ a) - target).flatten() / scale, (e.sum(0) - bias_target) / bias_scale,
+                          (e - along @ columns.T).flatten()])
+
+    x = _starts(rows.T @ mean_feature(g, db, counts == 0), size, seed)
+    x, norm = _levenberg_marquardt(residual, x, ITERATIONS)
+    x, norm, apart = _ranked(x, norm, classes)
+    # a start near the rounding that has not reached the best batch may still be on its way there along a flat
+    # valley (measured: one at 4.6 units went on to the best one): it is followed further before it counts as a
+    # second batch
+    slow = (apart & (norm <= CONVERGED_UNITS * precision)).nonzero().flatten()
+    if len(slow):
+        x[slow], norm[slow] = _levenberg_marquardt(residual, x[slow], POLISH_ITERATIONS)
+        x, norm, apart = _ranked(x, norm, classes)
+    converged = norm <= CONVERGED_UNITS * precision
+    a = x[:, :-1].unflatten(-1, (size, size))
+    best, runner_up = float(norm[0]), float(norm[apart][0]) if bool(apart.any()) else math.inf
+    if not (bool(converged.any()) and runner_up > max(AMBIGUITY_RATIO * best, CONVERGED_UNITS * precision)):
+        return LabelSplit(None, None, int(converged.sum()), best, runner_up)
+    return LabelSplit(a[0] @ rows.T, errors_of(a[0], x[0, -1]), int(converged.sum()), best, runner_up)
+
+
+def _starts(mean: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """``(STARTS, B^2 + 1)``: every example at the mean feature's coordinates ``mean`` (B,), moved by a spread of
+    :data:`START_SPREADS` (one spread per start) in random directions, and ``theta`` at :data:`THETA_START`."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(STARTS, size, size, generator=generator, dtype=torch.float64).to(mean.device)
+    spread = torch.logspace(math.log10(START_SPREADS[0]), math.log10(START_SPREADS[1]), STARTS,
+                            dtype=torch.float64, device=mean.device)
+    a = mean + (spread * torch.linalg.vector_norm(mean) / math.sqrt(size))[:, None, None] * noise
+    return torch.cat([a.flatten(1), mean.new_full((STARTS, 1), THETA_START)], -1)
+
+
+def _ranked(x: torch.Tensor, norm: torch.Tensor, classes: torch.Tensor
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The solutions ``x`` (K, P) best first, their residual norms (K,), and which are apart from the best (K,)."""
+    order = norm.argsort()
+    x, norm = x[order], norm[order]
+    size = classes.shape[0]
+    a = x[:, :-1].unflatten(-1, (size, size))
+    return x, norm, _distance(a, a[0], classes) > SAME_BATCH * torch.linalg.vector_norm(a[0])
+
+
+def _levenberg_marquardt(residual, x: torch.Tensor, iterations: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Minimise ``||residual(x)||`` from every start ``x`` (K, P) at once, for at most ``iterations`` steps:
+    ``(x, residual norms (K,))``."""
+    residuals, jacobians = vmap(residual), vmap(jacfwd(residual))
+    r = residuals(x)
+    cost = r.square().sum(-1)
+    damping, done = torch.full_like(cost, 1e-3), torch.zeros_like(cost, dtype=torch.bool)
+    identity = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    for _ in range(iterations):
+        jacobian = jacobians(x)
+        normal = jacobian.transpose(-1, -2) @ jacobian
+        scaled = damping[:, None, None] * (normal.diagonal(dim1=-2, dim2=-1).diag_embed() + 1e-12 * identity)
+        step = -torch.linalg.solve(normal + scaled, (jacobian.transpose(-1, -2) @ r.unsqueeze(-1))).squeeze(-1)
+        trial = x + step
+        trial_r = residuals(trial)
+        trial_cost = trial_r.square().sum(-1)
+        better = trial_cost < cost
+        stalled = better & (cost - trial_cost <= STALLED * cost)
+        x = torch.where(better[:, None], trial, x)
+        r = torch.where(better[:, None], trial_r, r)
+        cost = torch.where(better, trial_cost, cost)
+        damping = torch.where(better, (damping / 3).clamp_min(1e-12), damping * 4)
+        # a start is done when its steps no longer gain (at the gradient's rounding) or keep failing
+        done = done | stalled | (damping > MOST_DAMPING)
+        if bool(done.all()):
+            break
+    return x, cost.sqrt()
+
+
+def _distance(a: torch.Tensor, best: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """How far each solution's features ``a`` (K, B, B) are from ``best`` (B, B) as batches, whatever the order of
+    the examples within a class: the largest distance from an example to the nearest example of its class in the
+    other batch, both ways (K,)."""
+    distance = torch.cdist(a, best.expand_as(a))
+    distance = distance.masked_fill(classes.unsqueeze(-1) != classes, math.inf)
+    return torch.maximum(distance.amin(-1).amax(-1), distance.amin(-2).amax(-1))
