@@ -103,6 +103,21 @@ def test_recover_batch_reads_every_example_and_eps_from_the_joint_solve(cifar10,
     assert solved >= 2
 
 
+def test_a_weight_update_of_unknown_learning_rate_is_solved_with_its_scale(cifar10, resnet18):
+    """The spans do not depend on the gradient's scale, and 1/s is fitted inside the solve: a client's SGD delta of
+    8 examples (lr not told) gives its examples and -lr."""
+    gradients, labels, features = _batch(resnet18, cifar10[0], 10, 8, 0.2)
+    update = {name: -0.05 * g for name, g in gradients.items()}
+    result = gradleak.recover_batch(resnet18, update, batch_size=8, gradient_scale="unknown")
+    assert result.method == "split" and result.extra["split"].found_by == "joint" and result.determined
+    assert abs(result.gradient_scale / -0.05 - 1) < 1e-4 and abs(result.eps - 0.2) < 1e-5
+    recovered = torch.stack([example.feature for example in result.examples])
+    pairs, cosine = _paired_cosine(recovered, features)
+    assert cosine > 0.999
+    found_labels = torch.stack([result.examples[int(n)].label for n in pairs]).double()
+    assert float((found_labels - labels.double()).abs().max()) < 1e-3
+
+
 def test_wrong_counts_leave_no_solution(cifar10, resnet18):
     """The system is overdetermined: moving one example to another class leaves nothing that fits."""
     gradients, labels, _ = _batch(resnet18, cifar10[0], 11, 8, 0.15)

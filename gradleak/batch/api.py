@@ -107,7 +107,8 @@ def recover_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Opt
 
     A batch of up to ``SPLIT_MAX_BATCH`` examples at a known scale is first split
     (:func:`~gradleak.batch.split.split_batch`: by ReLU features' zeros, below the head or in it while
-    ``B <= C - 1``, or by the labels' structure while ``B <= (C - 3) / 2``); the split's answer stands only where
+    ``B <= C - 1``, by the labels' structure while ``B <= (C - 3) / 2``, or, given the class mass's counts, as one
+    system while ``B <= C - 1``, :mod:`gradleak.batch.joint`); the split's answer stands only where
     the class mass (when the head has a bias) agrees with it, and where its examples are determined or the class
     mass is not. Otherwise the answer is the class mass with its counts and eps (:mod:`gradleak.batch.mass`), and
     ``split_message`` says why there are no examples.
@@ -123,7 +124,8 @@ def recover_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Opt
         gradient_scale: "known", or "unknown" when the gradients arrive as ``s`` times the true ones (a client's
             weight delta ``-lr * g``, a clipped update): ``s`` is then fitted together with the counts and eps, and
             the answer is determined only when no other counts fit at any scale. Mixup gives no lattice to fix it.
-            Such a batch is not split.
+            Such a batch is split by its labels' structure only (one example at a time, or all at once from the
+            counts), each set of examples fitting ``s`` too.
         split: whether to try splitting a batch of ``2..SPLIT_MAX_BATCH`` examples.
         **options: passed to :func:`gradleak.recover_from_gradients` for ``B = 1``, and to
             :func:`~gradleak.batch.split.split_batch` (``max_draws``, ``seed``, and the options of

@@ -90,7 +90,7 @@ def can_complete(size: int, known: int, num_classes: int) -> bool:
 
 @dataclass(frozen=True)
 class LabelSplit:
-    """The examples of a batch found by their label structure.
+    """The examples of a batch found by their label structure (here, or solved at once: :mod:`.joint`).
 
     Attributes:
         features: ``(B, d)`` float64 head inputs at their scale, or None when no set was found.

@@ -202,11 +202,11 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
         counts: ``(C,)`` the examples per class, when known (the class mass's, see :func:`gradleak.recover_batch`),
             or ``(K, C)`` candidates for them: a batch of ``B <= C - 1`` examples smoothed with one eps (or hard)
             that nothing else splits is then solved as one system (:mod:`gradleak.batch.joint`) for each, with a
-            head bias, at a known scale, and read when exactly one candidate's solve fits.
+            head bias, and read when exactly one candidate's solve fits.
         **recovery_options: passed to :func:`gradleak.recover_label` (``tol``, ``ambiguity_ratio``, ...);
             ``gradient_scale="unknown"`` for gradients that are ``s`` times the true ones (a weight update): only the
-            labels' structure splits those (from the head, see above), fitting ``s``, and every example is then
-            recovered from the gradients divided by it.
+            labels' structure splits those (from the head, see above, or solved at once from ``counts``), fitting
+            ``s``, and every example is then recovered from the gradients divided by it.
 
     Returns:
         :class:`BatchSplit`; its tensors in the gradient's dtype.
@@ -264,8 +264,8 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
     tol = _joint_tolerance(precision)
     head_source = layer is None
     # the whole batch solved at once needs neither separable directions nor zeros, only its counts
-    joint_possible = (head_source and counts is not None and gradient_scale_known and bias_grad is not None
-                      and label_format != "mixup" and size <= largest_joint_batch(num_classes))
+    joint_possible = (head_source and counts is not None and bias_grad is not None and label_format != "mixup"
+                      and size <= largest_joint_batch(num_classes))
     unseparable = ""  # why the examples cannot be found one by one
     if rank < size:
         unseparable = (f"the {source} gradient has rank {rank} < B = {size}: the examples' "
@@ -311,8 +311,8 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
         if bool(wrong.any()):
             raise ValueError(f"counts sum to {int(candidates[wrong][0].sum())}, not to the batch size {size}")
         # a loop over the few candidate counts: each is a whole solve, and the batch is read only when one fits
-        solves = [solve_jointly(weight_grad, weight, bias, bias_grad, row, precision=precision, seed=seed)
-                  for row in candidates]
+        solves = [solve_jointly(weight_grad, weight, bias, bias_grad, row, precision=precision,
+                                scale_known=gradient_scale_known, seed=seed) for row in candidates]
         fitting = [n for n, joint in enumerate(solves) if joint.features is not None]
         if len(fitting) == 1:
             by_labels, found_by = solves[fitting[0]], "joint"
@@ -323,8 +323,8 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
         labels_said = _labels_message(by_labels, size, num_classes) + joint_said if head_source else ""
         if not gradient_scale_known:
             return refuse("with an unknown gradient scale only the labels' structure splits a batch (from the head "
-                          f"alone, B <= {largest_batch(num_classes, shared_weight=True)} of {num_classes} classes)"
-                          f"{labels_said}")
+                          f"alone, B <= {largest_batch(num_classes, shared_weight=True)} of {num_classes} classes, or "
+                          f"up to {largest_joint_batch(num_classes)} solved at once from their counts){labels_said}")
         if not sparse:
             return refuse(f"no draw of B - 1 = {size - 1} rows vanishes on any other row: the head's input has no "
                           "exact zeros (sigmoid or other dense features), and the batch cannot be split by its "
