@@ -105,7 +105,7 @@ def recover_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Opt
     """The class mass, counts and smoothing eps of a batch from the gradient of its mean soft-target
     cross-entropy; every example's soft label and feature when the batch can be split into its examples.
 
-    A batch of up to ``SPLIT_MAX_BATCH`` examples at a known scale is first split
+    A batch of up to ``SPLIT_MAX_BATCH`` examples is first split
     (:func:`~gradleak.batch.split.split_batch`: by ReLU features' zeros, below the head or in it while
     ``B <= C - 1``, by the labels' structure while ``B <= (C - 3) / 2``, or, given the class mass's counts, as one
     system while ``B <= C - 1``, :mod:`gradleak.batch.joint`); the split's answer stands only where
@@ -176,11 +176,8 @@ def recover_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Opt
     elif size > SPLIT_MAX_BATCH:
         not_split = f"B = {size} exceeds SPLIT_MAX_BATCH = {SPLIT_MAX_BATCH}"
     else:
-        # counts the class mass does not pin down are tried with their neighbours: the solve tells them apart
-        counts = None if mass is None or mass.counts is None else mass.counts.unsqueeze(0) if mass.counts_determined \
-            else torch.cat([mass.counts.unsqueeze(0), nearby_counts(mass.class_mass, mass.counts, mass.eps)])
         parted = split_batch(model, named, batch_size=size, label_format=label_format, head=found[1],
-                             **{"max_draws": SPLIT_MAX_DRAWS, "counts": counts, **options,
+                             **{"max_draws": SPLIT_MAX_DRAWS, "counts": _candidate_counts(mass), **options,
                                 "gradient_scale": gradient_scale})
         not_split = parted.message if not parted.examples else ""
     if mass is None and parted is not None and parted.examples:
@@ -200,6 +197,16 @@ def recover_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Opt
         mass.extra["split"] = parted
     mass.split_message = not_split
     return mass
+
+
+def _candidate_counts(mass: Optional[BatchRecoveryResult]) -> Optional[torch.Tensor]:
+    """``(K, C)`` counts for the split to solve the batch with: the class mass's, and where the mass is off its
+    lattice its nearest neighbours too (the solve tells them apart); None without counts."""
+    if mass is None or mass.counts is None:
+        return None
+    if mass.counts_determined:
+        return mass.counts.unsqueeze(0)
+    return torch.cat([mass.counts.unsqueeze(0), nearby_counts(mass.class_mass, mass.counts, mass.eps)])
 
 
 def _from_split(parted: BatchSplit, mass: Optional[BatchRecoveryResult], common: Dict[str, object]

@@ -128,6 +128,8 @@ def _refit(mass: torch.Tensor, counts: torch.Tensor, signal: Optional[torch.Tens
     det = (a11 * a22 - a12.square()).clamp_min(tiny)
     u, eps = (a22 * b1 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det
     return u, eps.clamp(0.0, 0.999), a11 / det
+
+
 def nearby_counts(mass: torch.Tensor, counts: torch.Tensor, eps: float, most: int = NEARBY_COUNTS) -> torch.Tensor:
     """The counts one example away from ``counts`` (C,) (one example moved to another class) whose lattice points
     (at ``eps``) lie nearest to ``mass`` (C,), nearest first: ``(most, C)`` at most."""
