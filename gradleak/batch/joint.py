@@ -46,6 +46,11 @@ START_SPREADS = (0.03, 3.0)
 #: Levenberg-Marquardt iterations at most; and for the starts that end near the rounding apart from the best.
 ITERATIONS = 100
 POLISH_ITERATIONS = 1000
+#: A solve whose best start is still above this many rounding units after EARLY_ITERATIONS steps stops there: the
+#: counts or the label model do not fit (measured: starts that converge are below 3e3 units by step 10; wrong counts
+#: stay at 1e5 to 1e6 and a mixup batch at 7e6 after 100 steps).
+HOPELESS_UNITS = 1e4
+EARLY_ITERATIONS = 20
 #: A start has converged when its residual norm is at most this many rounding units of the gradient (measured on
 #: ResNet18 and LeNet batches of 8 and 9: the batch itself at 0.5 to 1.9 units, wrong batches from 2.9 units up).
 CONVERGED_UNITS = 10.0
@@ -54,8 +59,10 @@ SAME_BATCH = 1e-3
 #: The batch is unique when every start that ended at another one misses by this many times more (and does not
 #: converge itself): the single example's rule for a unique answer.
 AMBIGUITY_RATIO = 3.0
-#: A start is done when a step gains less than this part of its cost, or its damping exceeds MOST_DAMPING.
+#: A start is done when a step gains less than this part of its cost (SETTLED_GAIN once it has converged), or its
+#: damping exceeds MOST_DAMPING.
 STALLED = 1e-12
+SETTLED_GAIN = 1e-2
 MOST_DAMPING = 1e10
 #: Initial ``theta = 1 - eps``.
 THETA_START = 0.9
@@ -118,7 +125,8 @@ def solve_jointly(weight_grad: torch.Tensor, weight: torch.Tensor, bias: torch.T
         return torch.cat([gradient_scale(rebuilt) * rebuilt - wanted, (e - (e @ columns) @ columns.T).flatten()])
 
     x = _starts(rows.T @ mean_feature(g, db, counts == 0), size, seed)
-    x, norm = _levenberg_marquardt(residual, x, ITERATIONS)
+    x, norm = _levenberg_marquardt(residual, x, ITERATIONS, give_up=HOPELESS_UNITS * precision,
+                                   settled=CONVERGED_UNITS * precision)
     x, norm, apart = _ranked(x, norm, classes)
     # a start near the rounding that has not reached the best batch may still be on its way there along a flat
     # valley (measured: one at 4.6 units went on to the best one): it is followed further before it counts as a
@@ -158,15 +166,19 @@ def _ranked(x: torch.Tensor, norm: torch.Tensor, classes: torch.Tensor
     return x, norm, _distance(a, a[0], classes) > SAME_BATCH * torch.linalg.vector_norm(a[0])
 
 
-def _levenberg_marquardt(residual, x: torch.Tensor, iterations: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Minimise ``||residual(x)||`` from every start ``x`` (K, P) at once, for at most ``iterations`` steps:
-    ``(x, residual norms (K,))``."""
+def _levenberg_marquardt(residual, x: torch.Tensor, iterations: int, give_up: float = math.inf,
+                         settled: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Minimise ``||residual(x)||`` from every start ``x`` (K, P) at once, for at most ``iterations`` steps, or
+    :data:`EARLY_ITERATIONS` when no start is below ``give_up`` by then; a start below ``settled`` is done once a
+    step gains less than :data:`SETTLED_GAIN` of its cost: ``(x, residual norms (K,))``."""
     residuals, jacobians = vmap(residual), vmap(jacfwd(residual))
     r = residuals(x)
     cost = r.square().sum(-1)
     damping, done = torch.full_like(cost, 1e-3), torch.zeros_like(cost, dtype=torch.bool)
     identity = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    for _ in range(iterations):
+    for iteration in range(iterations):
+        if iteration == EARLY_ITERATIONS and not bool((cost < give_up ** 2).any()):
+            break
         jacobian = jacobians(x)
         normal = jacobian.transpose(-1, -2) @ jacobian
         scaled = damping[:, None, None] * (normal.diagonal(dim1=-2, dim2=-1).diag_embed() + 1e-12 * identity)
@@ -175,7 +187,8 @@ def _levenberg_marquardt(residual, x: torch.Tensor, iterations: int) -> Tuple[to
         trial_r = residuals(trial)
         trial_cost = trial_r.square().sum(-1)
         better = trial_cost < cost
-        stalled = better & (cost - trial_cost <= STALLED * cost)
+        gain = torch.where(better, cost - trial_cost, 0.0)
+        stalled = (better & (gain <= STALLED * cost)) | ((cost <= settled ** 2) & (gain <= SETTLED_GAIN * cost))
         x = torch.where(better[:, None], trial, x)
         r = torch.where(better[:, None], trial_r, r)
         cost = torch.where(better, trial_cost, cost)
