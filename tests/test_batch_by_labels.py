@@ -6,21 +6,9 @@ import torch
 import gradleak
 from gradleak.batch.by_labels import can_complete, largest_batch, split_by_labels
 from gradleak.batch.split import split_batch
-from gradleak.data import load_samples
 from gradleak.experiments.common import input_options
 from gradleak.models import build_model
-
-
-@pytest.fixture(scope="module")
-def cifar10():
-    return load_samples("cifar10")
-
-
-@pytest.fixture(scope="module")
-def resnet18():
-    # dense features: ReLU outputs averaged over space, with too few zeros to split a batch by them
-    return build_model("resnet18", 10, head_bias=True, init="default", seed=3,
-                       **input_options("resnet18", channels=3, image_size=32))
+from victims import batch_gradients, paired
 
 
 def _labels(kind, size, generator, num_classes):
@@ -39,25 +27,8 @@ def _batch(model, images, kind, seed, size):
     generator = torch.Generator().manual_seed(seed)
     x = images[torch.randperm(images.shape[0], generator=generator)[:size]]
     targets = _labels(kind, size, generator, model.head.out_features)
-    seen = {}
-    hook = model.head.register_forward_hook(lambda module, inputs, output: seen.update(h=inputs[0].detach()))
-    parameters = dict(model.named_parameters())
-    try:
-        loss = gradleak.soft_cross_entropy(model(x), targets)
-    finally:
-        hook.remove()
-    gradients = dict(zip(parameters, torch.autograd.grad(loss, list(parameters.values()))))
-    return gradients, targets, seen["h"]
-
-
-def _paired(found, truth):
-    """``(pairs, smallest cosine)``: ``found[pairs[n]]`` is the true example ``n`` (each found once, or the test
-    fails)."""
-    cosine = torch.nn.functional.normalize(found.double(), dim=1) @ torch.nn.functional.normalize(truth.double(),
-                                                                                                   dim=1).T
-    pairs = cosine.argmax(dim=0)
-    assert sorted(pairs.tolist()) == list(range(truth.shape[0]))
-    return pairs, float(cosine[pairs, torch.arange(len(pairs))].min())
+    gradients, features = batch_gradients(model, x, targets)
+    return gradients, targets, features
 
 
 def test_how_many_examples_the_structure_pins():
@@ -85,7 +56,7 @@ def test_examples_the_zeros_missed_are_found_by_their_labels(cifar10, resnet18, 
     found = split_by_labels(gradients["head.weight"], weight, bias, gradients["head.bias"], 4, known=known,
                             **options)
     assert found.features is not None
-    pairs, cosine = _paired(found.features, features)
+    pairs, cosine = paired(found.features, features)
     relative = torch.linalg.vector_norm(found.features[pairs] - features.double(), dim=1) \
         / torch.linalg.vector_norm(features.double(), dim=1)
     assert cosine > 0.999 and float(relative.max()) < 1e-4
@@ -99,7 +70,7 @@ def test_resnet18_batches_split_by_their_labels(cifar10, resnet18, kind, size):
     split = split_batch(resnet18, gradients, batch_size=size)
     assert split.determined, split.message
     assert split.found_by == "labels" and split.source == "head" and split.draws == 0
-    pairs, cosine = _paired(split.features, features)
+    pairs, cosine = paired(split.features, features)
     assert cosine > 0.999
     for n, found in enumerate(pairs.tolist()):
         result = split.examples[found]
@@ -108,7 +79,7 @@ def test_resnet18_batches_split_by_their_labels(cifar10, resnet18, kind, size):
     weight, bias = resnet18.head.weight.detach(), resnet18.head.bias.detach()
     found = split_by_labels(gradients["head.weight"], weight, bias, gradients["head.bias"], size,
                             precision=torch.finfo(torch.float32).eps, tolerance=1e-3)
-    pairs, _ = _paired(found.features, features)
+    pairs, _ = paired(found.features, features)
     relative = torch.linalg.vector_norm(found.features[pairs] - features.double(), dim=1) \
         / torch.linalg.vector_norm(features.double(), dim=1)
     assert float(relative.max()) < 1e-4
@@ -167,7 +138,7 @@ def test_a_weight_update_of_unknown_learning_rate_is_split_by_labels(cifar10, re
     assert result.method == "split" and result.determined, result.message
     assert result.gradient_scale == pytest.approx(-0.05, rel=1e-4)
     split = result.extra["split"]
-    pairs, cosine = _paired(split.features, features)
+    pairs, cosine = paired(split.features, features)
     assert cosine > 0.999
     for n, found in enumerate(pairs.tolist()):
         assert float((split.examples[found].label.double() - labels[n].double()).abs().max()) < 1e-3
@@ -183,7 +154,7 @@ def test_examples_found_are_taken_out_and_the_rest_sought_again(cifar10):
     found = split_by_labels(gradients["head.weight"], model.head.weight.detach(), model.head.bias.detach(),
                             gradients["head.bias"], 8, precision=torch.finfo(torch.float32).eps, tolerance=1e-3)
     assert found.features is not None
-    pairs, cosine = _paired(found.features, features)
+    pairs, cosine = paired(found.features, features)
     relative = torch.linalg.vector_norm(found.features[pairs] - features.double(), dim=1) \
         / torch.linalg.vector_norm(features.double(), dim=1)
     assert cosine > 0.999 and float(relative.max()) < 1e-4

@@ -7,24 +7,9 @@ import gradleak
 from gradleak.batch.joint import solve_jointly
 from gradleak.batch.mass import fit_lattice
 from gradleak.batch.split import split_batch
-from gradleak.data import load_samples
-from gradleak.experiments.common import input_options
-from gradleak.models import build_model
+from victims import batch_gradients, paired
 
 PRECISION = torch.finfo(torch.float32).eps
-
-
-@pytest.fixture(scope="module")
-def cifar10():
-    return load_samples("cifar10")
-
-
-@pytest.fixture(scope="module")
-def resnet18():
-    # dense features (ReLU outputs averaged over space): at B = 8 of 10 classes neither their zeros nor one example's
-    # label structure splits the batch
-    return build_model("resnet18", 10, head_bias=True, init="default", seed=3,
-                       **input_options("resnet18", channels=3, image_size=32))
 
 
 def _batch(model, images, seed, size, eps):
@@ -42,26 +27,12 @@ def _batch(model, images, seed, size, eps):
         targets = weight * one_hot + (1 - weight) * partner
     else:
         targets = (1 - eps) * one_hot + eps / num_classes
-    seen = {}
-    hook = model.head.register_forward_hook(lambda module, inputs, output: seen.update(h=inputs[0].detach()))
-    parameters = dict(model.named_parameters())
-    try:
-        loss = gradleak.soft_cross_entropy(model(x), targets)
-    finally:
-        hook.remove()
-    return dict(zip(parameters, torch.autograd.grad(loss, list(parameters.values())))), targets, seen["h"]
+    gradients, features = batch_gradients(model, x, targets)
+    return gradients, targets, features
 
 
 def _counts(labels):
     return torch.bincount(labels.argmax(1), minlength=labels.shape[1])
-
-
-def _paired_cosine(found, truth):
-    cosine = torch.nn.functional.normalize(found.double(), dim=1) @ torch.nn.functional.normalize(truth.double(),
-                                                                                                   dim=1).T
-    pairs = cosine.argmax(dim=0)
-    assert sorted(pairs.tolist()) == list(range(truth.shape[0]))  # each true example found once
-    return pairs, float(cosine[pairs, torch.arange(len(pairs))].min())
 
 
 @pytest.mark.parametrize("eps", [0.15, 0.0])
@@ -71,7 +42,7 @@ def test_a_batch_of_eight_is_solved_from_its_counts(cifar10, resnet18, eps):
     found = solve_jointly(gradients["head.weight"], head.weight.detach(), head.bias.detach(), gradients["head.bias"],
                           _counts(labels), precision=PRECISION)
     assert found.features is not None and found.misfit <= 10 * PRECISION
-    pairs, cosine = _paired_cosine(found.features, features)
+    pairs, cosine = paired(found.features, features)
     assert cosine > 1 - 1e-6
     matched = found.features[pairs]
     # float32 gradients of 8 examples pin each feature to a few 1e-4 (measured up to 2.4e-4)
@@ -96,7 +67,7 @@ def test_recover_batch_reads_every_example_and_eps_from_the_joint_solve(cifar10,
         solved += 1
         assert result.extra["split"].found_by == "joint" and abs(result.eps - 0.2) < 1e-5
         recovered = torch.stack([example.feature for example in result.examples])
-        pairs, cosine = _paired_cosine(recovered, features)
+        pairs, cosine = paired(recovered, features)
         assert cosine > 0.999
         found_labels = torch.stack([result.examples[int(n)].label for n in pairs]).double()
         assert float((found_labels - labels.double()).abs().max()) < 1e-3
@@ -112,7 +83,7 @@ def test_a_weight_update_of_unknown_learning_rate_is_solved_with_its_scale(cifar
     assert result.method == "split" and result.extra["split"].found_by == "joint" and result.determined
     assert abs(result.gradient_scale / -0.05 - 1) < 1e-4 and abs(result.eps - 0.2) < 1e-5
     recovered = torch.stack([example.feature for example in result.examples])
-    pairs, cosine = _paired_cosine(recovered, features)
+    pairs, cosine = paired(recovered, features)
     assert cosine > 0.999
     found_labels = torch.stack([result.examples[int(n)].label for n in pairs]).double()
     assert float((found_labels - labels.double()).abs().max()) < 1e-3

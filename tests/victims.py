@@ -13,3 +13,26 @@ def fit_with_smoothing(model, inputs, classes, num_classes, *, lr, steps, eps=0.
         gradleak.soft_cross_entropy(model(inputs), targets).backward()
         optimizer.step()
     return model
+
+
+def batch_gradients(model, x, targets):
+    """The gradients of the mean soft-target cross-entropy of a batch ``x`` with ``targets`` (B, C), and its head
+    inputs: ``(gradients {name: tensor}, head inputs (B, d))``."""
+    seen = {}
+    hook = model.head.register_forward_hook(lambda module, inputs, output: seen.update(h=inputs[0].detach()))
+    parameters = dict(model.named_parameters())
+    try:
+        loss = gradleak.soft_cross_entropy(model(x), targets)
+    finally:
+        hook.remove()
+    return dict(zip(parameters, torch.autograd.grad(loss, list(parameters.values())))), seen["h"]
+
+
+def paired(found, truth):
+    """``(pairs, smallest cosine)``: ``found[pairs[n]]`` (rows) is the true example ``truth[n]`` by cosine, each
+    found once (or the calling test fails)."""
+    cosine = torch.nn.functional.normalize(found.double(), dim=1) @ torch.nn.functional.normalize(truth.double(),
+                                                                                                   dim=1).T
+    pairs = cosine.argmax(dim=0)
+    assert sorted(pairs.tolist()) == list(range(truth.shape[0]))
+    return pairs, float(cosine[pairs, torch.arange(len(pairs))].min())
