@@ -90,7 +90,8 @@ def solve_jointly(weight_grad: torch.Tensor, weight: torch.Tensor, bias: torch.T
     Returns:
         :class:`~gradleak.batch.by_labels.LabelSplit`: features ``(B, d)`` and errors ``(B, C)`` when the solve
         converged to one batch, else None for both; ``candidates`` is the number of converged starts, ``misfit``
-        the best residual norm and ``runner_up`` that of a converged start giving a different batch (inf if none).
+        the best residual norm, ``runner_up`` the best of the starts that ended at a different batch (inf if none)
+        and ``gradient_scale`` the fitted ``s`` (1.0 at a known scale).
     """
     g, w, b, db = weight_grad.double(), weight.double(), bias.double(), bias_grad.double()
     num_classes = w.shape[0]
