@@ -202,13 +202,12 @@ def _search(weight_reduced: torch.Tensor, bias: torch.Tensor, columns: torch.Ten
     structure (K,) twice)``."""
     dim = weight_reduced.shape[1]
     identity = torch.eye(dim, dtype=a.dtype, device=a.device)
+    p = torch.softmax(a @ weight_reduced.T + bias, -1)
     for _ in range(2):
-        p = torch.softmax(a @ weight_reduced.T + bias, -1)
         structure = _fit(_project(p, columns), structures)[0].argmin(-1)
         offset, along = structures.base[structure], structures.direction[structure]
         along = along / torch.linalg.vector_norm(along, dim=-1, keepdim=True).clamp_min(1e-300)
         for _ in range(STEPS):
-            p = torch.softmax(a @ weight_reduced.T + bias, -1)
             target = _project(p, columns) - offset
             residual = target - along * (along * target).sum(-1, keepdim=True)
             slope = p.unsqueeze(-1) * (weight_reduced - (p @ weight_reduced).unsqueeze(-2))   # dp/da (K, C, m)
@@ -220,7 +219,7 @@ def _search(weight_reduced: torch.Tensor, bias: torch.Tensor, columns: torch.Ten
                                        (slope.transpose(-1, -2) @ residual.unsqueeze(-1))).squeeze(-1)
             length, limit = torch.linalg.vector_norm(step, dim=-1), torch.linalg.vector_norm(a, dim=-1)
             a = a + step * (limit / length.clamp_min(1e-300)).clamp(max=1.0).unsqueeze(-1)
-    p = torch.softmax(a @ weight_reduced.T + bias, -1)
+            p = torch.softmax(a @ weight_reduced.T + bias, -1)
     fits, weights = _fit(_project(p, columns), structures)
     residual, structure = fits.min(-1)
     return (a, residual, weights.gather(-1, structure.unsqueeze(-1)).squeeze(-1), structures.first[structure],

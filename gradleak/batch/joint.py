@@ -116,14 +116,16 @@ def solve_jointly(weight_grad: torch.Tensor, weight: torch.Tensor, bias: torch.T
         to the observed ones (the residual stays relative to the observed gradient)."""
         return rebuilt.new_ones(()) if scale_known else (rebuilt @ wanted) / rebuilt.square().sum()
 
-    def rebuilt_of(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return torch.cat([((e @ columns).T @ a).flatten() / scale, e.sum(0) / bias_scale])
+    def rebuilt_of(a: torch.Tensor, e: torch.Tensor, along: torch.Tensor) -> torch.Tensor:
+        """The right-hand sides the features ``a`` and errors ``e`` rebuild (``along = U^T e_n``, (B, B))."""
+        return torch.cat([(along.T @ a).flatten() / scale, e.sum(0) / bias_scale])
 
     def residual(x: torch.Tensor) -> torch.Tensor:
         a, theta = x[:-1].reshape(size, size), x[-1]
         e = errors_of(a, theta)
-        rebuilt = rebuilt_of(a, e)
-        return torch.cat([gradient_scale(rebuilt) * rebuilt - wanted, (e - (e @ columns) @ columns.T).flatten()])
+        along = e @ columns
+        rebuilt = rebuilt_of(a, e, along)
+        return torch.cat([gradient_scale(rebuilt) * rebuilt - wanted, (e - along @ columns.T).flatten()])
 
     x = _starts(rows.T @ mean_feature(g, db, counts == 0), size, seed)
     x, norm = _levenberg_marquardt(residual, x, ITERATIONS, give_up=HOPELESS_UNITS * precision,
@@ -137,13 +139,13 @@ def solve_jointly(weight_grad: torch.Tensor, weight: torch.Tensor, bias: torch.T
         x[slow], norm[slow] = _levenberg_marquardt(residual, x[slow], POLISH_ITERATIONS)
         x, norm, apart = _ranked(x, norm, classes)
     converged = norm <= CONVERGED_UNITS * precision
-    a = x[:, :-1].unflatten(-1, (size, size))
     best, runner_up = float(norm[0]), float(norm[apart][0]) if bool(apart.any()) else math.inf
     if not (bool(converged.any()) and runner_up > max(AMBIGUITY_RATIO * best, CONVERGED_UNITS * precision)):
         return LabelSplit(None, None, int(converged.sum()), best, runner_up)
-    errors = errors_of(a[0], x[0, -1])
-    return LabelSplit(a[0] @ rows.T, errors, int(converged.sum()), best, runner_up,
-                      float(gradient_scale(rebuilt_of(a[0], errors))))
+    a = x[0, :-1].reshape(size, size)
+    errors = errors_of(a, x[0, -1])
+    return LabelSplit(a @ rows.T, errors, int(converged.sum()), best, runner_up,
+                      float(gradient_scale(rebuilt_of(a, errors, errors @ columns))))
 
 
 def _starts(mean: torch.Tensor, size: int, seed: int) -> torch.Tensor:
