@@ -127,3 +127,46 @@ def test_lattice_counts_always_sum_to_the_batch_size():
         mass = torch.rand(10, generator=generator, dtype=torch.float64)
         mass = 4 * mass / mass.sum()
         assert int(fit_lattice(mass, 4).counts.sum()) == 4
+
+
+@pytest.fixture(scope="module")
+def cifar100_lenet():
+    """CIFAR-100 images and an untrained LeNet (PyTorch's init) with 100 classes: sigmoid features, nearly parallel
+    between images, which leave the split by labels undetermined and the joint residual higher than ResNet18's."""
+    from gradleak.data import load_samples
+    from gradleak.models import build_model
+    return load_samples("cifar100")[0], build_model("lenet", 100, head_bias=True, init="default", seed=3)
+
+
+def test_the_convergence_bound_grows_with_the_residual_rows(cifar100_lenet):
+    """B = 8 of 100 classes gives 964 residual rows, where the batch itself sits at 10 to 13 rounding units (above
+    the 10 units measured on 10 classes), and is still solved: the bound grows as the square root of the rows."""
+    images, model = cifar100_lenet
+    head = model.head
+    for seed in (0, 1):
+        gradients, labels, features = _batch(model, images, seed, 8, 0.0)
+        found = solve_jointly(gradients["head.weight"], head.weight.detach(), head.bias.detach(),
+                              gradients["head.bias"], _counts(labels), precision=PRECISION)
+        assert found.features is not None
+        pairs, cosine = paired(found.features, features)
+        assert cosine > 0.999
+        logits = found.features[pairs] @ head.weight.detach().double().T + head.bias.detach().double()
+        recovered = torch.softmax(logits, -1) - found.errors[pairs]
+        assert float((recovered - labels.double()).abs().max()) < 1e-3
+
+
+def test_a_split_that_is_not_determined_gives_way_to_the_joint_solve(cifar100_lenet):
+    """The labels split this batch of 4, but not every example is determined; solved at once from the class mass's
+    counts, every example is."""
+    images, model = cifar100_lenet
+    gradients, labels, features = _batch(model, images, 0, 4, 0.1)
+    alone = split_batch(model, gradients, batch_size=4, max_draws=1000)
+    assert alone.found_by == "labels" and not alone.determined
+    result = gradleak.recover_batch(model, gradients, batch_size=4)
+    assert result.method == "split" and result.determined and result.extra["split"].found_by == "joint"
+    assert abs(result.eps - 0.1) < 1e-5
+    recovered = torch.stack([example.feature for example in result.examples])
+    pairs, cosine = paired(recovered, features)
+    assert cosine > 0.999
+    found_labels = torch.stack([result.examples[int(n)].label for n in pairs]).double()
+    assert float((found_labels - labels.double()).abs().max()) < 1e-3

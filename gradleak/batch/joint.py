@@ -19,10 +19,11 @@ takes the ``n``-th class of the sorted list. Wrong counts leave no solution, sin
 **The solve.** Levenberg-Marquardt on all unknowns at once (forward-mode Jacobians: ``B^2 + 1`` columns), from
 :data:`STARTS` starts spread around the batch's mean feature (:func:`gradleak.batch.mass.mean_feature`), all
 starts together. A start converges when its residual is within :data:`CONVERGED_UNITS` rounding units of the
-gradient. The best one is the batch only when every start that ended at another batch (up to the order of the
-examples of one class) misses by :data:`AMBIGUITY_RATIO` times more and does not converge itself; a start that ends
-near the rounding apart from the best is first followed further, since along a flat valley it may still be on its
-way. The caller judges the answer like any split: each example's own fit test and the joint reproductions.
+gradient (more over more residual rows). The best one is the batch only when every start that ended at another
+batch (up to the order of the examples of one class) misses by :data:`AMBIGUITY_RATIO` times more and does not
+converge itself; a start that ends near the rounding apart from the best is first followed further, since along a
+flat valley it may still be on its way. The caller judges the answer like any split: each example's own fit test
+and the joint reproductions.
 
 Where it holds (``gradleak experiment batch``, in the README): untrained ResNet18 at ``B = 8`` of CIFAR-10's 10
 classes, features at cosine > 0.999999 and eps within 1e-7. LeNet with PyTorch's init, whose sigmoid features are
@@ -51,9 +52,13 @@ POLISH_ITERATIONS = 1000
 #: stay at 1e5 to 1e6 and a mixup batch at 7e6 after 100 steps).
 HOPELESS_UNITS = 1e4
 EARLY_ITERATIONS = 20
-#: A start has converged when its residual norm is at most this many rounding units of the gradient (measured on
-#: ResNet18 and LeNet batches of 8 and 9: the batch itself at 0.5 to 1.9 units, wrong batches from 2.9 units up).
+#: A start has converged when its residual norm is at most this many rounding units of the gradient, over up to
+#: MEASURED_ROWS residual rows (measured on ResNet18 and LeNet batches of 8 and 9 of 10 classes, 154 to 181 rows: the
+#: batch itself at 0.5 to 1.9 units, wrong batches from 2.9 units up). The norm of R rows of rounding grows as
+#: sqrt(R), and so does the bound beyond them (measured on LeNet with 100 classes at B = 8, 964 rows: the batch itself
+#: at 7.9 to 12.4 units, and no start at another batch).
 CONVERGED_UNITS = 10.0
+MEASURED_ROWS = 181
 #: Converged starts whose features differ by more than this (relative) are different batches.
 SAME_BATCH = 1e-3
 #: The batch is unique when every start that ended at another one misses by this many times more (and does not
@@ -127,20 +132,21 @@ def solve_jointly(weight_grad: torch.Tensor, weight: torch.Tensor, bias: torch.T
         rebuilt = rebuilt_of(a, e, along)
         return torch.cat([gradient_scale(rebuilt) * rebuilt - wanted, (e - along @ columns.T).flatten()])
 
+    residual_rows = size * size + num_classes + size * num_classes
+    settled = CONVERGED_UNITS * precision * max(1.0, math.sqrt(residual_rows / MEASURED_ROWS))
     x = _starts(rows.T @ mean_feature(g, db, counts == 0), size, seed)
-    x, norm = _levenberg_marquardt(residual, x, ITERATIONS, give_up=HOPELESS_UNITS * precision,
-                                   settled=CONVERGED_UNITS * precision)
+    x, norm = _levenberg_marquardt(residual, x, ITERATIONS, give_up=HOPELESS_UNITS * precision, settled=settled)
     x, norm, apart = _ranked(x, norm, classes)
     # a start near the rounding that has not reached the best batch may still be on its way there along a flat
     # valley (measured: one at 4.6 units went on to the best one): it is followed further before it counts as a
     # second batch
-    slow = (apart & (norm <= CONVERGED_UNITS * precision)).nonzero().flatten()
+    slow = (apart & (norm <= settled)).nonzero().flatten()
     if len(slow):
         x[slow], norm[slow] = _levenberg_marquardt(residual, x[slow], POLISH_ITERATIONS)
         x, norm, apart = _ranked(x, norm, classes)
-    converged = norm <= CONVERGED_UNITS * precision
+    converged = norm <= settled
     best, runner_up = float(norm[0]), float(norm[apart][0]) if bool(apart.any()) else math.inf
-    if not (bool(converged.any()) and runner_up > max(AMBIGUITY_RATIO * best, CONVERGED_UNITS * precision)):
+    if not (bool(converged.any()) and runner_up > max(AMBIGUITY_RATIO * best, settled)):
         return LabelSplit(None, None, int(converged.sum()), best, runner_up)
     a = x[0, :-1].reshape(size, size)
     errors = errors_of(a, x[0, -1])

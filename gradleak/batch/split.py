@@ -63,7 +63,7 @@ unit inactive for it is inactive for the other too) is not pinned by its zeros, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -304,8 +304,57 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
     if not found_by and labels_alone and size > largest_batch(num_classes):
         # the last resort, without zeros: examples whose labels are hard or share one weight
         by_labels, found_by = by_labels_split("labels")
+    def examples_of(how: str, labelled: Optional[LabelSplit]) -> BatchSplit:
+        """Every example recovered from the features found ``how``, judged on its own and jointly."""
+        gradient_scale, observed, observed_bias = 1.0, weight_grad, bias_grad
+        if how in ("labels", "zeros and labels", "joint"):
+            # every example at its scale, from its label's structure: judged below like any split, on the gradients
+            # brought to their true scale when it was unknown
+            features, scale_known, diagnostics = labelled.features, True, {}
+            gradient_scale = labelled.gradient_scale
+            observed = weight_grad / gradient_scale
+            observed_bias = None if bias_grad is None else bias_grad / gradient_scale
+        elif layer is None:
+            features, scale_known, diagnostics = directions.clamp_min(0.0), False, {}  # rounding below zero is zero
+        else:
+            features, scale_known, diagnostics = _layer_features(directions, layer[1], layer_grads)
+        errors, features, scale_known = _errors(features, scale_known, directions if layer else None, weight,
+                                                observed, observed_bias, diagnostics)
+        failed = {name: value for name, value in diagnostics.items() if not value <= tol}
+        if failed:
+            return refuse(f"the {size} directions found do not explain the batch jointly (relative errors "
+                          f"{_describe(failed)}, tolerance {tol:.2g}): not one batch of this model's examples, or a "
+                          "spurious direction passed the per-direction checks", draws, diagnostics)
+        options = dict(recovery_options, label_format=label_format)
+        dtype = observed.dtype
+        examples = []
+        for own_errors, feature in zip(errors, features):
+            own = torch.outer(own_errors, feature).to(dtype)  # e_n h_n^T, judged at the gradient's precision
+            # e_n itself is known: it is this example's bias gradient (of a zero bias, on a bias-free head)
+            found = recover_label(own, weight, bias=weight.new_zeros(num_classes) if bias is None else bias,
+                                  bias_grad=own_errors.to(dtype), **options) if scale_known else None
+            if found is None or not found.determined:
+                # the feature's scale read from the label's structure instead: the scale the split gives can carry
+                # more error than the gradient's rounding (the joint checks below judge either answer)
+                searched = recover_label(own, weight, bias=bias, **options)
+                if found is None or searched.determined:
+                    found = searched
+            examples.append(found)
+        stacked = torch.stack([result.feature for result in examples])
+        diagnostics.update(_reproduction(examples, weight, bias, observed, observed_bias))
+        reasons = [f"example {n}: {result.message}" for n, result in enumerate(examples) if not result.determined]
+        misfit = {name: value for name, value in diagnostics.items()
+                  if name.startswith("answer") and not value <= tol}
+        if misfit:
+            reasons.append(f"the recovered labels and features do not reproduce the head's gradients (relative "
+                           f"errors {_describe(misfit)}, tolerance {tol:.2g})")
+        return BatchSplit(examples, stacked, not reasons, "; ".join(reasons), rank, source, size, draws, diagnostics,
+                          how, gradient_scale)
+
+    split = examples_of(found_by, by_labels) if found_by else None
     joint_said = ""
-    if not found_by and joint_possible:
+    if joint_possible and (split is None or not split.determined):
+        # examples that were not found, or not determined, may still be read from the whole batch at once
         candidates = counts.reshape(-1, num_classes)
         wrong = candidates.sum(-1) != size
         if bool(wrong.any()):
@@ -314,68 +363,29 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
         solves = [solve_jointly(weight_grad, weight, bias, bias_grad, row, precision=precision,
                                 scale_known=gradient_scale_known, seed=seed) for row in candidates]
         fitting = [n for n, joint in enumerate(solves) if joint.features is not None]
-        if len(fitting) == 1:
-            by_labels, found_by = solves[fitting[0]], "joint"
         joint_said = _joint_message(solves, candidates, fitting, precision)
-    if not found_by:
-        if unseparable:
-            return refuse(unseparable + joint_said)
-        labels_said = _labels_message(by_labels, size, num_classes) + joint_said if head_source else ""
-        if not gradient_scale_known:
-            return refuse("with an unknown gradient scale only the labels' structure splits a batch (from the head "
-                          f"alone, B <= {largest_batch(num_classes, shared_weight=True)} of {num_classes} classes, or "
-                          f"up to {largest_joint_batch(num_classes)} solved at once from their counts){labels_said}")
-        if not sparse:
-            return refuse(f"no draw of B - 1 = {size - 1} rows vanishes on any other row: the head's input has no "
-                          "exact zeros (sigmoid or other dense features), and the batch cannot be split by its "
-                          f"zeros{labels_said}", draws)
-        return refuse(f"found {found} of {size} example directions in {draws} draws (max_draws): too many examples "
-                      "for the budget, examples with too few zeros, or not one batch of this model's "
-                      f"examples{labels_said}", draws)
-    gradient_scale = 1.0
-    if found_by in ("labels", "zeros and labels", "joint"):
-        # every example at its scale, from its label's structure: judged below like any split, on the gradients
-        # brought to their true scale when it was unknown
-        features, scale_known, diagnostics = by_labels.features, True, {}
-        gradient_scale = by_labels.gradient_scale
-        weight_grad = weight_grad / gradient_scale
-        bias_grad = None if bias_grad is None else bias_grad / gradient_scale
-    elif layer is None:
-        features, scale_known, diagnostics = directions.clamp_min(0.0), False, {}  # rounding below zero is zero
-    else:
-        features, scale_known, diagnostics = _layer_features(directions, layer[1], layer_grads)
-    errors, features, scale_known = _errors(features, scale_known, directions if layer else None, weight,
-                                            weight_grad, bias_grad, diagnostics)
-    failed = {name: value for name, value in diagnostics.items() if not value <= tol}
-    if failed:
-        return refuse(f"the {size} directions found do not explain the batch jointly (relative errors "
-                      f"{_describe(failed)}, tolerance {tol:.2g}): not one batch of this model's examples, or a "
-                      "spurious direction passed the per-direction checks", draws, diagnostics)
-
-    options = dict(recovery_options, label_format=label_format)
-    dtype = weight_grad.dtype
-    examples = []
-    for own_errors, feature in zip(errors, features):
-        own = torch.outer(own_errors, feature).to(dtype)  # e_n h_n^T, judged at the gradient's precision
-        # e_n itself is known: it is this example's bias gradient (of a zero bias, on a bias-free head)
-        found = recover_label(own, weight, bias=weight.new_zeros(num_classes) if bias is None else bias,
-                              bias_grad=own_errors.to(dtype), **options) if scale_known else None
-        if found is None or not found.determined:
-            # the feature's scale read from the label's structure instead: the scale the split gives can carry
-            # more error than the gradient's rounding (the joint checks below judge either answer)
-            searched = recover_label(own, weight, bias=bias, **options)
-            if found is None or searched.determined:
-                found = searched
-        examples.append(found)
-    stacked = torch.stack([result.feature for result in examples])
-    diagnostics.update(_reproduction(examples, weight, bias, weight_grad, bias_grad))
-    reasons = [f"example {n}: {result.message}" for n, result in enumerate(examples) if not result.determined]
-    misfit = {name: value for name, value in diagnostics.items() if name.startswith("answer") and not value <= tol}
-    if misfit:
-        reasons.append(f"the recovered labels and features do not reproduce the head's gradients (relative errors "
-                       f"{_describe(misfit)}, tolerance {tol:.2g})")
-    return BatchSplit(examples, stacked, not reasons, "; ".join(reasons), rank, source, size, draws, diagnostics,
-                      found_by, gradient_scale)
+        if len(fitting) == 1:
+            jointly = examples_of("joint", solves[fitting[0]])
+            if split is None or jointly.determined:
+                split = jointly
+            else:
+                joint_said = "; solved as one system from its counts, its examples are not determined either"
+    if split is not None:
+        return split if split.determined or not joint_said else replace(split, message=split.message + joint_said)
+    if unseparable:
+        return refuse(unseparable + joint_said)
+    labels_said = _labels_message(by_labels, size, num_classes) + joint_said if head_source else ""
+    if not gradient_scale_known:
+        return refuse("with an unknown gradient scale only the labels' structure splits a batch (from the head "
+                      f"alone, B <= {largest_batch(num_classes, shared_weight=True)} of {num_classes} classes, or "
+                      f"up to {largest_joint_batch(num_classes)} solved at once from their counts){labels_said}")
+    if not sparse:
+        return refuse(f"no draw of B - 1 = {size - 1} rows vanishes on any other row: the head's input has no "
+                      "exact zeros (sigmoid or other dense features), and the batch cannot be split by its "
+                      f"zeros{labels_said}", draws)
+    return refuse(f"found {found} of {size} example directions in {draws} draws (max_draws): too many examples "
+                  "for the budget, examples with too few zeros, or not one batch of this model's "
+                  f"examples{labels_said}", draws)
 
 
 def _errors(features: torch.Tensor, scale_known: bool, directions: Optional[torch.Tensor], weight: torch.Tensor,
