@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import gradleak
-from gradleak.batch.joint import solve_jointly
+from gradleak.batch.joint import JointSystem, solve_jointly
 from gradleak.batch.mass import fit_lattice
 from gradleak.batch.split import split_batch
 from victims import batch_gradients, paired
@@ -170,3 +170,25 @@ def test_a_split_that_is_not_determined_gives_way_to_the_joint_solve(cifar100_le
     assert cosine > 0.999
     found_labels = torch.stack([result.examples[int(n)].label for n in pairs]).double()
     assert float((found_labels - labels.double()).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("scale_known", [True, False])
+def test_the_closed_form_normal_equations_match_autodiff(scale_known):
+    """J^T J and J^T r, summed block by block in closed form, against forward-mode autodiff of the residuals."""
+    generator = torch.Generator().manual_seed(0)
+    num_classes, dim, size = 12, 20, 5
+    weight = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
+    bias = torch.randn(num_classes, generator=generator, dtype=torch.float64)
+    features = torch.rand(size, dim, generator=generator, dtype=torch.float64)
+    classes = torch.tensor([0, 0, 3, 7, 9])
+    labels = 0.8 * torch.nn.functional.one_hot(classes, num_classes).double() + 0.2 / num_classes
+    errors = torch.softmax(features @ weight.T + bias, -1) - labels
+    system = JointSystem(errors.T @ features / size, weight, bias, errors.mean(0),
+                         torch.bincount(classes, minlength=num_classes), scale_known)
+    x = torch.randn(3, size * size + 1, generator=generator, dtype=torch.float64)
+    r = system.residuals(x)
+    matrix, pull = system.normal_equations(x, r)
+    jacobian = torch.func.vmap(torch.func.jacfwd(lambda point: system.residuals(point[None])[0]))(x)
+    torch.testing.assert_close(matrix, jacobian.transpose(-1, -2) @ jacobian, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(pull, (jacobian.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1), rtol=1e-10,
+                               atol=1e-10)

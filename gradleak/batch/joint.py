@@ -16,7 +16,7 @@ unknowns, too few beyond ``B = (C - 3) / 2`` (see :mod:`gradleak.batch.by_labels
 The classes ``k_n`` are the counts' (from the class mass): the examples are exchangeable, so the ``n``-th slot
 takes the ``n``-th class of the sorted list. Wrong counts leave no solution, since the system is overdetermined.
 
-**The solve.** Levenberg-Marquardt on all unknowns at once (forward-mode Jacobians: ``B^2 + 1`` columns), from
+**The solve.** Levenberg-Marquardt on all unknowns at once (``B^2 + 1`` columns, closed-form Jacobians), from
 :data:`STARTS` starts spread around the batch's mean feature (:func:`gradleak.batch.mass.mean_feature`), all
 starts together. A start converges when its residual is within :data:`CONVERGED_UNITS` rounding units of the
 gradient (more over more residual rows). The best one is the batch only when every start that ended at another
@@ -35,7 +35,6 @@ import math
 from typing import Tuple
 
 import torch
-from torch.func import jacfwd, vmap
 
 from .by_labels import LabelSplit, _spans
 from .mass import mean_feature
@@ -78,6 +77,87 @@ def largest_joint_batch(num_classes: int) -> int:
     return num_classes - 1
 
 
+class JointSystem:
+    """The joint equations of a batch with known counts (see the module's docstring), in the unknowns
+    ``x = (a_1, ..., a_B, theta)`` (``B^2 + 1``), evaluated at ``K`` points at once.
+
+    Args:
+        weight_grad: ``(C, d)`` ``G``; weight: ``(C, d)``; bias, bias_grad: ``(C,)``; all float64.
+        counts: ``(C,)`` integers summing to ``B``; slot ``n`` takes the ``n``-th class of the sorted list.
+        scale_known: False to fit the gradient scale ``s`` by least squares at every point.
+    """
+
+    def __init__(self, weight_grad: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 bias_grad: torch.Tensor, counts: torch.Tensor, scale_known: bool) -> None:
+        self.size, self.num_classes, self.bias, self.scale_known = int(counts.sum()), weight.shape[0], bias, scale_known
+        self.columns, self.rows = _spans(weight_grad, self.size)                      # U (C, B), V (d, B)
+        self.weight_reduced = weight @ self.rows                                      # (C, B)
+        target = self.size * self.columns.T @ weight_grad @ self.rows                  # (B, B)
+        bias_target = self.size * bias_grad
+        self.scale = torch.linalg.vector_norm(target)
+        self.bias_scale = torch.linalg.vector_norm(bias_target).clamp_min(1e-300)
+        self.wanted = torch.cat([target.flatten() / self.scale, bias_target / self.bias_scale])
+        self.classes = torch.repeat_interleave(torch.arange(self.num_classes, device=weight.device),
+                                               counts.to(weight.device))
+        self.one_hot = torch.eye(self.num_classes, dtype=weight.dtype, device=weight.device)[self.classes]  # (B, C)
+        self.by_theta = 1.0 / self.num_classes - self.one_hot                         # (B, C): de_n / dtheta
+        self.eye = torch.eye(self.size, dtype=weight.dtype, device=weight.device)
+
+    def evaluate(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """At every point ``x`` (K, B^2 + 1): the coordinates ``a`` (K, B, B), predictions ``p`` and errors ``e``
+        (K, B, C), ``U^T e_n`` (K, B, B), the right-hand sides rebuilt (K, B^2 + C) and the gradient scale ``s``
+        (K,): 1 at a known scale, else the least-squares factor from the rebuilt sides to the observed ones (the
+        residual stays relative to the observed gradient)."""
+        a, theta = x[:, :-1].unflatten(-1, (self.size, self.size)), x[:, -1, None, None]
+        p = torch.softmax(a @ self.weight_reduced.T + self.bias, -1)
+        e = p - (theta * self.one_hot + (1 - theta) / self.num_classes)
+        along = e @ self.columns
+        rebuilt = torch.cat([(along.transpose(-1, -2) @ a).flatten(1) / self.scale, e.sum(1) / self.bias_scale], -1)
+        s = rebuilt.new_ones(x.shape[0]) if self.scale_known else (rebuilt @ self.wanted) / rebuilt.square().sum(-1)
+        return a, p, e, along, rebuilt, s
+
+    def residuals(self, x: torch.Tensor) -> torch.Tensor:
+        """``(K, B^2 + C + B C)``: the rebuilt sides (at the fitted scale) minus the observed; ``(I - U U^T) e_n``."""
+        _, _, e, along, rebuilt, s = self.evaluate(x)
+        return torch.cat([s[:, None] * rebuilt - self.wanted, (e - along @ self.columns.T).flatten(1)], -1)
+
+    def normal_equations(self, x: torch.Tensor, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``J^T J`` (K, P, P) and ``J^T r`` (K, P) at every point ``x`` with residuals ``r``, in closed form from
+        ``de_n/da_n = (diag(p_n) - p_n p_n^T) W V``. The ``B C`` rows ``(I - U U^T) e_n`` (most of them with 100
+        classes) depend on example ``n``'s coordinates and ``theta`` alone: their part is summed block by block."""
+        size, columns, eye = self.size, self.columns, self.eye
+        a, p, _, along, rebuilt, s = self.evaluate(x)
+        count = x.shape[0]
+        by_a = p.unsqueeze(-1) * (self.weight_reduced - (p @ self.weight_reduced).unsqueeze(-2))  # (K, B, C, B)
+        # the rebuilt sides M = sum_n (U^T e_n) a_n^T (entry [i, j], by a_n[l]) and sum_n e_n
+        turned = columns.T @ by_a                                                         # (K, B, B, B)
+        by_m = (torch.einsum("knil,knj->kijnl", turned, a)
+                + torch.einsum("kni,jl->kijnl", along, eye)).flatten(3).flatten(1, 2)     # (K, B^2, B^2)
+        by_m_theta = torch.einsum("ni,knj->kij", self.by_theta @ columns, a).flatten(1)    # (K, B^2)
+        by_sum = by_a.permute(0, 2, 1, 3).flatten(2)                                       # (K, C, B^2)
+        by_sum_theta = self.by_theta.sum(0).expand(count, -1).unsqueeze(-1)                # (K, C, 1)
+        jacobian = torch.cat([torch.cat([by_m, by_m_theta.unsqueeze(-1)], -1) / self.scale,
+                              torch.cat([by_sum, by_sum_theta], -1) / self.bias_scale], 1)  # (K, B^2 + C, P)
+        if not self.scale_known:  # d(s r) = s dr + r ds, ds = (wanted - 2 s r) . dr / |r|^2
+            pull = ((self.wanted - 2 * s[:, None] * rebuilt) / rebuilt.square().sum(-1, keepdim=True)).unsqueeze(1)
+            jacobian = s[:, None, None] * jacobian + rebuilt.unsqueeze(-1) * (pull @ jacobian)
+        top = jacobian.shape[1]
+        matrix = jacobian.transpose(-1, -2) @ jacobian
+        gradient = (jacobian.transpose(-1, -2) @ r[:, :top, None]).squeeze(-1)
+        own = torch.cat([by_a, self.by_theta.expand(count, -1, -1).unsqueeze(-1)], -1)
+        own = own - columns @ (columns.T @ own)                                           # (I - U U^T) de_n
+        blocks = own.transpose(-1, -2) @ own                                              # (K, B, B + 1, B + 1)
+        own_r = r[:, top:].unflatten(-1, (size, self.num_classes)).unsqueeze(-1)
+        pulls = (own.transpose(-1, -2) @ own_r).squeeze(-1)                               # (K, B, B + 1)
+        matrix[:, :-1, :-1] += torch.einsum("knij,nm->knimj", blocks[..., :size, :size], eye).flatten(3).flatten(1, 2)
+        matrix[:, :-1, -1] += blocks[..., :size, size].flatten(1)
+        matrix[:, -1, :-1] += blocks[..., size, :size].flatten(1)
+        matrix[:, -1, -1] += blocks[..., size, size].sum(1)
+        gradient[:, :-1] += pulls[..., :size].flatten(1)
+        gradient[:, -1] += pulls[..., size].sum(1)
+        return matrix, gradient
+
+
 def solve_jointly(weight_grad: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bias_grad: torch.Tensor,
                   counts: torch.Tensor, *, precision: float, scale_known: bool = True, seed: int = 0) -> LabelSplit:
     """Every example's feature and label of a batch gradient whose counts are known, by solving the batch at once.
@@ -103,55 +183,25 @@ def solve_jointly(weight_grad: torch.Tensor, weight: torch.Tensor, bias: torch.T
     size = int(counts.sum())
     if not 2 <= size <= largest_joint_batch(num_classes):
         raise ValueError(f"the joint solve reads 2 <= B <= C - 1 = {num_classes - 1} examples, got B = {size}")
-    columns, rows = _spans(g, size)
-    weight_reduced = w @ rows                                                        # (C, B)
-    target = size * columns.T @ g @ rows                                             # (B, B)
-    bias_target = size * db
-    scale, bias_scale = torch.linalg.vector_norm(target), torch.linalg.vector_norm(bias_target).clamp_min(1e-300)
-    classes = torch.repeat_interleave(torch.arange(num_classes, device=g.device), counts.to(g.device))
-    one_hot = torch.eye(num_classes, dtype=g.dtype, device=g.device)[classes]        # (B, C)
-
-    def errors_of(a: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(a @ weight_reduced.T + b, -1) - (theta * one_hot + (1 - theta) / num_classes)
-
-    wanted = torch.cat([target.flatten() / scale, bias_target / bias_scale])
-
-    def gradient_scale(rebuilt: torch.Tensor) -> torch.Tensor:
-        """``s``: 1 at a known scale, else the least-squares factor from the right-hand sides the features rebuild
-        to the observed ones (the residual stays relative to the observed gradient)."""
-        return rebuilt.new_ones(()) if scale_known else (rebuilt @ wanted) / rebuilt.square().sum()
-
-    def rebuilt_of(a: torch.Tensor, e: torch.Tensor, along: torch.Tensor) -> torch.Tensor:
-        """The right-hand sides the features ``a`` and errors ``e`` rebuild (``along = U^T e_n``, (B, B))."""
-        return torch.cat([(along.T @ a).flatten() / scale, e.sum(0) / bias_scale])
-
-    def residual(x: torch.Tensor) -> torch.Tensor:
-        a, theta = x[:-1].reshape(size, size), x[-1]
-        e = errors_of(a, theta)
-        along = e @ columns
-        rebuilt = rebuilt_of(a, e, along)
-        return torch.cat([gradient_scale(rebuilt) * rebuilt - wanted, (e - along @ columns.T).flatten()])
-
+    system = JointSystem(g, w, b, db, counts, scale_known)
     residual_rows = size * size + num_classes + size * num_classes
     settled = CONVERGED_UNITS * precision * max(1.0, math.sqrt(residual_rows / MEASURED_ROWS))
-    x = _starts(rows.T @ mean_feature(g, db, counts == 0), size, seed)
-    x, norm = _levenberg_marquardt(residual, x, ITERATIONS, give_up=HOPELESS_UNITS * precision, settled=settled)
-    x, norm, apart = _ranked(x, norm, classes)
+    x = _starts(system.rows.T @ mean_feature(g, db, counts == 0), size, seed)
+    x, norm = _levenberg_marquardt(system, x, ITERATIONS, give_up=HOPELESS_UNITS * precision, settled=settled)
+    x, norm, apart = _ranked(x, norm, system.classes)
     # a start near the rounding that has not reached the best batch may still be on its way there along a flat
     # valley (measured: one at 4.6 units went on to the best one): it is followed further before it counts as a
     # second batch
     slow = (apart & (norm <= settled)).nonzero().flatten()
     if len(slow):
-        x[slow], norm[slow] = _levenberg_marquardt(residual, x[slow], POLISH_ITERATIONS)
-        x, norm, apart = _ranked(x, norm, classes)
+        x[slow], norm[slow] = _levenberg_marquardt(system, x[slow], POLISH_ITERATIONS)
+        x, norm, apart = _ranked(x, norm, system.classes)
     converged = norm <= settled
     best, runner_up = float(norm[0]), float(norm[apart][0]) if bool(apart.any()) else math.inf
     if not (bool(converged.any()) and runner_up > max(AMBIGUITY_RATIO * best, settled)):
         return LabelSplit(None, None, int(converged.sum()), best, runner_up)
-    a = x[0, :-1].reshape(size, size)
-    errors = errors_of(a, x[0, -1])
-    return LabelSplit(a @ rows.T, errors, int(converged.sum()), best, runner_up,
-                      float(gradient_scale(rebuilt_of(a, errors, errors @ columns))))
+    a, _, errors, _, _, s = system.evaluate(x[:1])
+    return LabelSplit(a[0] @ system.rows.T, errors[0], int(converged.sum()), best, runner_up, float(s[0]))
 
 
 def _starts(mean: torch.Tensor, size: int, seed: int) -> torch.Tensor:
@@ -175,25 +225,23 @@ def _ranked(x: torch.Tensor, norm: torch.Tensor, classes: torch.Tensor
     return x, norm, _distance(a, a[0], classes) > SAME_BATCH * torch.linalg.vector_norm(a[0])
 
 
-def _levenberg_marquardt(residual, x: torch.Tensor, iterations: int, give_up: float = math.inf,
+def _levenberg_marquardt(system: JointSystem, x: torch.Tensor, iterations: int, give_up: float = math.inf,
                          settled: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Minimise ``||residual(x)||`` from every start ``x`` (K, P) at once, for at most ``iterations`` steps, or
-    :data:`EARLY_ITERATIONS` when no start is below ``give_up`` by then; a start below ``settled`` is done once a
+    """Minimise ``||system.residuals(x)||`` from every start ``x`` (K, P) at once, for at most ``iterations`` steps,
+    or :data:`EARLY_ITERATIONS` when no start is below ``give_up`` by then; a start below ``settled`` is done once a
     step gains less than :data:`SETTLED_GAIN` of its cost: ``(x, residual norms (K,))``."""
-    residuals, jacobians = vmap(residual), vmap(jacfwd(residual))
-    r = residuals(x)
+    r = system.residuals(x)
     cost = r.square().sum(-1)
     damping, done = torch.full_like(cost, 1e-3), torch.zeros_like(cost, dtype=torch.bool)
     identity = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     for iteration in range(iterations):
         if iteration == EARLY_ITERATIONS and not bool((cost < give_up ** 2).any()):
             break
-        jacobian = jacobians(x)
-        normal = jacobian.transpose(-1, -2) @ jacobian
+        normal, pull = system.normal_equations(x, r)
         scaled = damping[:, None, None] * (normal.diagonal(dim1=-2, dim2=-1).diag_embed() + 1e-12 * identity)
-        step = -torch.linalg.solve(normal + scaled, (jacobian.transpose(-1, -2) @ r.unsqueeze(-1))).squeeze(-1)
+        step = -torch.linalg.solve(normal + scaled, pull.unsqueeze(-1)).squeeze(-1)
         trial = x + step
-        trial_r = residuals(trial)
+        trial_r = system.residuals(trial)
         trial_cost = trial_r.square().sum(-1)
         better = trial_cost < cost
         gain = torch.where(better, cost - trial_cost, 0.0)
