@@ -19,11 +19,11 @@ takes the ``n``-th class of the sorted list. Wrong counts leave no solution, sin
 **The solve.** Levenberg-Marquardt on all unknowns at once (``B^2 + 1`` columns, closed-form Jacobians), from
 :data:`STARTS` starts spread around the batch's mean feature (:func:`gradleak.batch.mass.mean_feature`), all
 starts together. A start converges when its residual is within :data:`CONVERGED_UNITS` rounding units of the
-gradient (more over more residual rows). The best one is the batch only when every start that ended at another
-batch (up to the order of the examples of one class) misses by :data:`AMBIGUITY_RATIO` times more and does not
-converge itself; a start that ends near the rounding apart from the best is first followed further, since along a
-flat valley it may still be on its way. The caller judges the answer like any split: each example's own fit test
-and the joint reproductions.
+gradient, or within :data:`FLOOR_RATIO` times what rounding alone leaves at the best solution where that is more.
+The best one is the batch only when every start that ended at another batch (up to the order of the examples of one
+class) misses by :data:`AMBIGUITY_RATIO` times more and does not converge itself; a start that ends near the
+rounding apart from the best is first followed further, since along a flat valley it may still be on its way. The
+caller judges the answer like any split: each example's own fit test and the joint reproductions.
 
 Where it holds (``gradleak experiment batch``, in the README): untrained ResNet18 at ``B = 8`` of CIFAR-10's 10
 classes, features at cosine > 0.999999 and eps within 1e-7. LeNet with PyTorch's init, whose sigmoid features are
@@ -51,13 +51,15 @@ POLISH_ITERATIONS = 1000
 #: stay at 1e5 to 1e6 and a mixup batch at 7e6 after 100 steps).
 HOPELESS_UNITS = 1e4
 EARLY_ITERATIONS = 20
-#: A start has converged when its residual norm is at most this many rounding units of the gradient, over up to
-#: MEASURED_ROWS residual rows (measured on ResNet18 and LeNet batches of 8 and 9 of 10 classes, 154 to 181 rows: the
-#: batch itself at 0.5 to 1.9 units, wrong batches from 2.9 units up). The norm of R rows of rounding grows as
-#: sqrt(R), and so does the bound beyond them (measured on LeNet with 100 classes at B = 8, 964 rows: the batch itself
-#: at 7.9 to 12.4 units, and no start at another batch).
+#: A start has converged when its residual norm is at most this many rounding units of the gradient (measured on
+#: ResNet18 and LeNet batches of 8 and 9 of 10 classes: the batch itself at 0.5 to 1.9 units, wrong batches from 2.9
+#: units up), or within FLOOR_RATIO times the residual that rounding alone leaves at the best solution, where that
+#: is more: the gradient its features and errors give, computed in the gradient's dtype, and solved again from it
+#: in FLOOR_ITERATIONS steps (measured: the batch itself at 0.6 to 1.8 times that floor, from 0.3 units on ResNet18
+#: to 49 units on LeNet with 100 classes at B = 16, whose sigmoid features are nearly parallel).
 CONVERGED_UNITS = 10.0
-MEASURED_ROWS = 181
+FLOOR_RATIO = 3.0
+FLOOR_ITERATIONS = 30
 #: Converged starts whose features differ by more than this (relative) are different batches.
 SAME_BATCH = 1e-3
 #: The batch is unique when every start that ended at another one misses by this many times more (and does not
@@ -184,11 +186,13 @@ def solve_jointly(weight_grad: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if not 2 <= size <= largest_joint_batch(num_classes):
         raise ValueError(f"the joint solve reads 2 <= B <= C - 1 = {num_classes - 1} examples, got B = {size}")
     system = JointSystem(g, w, b, db, counts, scale_known)
-    residual_rows = size * size + num_classes + size * num_classes
-    settled = CONVERGED_UNITS * precision * max(1.0, math.sqrt(residual_rows / MEASURED_ROWS))
     x = _starts(system.rows.T @ mean_feature(g, db, counts == 0), size, seed)
-    x, norm = _levenberg_marquardt(system, x, ITERATIONS, give_up=HOPELESS_UNITS * precision, settled=settled)
+    x, norm = _levenberg_marquardt(system, x, ITERATIONS, give_up=HOPELESS_UNITS * precision,
+                                   settled=CONVERGED_UNITS * precision)
     x, norm, apart = _ranked(x, norm, system.classes)
+    settled = CONVERGED_UNITS * precision
+    if float(norm[0]) <= HOPELESS_UNITS * precision:
+        settled = max(settled, FLOOR_RATIO * _rounding_floor(system, x[0], w, b, counts, weight_grad.dtype))
     # a start near the rounding that has not reached the best batch may still be on its way there along a flat
     # valley (measured: one at 4.6 units went on to the best one): it is followed further before it counts as a
     # second batch
@@ -202,6 +206,19 @@ def solve_jointly(weight_grad: torch.Tensor, weight: torch.Tensor, bias: torch.T
         return LabelSplit(None, None, int(converged.sum()), best, runner_up)
     a, _, errors, _, _, s = system.evaluate(x[:1])
     return LabelSplit(a[0] @ system.rows.T, errors[0], int(converged.sum()), best, runner_up, float(s[0]))
+
+
+def _rounding_floor(system: JointSystem, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    counts: torch.Tensor, dtype: torch.dtype) -> float:
+    """The residual norm that rounding alone leaves at the solution ``x`` (P,): the mean-loss gradients its
+    features and errors give, computed in ``dtype`` as a network computes them, solved again from ``x``."""
+    a, _, errors, _, _, _ = system.evaluate(x[None])
+    features, size = a[0] @ system.rows.T, system.size
+    errors, rounded = errors[0].to(dtype), features.to(dtype)
+    rebuilt = JointSystem((errors.T @ rounded / size).double(), weight, bias, errors.mean(0).double(), counts,
+                          system.scale_known)
+    start = torch.cat([(features @ rebuilt.rows).flatten(), x[-1:]])[None]
+    return float(_levenberg_marquardt(rebuilt, start, FLOOR_ITERATIONS)[1][0])
 
 
 def _starts(mean: torch.Tensor, size: int, seed: int) -> torch.Tensor:
