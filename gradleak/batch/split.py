@@ -201,8 +201,9 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
         seed: seed of the row sampling (a successful split does not depend on it).
         counts: ``(C,)`` the examples per class, when known (the class mass's, see :func:`gradleak.recover_batch`),
             or ``(K, C)`` candidates for them: a batch of ``B <= C - 1`` examples smoothed with one eps (or hard)
-            that nothing else splits is then solved as one system (:mod:`gradleak.batch.joint`) for each, with a
-            head bias, and read when exactly one candidate's solve fits.
+            that nothing else splits, or whose examples found otherwise are not all determined, is then solved as
+            one system (:mod:`gradleak.batch.joint`) for each, with a head bias, and read when exactly one
+            candidate's solve fits (in place of examples found otherwise only when its own are all determined).
         **recovery_options: passed to :func:`gradleak.recover_label` (``tol``, ``ambiguity_ratio``, ...);
             ``gradient_scale="unknown"`` for gradients that are ``s`` times the true ones (a weight update): only the
             labels' structure splits those (from the head, see above, or solved at once from ``counts``), fitting
@@ -304,6 +305,7 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
     if not found_by and labels_alone and size > largest_batch(num_classes):
         # the last resort, without zeros: examples whose labels are hard or share one weight
         by_labels, found_by = by_labels_split("labels")
+
     def examples_of(how: str, labelled: Optional[LabelSplit]) -> BatchSplit:
         """Every example recovered from the features found ``how``, judged on its own and jointly."""
         gradient_scale, observed, observed_bias = 1.0, weight_grad, bias_grad
