@@ -14,7 +14,10 @@ Protocol, for every (network, label format) cell:
   which the official code never reads); both are told the label format, as the official code must be;
 * official: ``label_recovery.label_reco()`` with the official notebooks' CONFIG (L-BFGS, lr 0.5, bound 100,
   200 iterations, initial scalar 1, coefficient 4 for smoothing and 2 for mixup). Its PSO fallback is not run;
-* gradleak: ``gradleak.recover_label(weight_grad, weight, label_format=..., method="exact")``;
+* gradleak: ``gradleak.recover_label(weight_grad, weight, label_format=..., method="exact")``; and, apart, the
+  cell's gradients in one ``gradleak.recover_labels`` call (time per sample = the call's median over
+  ``--repeats`` / the cell's samples, against the official median), whose labels are compared with the single
+  calls';
 * only the recovery call is timed, with ``--threads`` torch threads (default 1): gradleak as the median of
   ``--repeats`` calls (default 5) after one untimed call, the official code as the median of
   ``--official-repeats`` calls (default 3) after one untimed call per cell. Both the wall time and the calling
@@ -79,7 +82,7 @@ DATASET = "cifar10"
 CSV_FIELDS = ["network", "weights", "format", "sample", "official_ms", "gradleak_ms", "ratio", "official_cpu_ms",
               "gradleak_cpu_ms", "cpu_ratio", "official_success",
               "gradleak_success", "official_label_error", "gradleak_label_error", "official_scalar", "true_scalar",
-              "official_return", "gradleak_determined"]
+              "official_return", "gradleak_determined", "batched_ms", "batched_difference"]
 
 
 # ----------------------------------------------------------------------------------------------- official import
@@ -210,11 +213,12 @@ def run_cell(label_recovery: type, network: str, weights: str, label_format: str
     weight = head.weight.detach()
     bias = None if head.bias is None else head.bias.detach()
     config = official_config(label_format, network)
-    rows = []
+    rows, gradients, single_labels = [], [], []
     trials = draw_trials(victims.labels, victims.num_classes, label_format, samples, seed)
     for index, trial in enumerate(trials):
         truth = victim(victims.model, victims.images, trial)
         weight_grad = truth.gradients[head_weight_name]  # float32, as the client sends it
+        gradients.append(weight_grad)
         official = OfficialAttack(label_recovery, config, head, weight_grad, truth.feature)
 
         def ours():
@@ -231,6 +235,7 @@ def run_cell(label_recovery: type, network: str, weights: str, label_format: str
         except (ValueError, RuntimeError):  # gradleak refused the gradient: a failure, and no time to compare
             gradleak_ms = gradleak_cpu_ms = math.nan
             gradleak_label, determined = None, False
+        single_labels.append(gradleak_label)
         official_error, official_success = _judge(official.answer(), truth.label)
         gradleak_error, gradleak_success = _judge(gradleak_label, truth.label)
         rows.append(dict(network=network, weights=victims.weights, format=label_format, sample=trial.sample,
@@ -242,6 +247,17 @@ def run_cell(label_recovery: type, network: str, weights: str, label_format: str
                          official_scalar=float(official.attack.scalar.detach()),
                          true_scalar=float(official.attack.ground_truth),
                          official_return=float(official_return), gradleak_determined=determined))
+    # the cell's gradients in one recover_labels call: its time per sample, and the same answers as the single calls
+
+    def together():
+        return gradleak.recover_labels(torch.stack(gradients), weight, bias=bias, label_format=label_format,
+                                       method="exact")
+
+    together()
+    batched_ms, _, results = _milliseconds(together, repeats)
+    for row, label, result in zip(rows, single_labels, results):
+        row["batched_ms"] = batched_ms / len(rows)
+        row["batched_difference"] = math.nan if label is None else float((result.label - label).abs().max())
     return rows
 
 
@@ -267,6 +283,9 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
                           gradleak_ms=_spread([r["gradleak_ms"] for r in cell])[0],
                           median_ratio=median, min_ratio=low, max_ratio=high, q1_ratio=q1, q3_ratio=q3,
                           median_cpu_ratio=_spread([r["cpu_ratio"] for r in cell])[0],
+                          batched_ms=cell[0]["batched_ms"],
+                          batched_ratio=statistics.median(r["official_ms"] for r in cell) / cell[0]["batched_ms"],
+                          batched_difference=max(r["batched_difference"] for r in cell),
                           official_successes=sum(r["official_success"] for r in cell),
                           gradleak_successes=sum(r["gradleak_success"] for r in cell)))
     return cells
@@ -287,10 +306,12 @@ def report(rows: Sequence[dict], threads: int, samples: int) -> str:
                  f"{c['official_ms']:.1f}", f"{c['gradleak_ms']:.2f}", f"{c['median_ratio']:.0f}x",
                  f"{c['min_ratio']:.0f}-{c['max_ratio']:.0f}x", f"{c['q1_ratio']:.0f}-{c['q3_ratio']:.0f}x",
                  f"{c['median_cpu_ratio']:.0f}x", f"{c['official_successes']}/{c['n']}",
-                 f"{c['gradleak_successes']}/{c['n']}"] for c in cells]
+                 f"{c['gradleak_successes']}/{c['n']}", f"{c['batched_ms']:.3f}", f"{c['batched_ratio']:.0f}x",
+                 f"{c['batched_difference']:.1g}"] for c in cells]
     lines.append(markdown_table(["network", "format", "n", "official median ms", "gradleak median ms",
                                  "median ratio", "min-max", "IQR", "median CPU-time ratio", "official recovered",
-                                 "gradleak recovered"], per_cell))
+                                 "gradleak recovered", "batched ms per sample", "official / batched",
+                                 "batched vs single: largest label difference"], per_cell))
     median, low, high, q1, q3 = _spread([r["ratio"] for r in rows])
     cell_medians = statistics.median(c["median_ratio"] for c in cells)
     lines.append(f"All {len(rows)} samples: median ratio {median:.0f}x (IQR {q1:.0f}-{q3:.0f}x, min-max "
