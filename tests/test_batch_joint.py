@@ -192,3 +192,23 @@ def test_the_closed_form_normal_equations_match_autodiff(scale_known):
     torch.testing.assert_close(matrix, jacobian.transpose(-1, -2) @ jacobian, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(pull, (jacobian.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1), rtol=1e-10,
                                atol=1e-10)
+
+
+def test_examples_solved_at_once_are_judged_at_the_rounding_they_carry(cifar100_lenet):
+    """Each example's own gradient, derived from an ill-conditioned batch (LeNet, 100 classes, B = 8), carries more
+    than float32's rounding (measured by re-running the solve on the gradient the answer gives); judged at that
+    precision, every example is determined, and right."""
+    images, model = cifar100_lenet
+    gradients, labels, features = _batch(model, images, 0, 8, 0.0)
+    result = gradleak.recover_batch(model, gradients, batch_size=8)
+    split = result.extra["split"]
+    assert result.method == "split" and result.determined and split.found_by == "joint"
+    recovered = torch.stack([example.feature for example in result.examples])
+    pairs, cosine = paired(recovered, features)
+    assert cosine > 0.999
+    found_labels = torch.stack([result.examples[int(n)].label for n in pairs]).double()
+    assert float((found_labels - labels.double()).abs().max()) < 1e-3
+    head = model.head
+    solved = solve_jointly(gradients["head.weight"], head.weight.detach(), head.bias.detach(), gradients["head.bias"],
+                           _counts(labels), precision=PRECISION)
+    assert bool((solved.precision > PRECISION).any()) and float(solved.precision.max()) < 1e-3 / 3

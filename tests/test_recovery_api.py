@@ -213,3 +213,21 @@ def test_small_heads_run_on_one_thread_and_restore_the_count(monkeypatch):
         assert seen == [1, 1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_gradient_coarser_than_its_dtype_is_judged_at_the_precision_it_carries():
+    """A derived gradient (a split example's) whose errors carry 1e-4 of noise, stored in float32: at float32's
+    precision no label fits; told the rounding it carries, the label is read within that noise of the truth."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(10, 32, generator=generator, dtype=torch.float64) * 0.3
+    bias = torch.randn(10, generator=generator, dtype=torch.float64) * 0.1
+    feature = torch.rand(32, generator=generator, dtype=torch.float64)
+    label = smooth_label(4, 10, 0.2).double()
+    for _ in range(3):
+        noise = 1e-4 * torch.randn(10, generator=generator, dtype=torch.float64)
+        errors = torch.softmax(weight @ feature + bias, -1) - label + (noise - noise.mean())
+        gradient = torch.outer(errors, feature).float()
+        options = dict(bias=bias.float(), bias_grad=errors.float(), label_format="smoothing")
+        assert not gradleak.recover_label(gradient, weight.float(), **options).determined
+        told = gradleak.recover_label(gradient, weight.float(), precision=2e-4, **options)
+        assert told.determined and float((told.label.double() - label).abs().max()) < 1e-3

@@ -327,11 +327,13 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
             return refuse(f"the {size} directions found do not explain the batch jointly (relative errors "
                           f"{_describe(failed)}, tolerance {tol:.2g}): not one batch of this model's examples, or a "
                           "spurious direction passed the per-direction checks", draws, diagnostics)
-        options = dict(recovery_options, label_format=label_format)
         dtype = observed.dtype
+        # e_n h_n^T is judged at the gradient's precision, or at the rounding a solve measured it to carry
+        carried = [None] * size if how != "joint" or labelled.precision is None else labelled.precision.tolist()
         examples = []
-        for own_errors, feature in zip(errors, features):
-            own = torch.outer(own_errors, feature).to(dtype)  # e_n h_n^T, judged at the gradient's precision
+        for own_errors, feature, rounding in zip(errors, features, carried):
+            own = torch.outer(own_errors, feature).to(dtype)
+            options = dict(recovery_options, label_format=label_format, precision=rounding)
             # e_n itself is known: it is this example's bias gradient (of a zero bias, on a bias-free head)
             found = recover_label(own, weight, bias=weight.new_zeros(num_classes) if bias is None else bias,
                                   bias_grad=own_errors.to(dtype), **options) if scale_known else None

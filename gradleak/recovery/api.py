@@ -696,7 +696,7 @@ def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Opti
                   bias_grad: Optional[torch.Tensor] = None, label_format: str = "auto", method: str = "exact",
                   gradient_scale: str = "known", tol: Optional[float] = None, ambiguity_ratio: float = 3.0,
                   same_answer_atol: float = 1e-4, feature_sign: str = "auto", rank_one_tol: Optional[float] = 1e-2,
-                  **search_options) -> RecoveryResult:
+                  precision: Optional[float] = None, **search_options) -> RecoveryResult:
     """Recover one example's label and head feature from the gradient of its head ``z = W h (+ b)``.
 
     Args:
@@ -718,6 +718,8 @@ def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Opti
             features, keep only the sign of ``t`` that makes ``h >= 0``), "nonnegative" (require it) or "any".
         rank_one_tol: reject gradients farther than this from rank one (a batch); None to accept any
             (e.g. with added noise, or an update of several local steps).
+        precision: the relative rounding the gradient carries where it is coarser than its values' dtype says (a
+            gradient derived from a batch's split, see :mod:`gradleak.batch.joint`); None reads it off the values.
         **search_options: passed to the search (e.g. ``seed`` for "pso").
 
     Returns:
@@ -727,6 +729,8 @@ def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Opti
     with recovering(weight_grad.numel() if isinstance(weight_grad, torch.Tensor) else 0, method):
         problem = HeadBatch.of(factor_head(weight_grad, weight, bias, bias_grad, rank_one_tol=rank_one_tol,
                                            scale_known=gradient_scale == "known"))
+        if precision is not None:
+            problem = dataclasses.replace(problem, precision=problem.precision.clamp_min(precision))
         return recover_factored(problem, label_format=label_format, method=method, tol=tol,
                              ambiguity_ratio=ambiguity_ratio, same_answer_atol=same_answer_atol,
                              feature_sign=feature_sign, search_options=search_options)[0]
