@@ -138,10 +138,10 @@ def cifar100_lenet():
     return load_samples("cifar100")[0], build_model("lenet", 100, head_bias=True, init="default", seed=3)
 
 
-@pytest.mark.parametrize("size, seed", [(8, 0), (8, 1), (16, 0)])
+@pytest.mark.parametrize("size, seed", [(8, 0), (8, 1)])
 def test_a_batch_above_ten_rounding_units_is_solved_within_its_own_rounding(cifar100_lenet, size, seed):
-    """Nearly parallel features leave the batch itself 10 to 50 rounding units from its gradient (at B = 8 and 16
-    of 100 classes), as much as the rounding of the gradient its own features give: it is solved."""
+    """Nearly parallel features leave the batch itself 10 to 13 rounding units from its gradient (at B = 8 of 100
+    classes), as much as the rounding of the gradient its own features give: it is solved."""
     images, model = cifar100_lenet
     head = model.head
     gradients, labels, features = _batch(model, images, seed, size, 0.0)
@@ -153,6 +153,18 @@ def test_a_batch_above_ten_rounding_units_is_solved_within_its_own_rounding(cifa
     logits = found.features[pairs] @ head.weight.detach().double().T + head.bias.detach().double()
     recovered = torch.softmax(logits, -1) - found.errors[pairs]
     assert float((recovered - labels.double()).abs().max()) < 1e-3
+
+
+def test_a_batch_whose_examples_the_gradient_does_not_pin_is_refused(cifar100_lenet):
+    """At B = 16 of 100 classes LeNet's features are so nearly dependent that the solve converges (the batch
+    itself at about 45 rounding units, within its own rounding) but the examples' errors, read back from the
+    gradient, move by far more than 1e-3 under that rounding: refused."""
+    images, model = cifar100_lenet
+    head = model.head
+    gradients, labels, _ = _batch(model, images, 0, 16, 0.0)
+    found = solve_jointly(gradients["head.weight"], head.weight.detach(), head.bias.detach(), gradients["head.bias"],
+                          _counts(labels), precision=PRECISION)
+    assert found.features is None and found.candidates > 0
 
 
 def test_a_split_that_is_not_determined_gives_way_to_the_joint_solve(cifar100_lenet):

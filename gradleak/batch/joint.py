@@ -232,8 +232,16 @@ def _rounded_again(system: JointSystem, x: torch.Tensor, weight: torch.Tensor, b
     start = torch.cat([(features @ rebuilt.rows).flatten(), x[-1:]])[None]
     again, norm = _levenberg_marquardt(rebuilt, start, FLOOR_ITERATIONS)
     features_again = rebuilt.evaluate(again)[0][0] @ rebuilt.rows.T
-    errors_again = torch.linalg.lstsq(features_again.T, weight_grad.T).solution * size
+    errors_again = least_squares_errors(features_again, weight_grad)
     return float(norm[0]), (errors_again - errors).abs().amax(-1) / errors.abs().amax(-1)
+
+
+def least_squares_errors(features: torch.Tensor, weight_grad: torch.Tensor) -> torch.Tensor:
+    """Every example's ``e_n`` ``(B, C)`` from the batch's ``G`` ``(C, d)`` and its independent features ``(B, d)``:
+    ``E^T = B G pinv(H^T)``. By QR without column pivoting: nearly parallel features (LeNet's sigmoids) put a
+    rank-revealing solver's rank decision at the rounding, where it flipped from call to call (measured: errors
+    3e-1 or 1e-4 from the same inputs)."""
+    return torch.linalg.lstsq(features.T, weight_grad.T, driver="gels").solution * features.shape[0]
 
 
 def _starts(mean: torch.Tensor, size: int, seed: int) -> torch.Tensor:

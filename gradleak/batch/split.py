@@ -74,7 +74,7 @@ from ..head import GradientsLike, find_head, head_gradients, named_gradients, st
 from ..recovery import RecoveryResult, recover_label
 from ..recovery.feature_layer import layers_below_head
 from .by_labels import LabelSplit, can_complete, largest_batch, split_by_labels
-from .joint import largest_joint_batch, solve_jointly
+from .joint import largest_joint_batch, least_squares_errors, solve_jointly
 
 #: Entries of a refined candidate (unit norm) below ``ZERO_UNITS`` times the rounding they carry are zeros: measured
 #: on float32 digits MLPs (B = 2 to 16), true zeros sit below 0.2 units and the smallest true non-zero above 600.
@@ -407,7 +407,7 @@ def _errors(features: torch.Tensor, scale_known: bool, directions: Optional[torc
     """
     size, num_classes = features.shape[0], weight.shape[0]
     g = weight_grad.double()
-    errors = torch.linalg.lstsq(features.T, g.T).solution * size
+    errors = least_squares_errors(features, g)
     diagnostics["weight_grad"] = _relative(errors.T @ features / size, g)
     if directions is not None:
         predicted = (errors @ weight.double()) * (features > 0)
