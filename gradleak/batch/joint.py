@@ -207,8 +207,12 @@ def solve_jointly(weight_grad: torch.Tensor, weight: torch.Tensor, bias: torch.T
     # second batch
     slow = (apart & (norm <= settled)).nonzero().flatten()
     if len(slow):
+        best_before = x[0].clone()
         x[slow], norm[slow] = _levenberg_marquardt(system, x[slow], POLISH_ITERATIONS)
         x, norm, apart = _ranked(x, norm, system.classes)
+        if not torch.equal(x[0], best_before):  # a followed start overtook the best: its own rounding is measured
+            floor, carried = _rounded_again(system, x[0], w, b, counts, weight_grad.dtype)
+            settled = max(CONVERGED_UNITS * precision, FLOOR_RATIO * floor)
     converged = norm <= settled
     best, runner_up = float(norm[0]), float(norm[apart][0]) if bool(apart.any()) else math.inf
     if not (bool(converged.any()) and runner_up > max(AMBIGUITY_RATIO * best, settled)
