@@ -247,9 +247,7 @@ def run_cell(label_recovery: type, network: str, weights: str, label_format: str
                          official_scalar=float(official.attack.scalar.detach()),
                          true_scalar=float(official.attack.ground_truth),
                          official_return=float(official_return), gradleak_determined=determined))
-    # the cell's gradients in one recover_labels call: its time per sample, and the same answers as the single calls
-
-    def together():
+    def together():  # the cell's gradients in one call: its time per sample, and the single calls' answers
         return gradleak.recover_labels(torch.stack(gradients), weight, bias=bias, label_format=label_format,
                                        method="exact")
 
@@ -278,13 +276,13 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
     for key in dict.fromkeys((r["network"], r["weights"], r["format"]) for r in rows):
         cell = [r for r in rows if (r["network"], r["weights"], r["format"]) == key]
         median, low, high, q1, q3 = _spread([r["ratio"] for r in cell])
-        cells.append(dict(network=key[0], weights=key[1], format=key[2], n=len(cell),
-                          official_ms=statistics.median(r["official_ms"] for r in cell),
+        official_ms = statistics.median(r["official_ms"] for r in cell)
+        cells.append(dict(network=key[0], weights=key[1], format=key[2], n=len(cell), official_ms=official_ms,
                           gradleak_ms=_spread([r["gradleak_ms"] for r in cell])[0],
                           median_ratio=median, min_ratio=low, max_ratio=high, q1_ratio=q1, q3_ratio=q3,
                           median_cpu_ratio=_spread([r["cpu_ratio"] for r in cell])[0],
                           batched_ms=cell[0]["batched_ms"],
-                          batched_ratio=statistics.median(r["official_ms"] for r in cell) / cell[0]["batched_ms"],
+                          batched_ratio=official_ms / cell[0]["batched_ms"],
                           batched_difference=max(r["batched_difference"] for r in cell),
                           official_successes=sum(r["official_success"] for r in cell),
                           gradleak_successes=sum(r["gradleak_success"] for r in cell)))

@@ -198,10 +198,15 @@ def solve_jointly(weight_grad: torch.Tensor, weight: torch.Tensor, bias: torch.T
     x, norm = _levenberg_marquardt(system, x, ITERATIONS, give_up=HOPELESS_UNITS * precision,
                                    settled=CONVERGED_UNITS * precision)
     x, norm, apart = _ranked(x, norm, system.classes)
+
+    def bound(best: torch.Tensor) -> Tuple[float, torch.Tensor]:
+        """The convergence bound at the solution ``best`` (P,), and the rounding its examples carry."""
+        floor, carried = _rounded_again(system, best, w, b, counts, weight_grad.dtype)
+        return max(CONVERGED_UNITS * precision, FLOOR_RATIO * floor), carried
+
     settled, carried = CONVERGED_UNITS * precision, None
     if float(norm[0]) <= HOPELESS_UNITS * precision:
-        floor, carried = _rounded_again(system, x[0], w, b, counts, weight_grad.dtype)
-        settled = max(settled, FLOOR_RATIO * floor)
+        settled, carried = bound(x[0])
     # a start near the rounding that has not reached the best batch may still be on its way there along a flat
     # valley (measured: one at 4.6 units went on to the best one): it is followed further before it counts as a
     # second batch
@@ -211,8 +216,7 @@ def solve_jointly(weight_grad: torch.Tensor, weight: torch.Tensor, bias: torch.T
         x[slow], norm[slow] = _levenberg_marquardt(system, x[slow], POLISH_ITERATIONS)
         x, norm, apart = _ranked(x, norm, system.classes)
         if not torch.equal(x[0], best_before):  # a followed start overtook the best: its own rounding is measured
-            floor, carried = _rounded_again(system, x[0], w, b, counts, weight_grad.dtype)
-            settled = max(CONVERGED_UNITS * precision, FLOOR_RATIO * floor)
+            settled, carried = bound(x[0])
     converged = norm <= settled
     best, runner_up = float(norm[0]), float(norm[apart][0]) if bool(apart.any()) else math.inf
     if not (bool(converged.any()) and runner_up > max(AMBIGUITY_RATIO * best, settled)

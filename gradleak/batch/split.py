@@ -329,7 +329,7 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
                           "spurious direction passed the per-direction checks", draws, diagnostics)
         dtype = observed.dtype
         # e_n h_n^T is judged at the gradient's precision, or at the rounding a solve measured it to carry
-        carried = [None] * size if how != "joint" or labelled.precision is None else labelled.precision.tolist()
+        carried = [None] * size if labelled is None or labelled.precision is None else labelled.precision.tolist()
         examples = []
         for own_errors, feature, rounding in zip(errors, features, carried):
             own = torch.outer(own_errors, feature).to(dtype)
