@@ -222,7 +222,8 @@ def _from_split(parted: BatchSplit, mass: Optional[BatchRecoveryResult], common:
     counts = dominant_counts(labels)
     eps = None
     if label_format != "mixup":
-        values = torch.tensor([result.eps if result.label_format == "smoothing" else 0.0 for result in examples])
+        values = torch.tensor([result.eps if result.label_format == "smoothing" else 0.0 for result in examples],
+                              dtype=torch.float64)
         eps = float(values.median()) if float(values.max() - values.min()) <= EPS_TOL else None
     reasons = [parted.message] if parted.message else []
     if mass is not None and mass.counts_determined and counts is not None and not torch.equal(mass.counts, counts):

@@ -50,8 +50,10 @@ START_SPREADS = (0.03, 3.0)
 ITERATIONS = 100
 POLISH_ITERATIONS = 1000
 #: A solve whose best start is still above this many rounding units after EARLY_ITERATIONS steps stops there: the
-#: counts or the label model do not fit (measured: starts that converge are below 3e3 units by step 10; wrong counts
-#: stay at 1e5 to 1e6 and a mixup batch at 7e6 after 100 steps).
+#: counts or the label model do not fit (measured on float32 gradients: starts that converge are below 3e3 units by
+#: step 10; wrong counts stay at 1e5 to 1e6 and a mixup batch at 7e6 after 100 steps). The units are float32's for
+#: finer gradients: a wrong model's misfit does not shrink with the rounding, and a float64 batch's converging starts
+#: were still at 1e-7 to 1e-5 relative at step 20 (1e9 float64 units).
 HOPELESS_UNITS = 1e4
 EARLY_ITERATIONS = 20
 #: A start has converged when its residual norm is at most this many rounding units of the gradient (measured on
@@ -195,8 +197,8 @@ def solve_jointly(weight_grad: torch.Tensor, weight: torch.Tensor, bias: torch.T
         raise ValueError(f"the joint solve reads 2 <= B <= C - 1 = {num_classes - 1} examples, got B = {size}")
     system = JointSystem(g, w, b, db, counts, scale_known)
     x = _starts(system.rows.T @ mean_feature(g, db, counts == 0), size, seed)
-    x, norm = _levenberg_marquardt(system, x, ITERATIONS, give_up=HOPELESS_UNITS * precision,
-                                   settled=CONVERGED_UNITS * precision)
+    hopeless = HOPELESS_UNITS * max(precision, torch.finfo(torch.float32).eps)
+    x, norm = _levenberg_marquardt(system, x, ITERATIONS, give_up=hopeless, settled=CONVERGED_UNITS * precision)
     x, norm, apart = _ranked(x, norm, system.classes)
 
     def bound(best: torch.Tensor) -> Tuple[float, torch.Tensor]:
@@ -205,7 +207,7 @@ def solve_jointly(weight_grad: torch.Tensor, weight: torch.Tensor, bias: torch.T
         return max(CONVERGED_UNITS * precision, FLOOR_RATIO * floor), carried
 
     settled, carried = CONVERGED_UNITS * precision, None
-    if float(norm[0]) <= HOPELESS_UNITS * precision:
+    if float(norm[0]) <= hopeless:
         settled, carried = bound(x[0])
     # a start near the rounding that has not reached the best batch may still be on its way there along a flat
     # valley (measured: one at 4.6 units went on to the best one): it is followed further before it counts as a
