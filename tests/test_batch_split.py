@@ -161,14 +161,14 @@ def test_an_example_whose_split_scale_is_rough_is_read_by_its_label_structure():
     example's closed form (its own bias gradient) leaves a label entry below zero and is not determined; the
     label's structure then fixes the feature's scale, and the batch is determined and right."""
     import numpy as np
-    from gradleak.experiments.batch import BATCH_FORMATS, _victim
+    from gradleak.experiments.batch import BATCH_FORMATS, victim_batch
     from gradleak.models import build_model, input_options
 
     model = build_model("fcn4", 10, head_bias=True, init="default", seed=2023,
                         **input_options("fcn4", channels=3, image_size=64))
     images, classes = load_samples("cifar10", size=64)
     rng = np.random.RandomState([2023, BATCH_FORMATS.index("hard"), 8, 2])
-    gradients, truth = _victim(model, images, classes, 10, "hard", 8, rng)
+    gradients, truth = victim_batch(model, images, classes, 10, "hard", 8, rng)
     split = split_batch(model, gradients, batch_size=8)
     _assert_split(split, truth["labels"], truth["features"])
     methods = [result.method for result in split.examples]

@@ -53,7 +53,7 @@ POLISH_ITERATIONS = 1000
 #: counts or the label model do not fit (measured on float32 gradients: starts that converge are below 3e3 units by
 #: step 10; wrong counts stay at 1e5 to 1e6 and a mixup batch at 7e6 after 100 steps). The units are float32's for
 #: finer gradients: a wrong model's misfit does not shrink with the rounding, and a float64 batch's converging starts
-#: were still at 1e-7 to 1e-5 relative at step 20 (1e9 float64 units).
+#: were still at 1e-7 to 1e-5 relative at step 20 (5e8 to 5e10 float64 units).
 HOPELESS_UNITS = 1e4
 EARLY_ITERATIONS = 20
 #: A start has converged when its residual norm is at most this many rounding units of the gradient (measured on

@@ -50,33 +50,35 @@ SUMMARY_FIELDS = ["dataset", "network", "init", "format", "batch_size", "method"
                   "determined", "confident_wrong", "median_eps_error", "median_mass_error", "median_ms", "errors"]
 
 
-def _targets(labels: torch.Tensor, num_classes: int, label_format: str, rng: np.random.RandomState):
-    """``(targets (B, C) float32, input mixing (B,) permutation and weights or None, eps or None)``."""
+def _targets(labels: torch.Tensor, num_classes: int, label_format: str, rng: np.random.RandomState,
+             dtype: torch.dtype = torch.float32):
+    """``(targets (B, C), input mixing (B,) permutation and weights or None, eps or None)``, in ``dtype``: targets
+    built in a narrower type than the gradient's sum to one only to that type's rounding (Theorem 1)."""
     size = labels.shape[0]
-    one_hot = torch.nn.functional.one_hot(labels, num_classes).float()
+    one_hot = torch.nn.functional.one_hot(labels, num_classes).to(dtype)
     if label_format == "hard":
         return one_hot, None, 0.0
     if label_format == "smoothing":
         eps = float(rng.uniform(*EPS_RANGE))
         return one_hot * (1 - eps) + eps / num_classes, None, eps
-    lam = torch.tensor(rng.uniform(0, 1, size=1 if label_format == "mixup" else size), dtype=torch.float32)
+    lam = torch.tensor(rng.uniform(0, 1, size=1 if label_format == "mixup" else size), dtype=dtype)
     if label_format == "mixup":
         partner = torch.as_tensor(rng.permutation(size))
         lam = lam.expand(size)
         other = one_hot[partner]
     else:
         shift = torch.as_tensor(rng.randint(1, num_classes, size=size))
-        other = torch.nn.functional.one_hot((labels + shift) % num_classes, num_classes).float()
+        other = torch.nn.functional.one_hot((labels + shift) % num_classes, num_classes).to(dtype)
         partner = None
     return lam[:, None] * one_hot + (1 - lam[:, None]) * other, (partner, lam), None
 
 
-def _victim(model, images, all_labels, num_classes, label_format, size, rng):
-    """One batch: its gradients (the attacker's view) and its truth (the evaluator's)."""
-    count = images.shape[0]
+def victim_batch(model, images, all_labels, num_classes, label_format, size, rng):
+    """One batch: its gradients (the attacker's view) and its truth (the evaluator's), in the model's dtype."""
+    count, dtype = images.shape[0], model.head.weight.dtype
     index = torch.as_tensor(rng.permutation(count)[:size] if size <= count else rng.randint(0, count, size=size))
-    x, labels = images[index], all_labels[index]
-    targets, mixing, eps = _targets(labels, num_classes, label_format, rng)
+    x, labels = images[index].to(dtype), all_labels[index]
+    targets, mixing, eps = _targets(labels, num_classes, label_format, rng, dtype)
     if mixing is not None and mixing[0] is not None:
         partner, lam = mixing
         x = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[partner]
@@ -93,7 +95,7 @@ def _victim(model, images, all_labels, num_classes, label_format, size, rng):
                            features=seen["features"])
 
 
-def _attack(method: str, model, gradients, size: int, input_shape) -> Dict[str, Any]:
+def attack(method: str, model, gradients, size: int, input_shape) -> Dict[str, Any]:
     """One method's answer: ``counts``, ``classes``, ``mass``, ``eps``, ``examples``, ``determined``,
     ``counts_determined``, ``message``."""
     from ..batch.api import recover_batch
@@ -112,7 +114,7 @@ def _attack(method: str, model, gradients, size: int, input_shape) -> Dict[str, 
                 counts_determined="", message="")
 
 
-def _grade(answer: Dict[str, Any], truth: Dict[str, Any], size: int, counts_given: bool) -> Dict[str, Any]:
+def grade(answer: Dict[str, Any], truth: Dict[str, Any], size: int, counts_given: bool) -> Dict[str, Any]:
     """The evaluator's marks; a method that never gives counts (iDLG) is marked on the present classes only."""
     present = None if truth["counts"] is None else tuple(truth["counts"].nonzero().flatten().tolist())
     counts_exact = "" if present is None or not counts_given else (
@@ -185,14 +187,7 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
     sizes = list(batch_sizes or (QUICK_SIZES if quick else BATCH_SIZES))
     samples = samples or (3 if quick else 20)
     info = DATASETS[dataset]
-    if weights in (None, "untrained"):
-        side = image_size or NETWORK_IMAGE_SIZE.get(network) or EXPERIMENT_IMAGE_SIZE.get(dataset) or info.image_size
-        model = build_model(network, info.num_classes, head_bias=True, init=init, seed=seed,
-                            **input_options(network, channels=info.channels, image_size=side))
-        init_name = init or "paper"
-    else:
-        model = setup(dataset, network, weights).model
-        side, init_name = model.checkpoint_info["image_size"], "trained"
+    model, side, init_name = victim_model(dataset, network, weights, init, seed, image_size)
     images, labels = load_samples(dataset, size=side)
     folder = output_dir(out, f"batch-{dataset}-{network}")
     table = ResumableCSV(folder / "samples.csv", SAMPLE_FIELDS, SAMPLE_KEY)
@@ -204,13 +199,13 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
         if not todo:
             continue
         rng = np.random.RandomState([seed, BATCH_FORMATS.index(label_format), size, sample])
-        gradients, truth = _victim(model, images, labels, info.num_classes, label_format, size, rng)
+        gradients, truth = victim_batch(model, images, labels, info.num_classes, label_format, size, rng)
         rows = []
         for method in todo:
             start = time.perf_counter()
             try:
-                answer = _attack(method, model, gradients, size, tuple(images.shape[1:]))
-                graded = _grade(answer, truth, size, counts_given=method != "idlg")
+                answer = attack(method, model, gradients, size, tuple(images.shape[1:]))
+                graded = grade(answer, truth, size, counts_given=method != "idlg")
             except ValueError as error:  # a baseline outside its setting (e.g. Yin with B > C): a failure
                 failed = False if truth["counts"] is not None else ""
                 graded = dict(counts_exact=failed, classes_exact=failed, message=str(error))
@@ -222,6 +217,19 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
     plot(summary, folder / "batch.png", title=f"{network} ({init_name}{'' if init_name == 'trained' else ' init'}, "
                                                f"head bias), {dataset}")
     return dict(out=str(folder), summary=summary)
+
+
+def victim_model(dataset: str, network: str, weights: Optional[str] = "untrained", init: Optional[str] = "default",
+                 seed: int = 2023, image_size: Optional[int] = None):
+    """The experiment's network: ``(model, image side, init name)`` (see :func:`run`)."""
+    info = DATASETS[dataset]
+    if weights in (None, "untrained"):
+        side = image_size or NETWORK_IMAGE_SIZE.get(network) or EXPERIMENT_IMAGE_SIZE.get(dataset) or info.image_size
+        model = build_model(network, info.num_classes, head_bias=True, init=init, seed=seed,
+                            **input_options(network, channels=info.channels, image_size=side))
+        return model, side, init or "paper"
+    model = setup(dataset, network, weights).model
+    return model, model.checkpoint_info["image_size"], "trained"
 
 
 def _rate(rows: List[Dict[str, str]], column: str) -> Any:
