@@ -283,9 +283,10 @@ def test_bad_inputs_raise_clear_errors(digits):
 def test_sigmoid_features_sharing_their_labels_weight_split_at_four(digits):
     """B = 4 of 10 classes leaves each example as many equations as unknowns, unless the labels share one eps: then
     it has one to spare (by_labels finds the shared weight first). Measured on this tiny untrained LeNet: 7 of 12
-    batches split and determined (3 of the 6 here), the rest flagged; whatever is determined is right. (Hard labels, the shared
-    weight 0, are split on ResNet18 in test_batch_by_labels: here their examples are found but one of them is rarely
-    pinned by its own gradient, in 1 or 0 of 12 batches as a rounding-level choice among equal candidates goes.)"""
+    batches split and determined (3 of the 6 here), the rest flagged; whatever is determined is right. (Hard labels,
+    the shared weight 0, are split on ResNet18 in test_batch_by_labels: here their examples are found but one of
+    them is rarely pinned by its own gradient, in 1 or 0 of 12 batches as a rounding-level choice among equal
+    candidates goes.)"""
     kind = "common"
     model = lenet(10, channels=1, image_size=8, generator=torch.Generator().manual_seed(0))
     right = 0

@@ -238,9 +238,10 @@ def _candidates(weight: torch.Tensor, bias: torch.Tensor, basis: torch.Tensor, c
                 starts: Union[int, torch.Tensor], precision: float, seed: int,
                 structures: Optional[_Structures] = None, most: int = MOST_CANDIDATES):
     """The distinct examples found in the span of ``basis`` (d, m) from ``starts`` (a number of them, see
-    :func:`_starts`, or the points themselves (K, m)), best fit first (at most ``most``), under the ``structures``
-    (default: every one, its weight fitted): ``(features (n, d), errors (n, C), weights (n,))``, float64. A weight
-    is eps for a smoothed label and the lesser class weight of a two-class one (0 for hard)."""
+    :func:`_starts`, or the points themselves (K, m)), best fit (relative to their errors) first, at most ``most``,
+    under the ``structures`` (default: every one, its weight fitted): ``(features (n, d), errors (n, C), weights
+    (n,))``, float64. A weight is eps for a smoothed label and the lesser class weight of a two-class one (0 for
+    hard)."""
     num_classes = weight.shape[0]
     weight_reduced = weight @ basis
     structures = _free_structures(columns) if structures is None else structures

@@ -235,30 +235,15 @@ def _rounded_again(system: JointSystem, x: torch.Tensor, weight: torch.Tensor, b
     leaves, and how far (relative to each example's largest entry) the errors read from the re-solved features by
     least squares, as the split reads them, land from the solution's ``(B,)``."""
     a, _, errors, _, _, _ = system.evaluate(x[None])
-    features, errors = a[0] @ system.rows.T, errors[0]
-    weight_grad, bias_grad = rounded_gradients(errors, features, dtype)
-    rebuilt = JointSystem(weight_grad, weight, bias, bias_grad, counts, system.scale_known)
+    features, errors, size = a[0] @ system.rows.T, errors[0], system.size
+    rounded_errors, rounded_features = errors.to(dtype), features.to(dtype)
+    weight_grad = (rounded_errors.T @ rounded_features / size).double()
+    rebuilt = JointSystem(weight_grad, weight, bias, rounded_errors.mean(0).double(), counts, system.scale_known)
     start = torch.cat([(features @ rebuilt.rows).flatten(), x[-1:]])[None]
     again, norm = _levenberg_marquardt(rebuilt, start, FLOOR_ITERATIONS)
     features_again = rebuilt.evaluate(again)[0][0] @ rebuilt.rows.T
     errors_again = least_squares_errors(features_again, weight_grad)
     return float(norm[0]), (errors_again - errors).abs().amax(-1) / errors.abs().amax(-1)
-
-
-def rounded_gradients(errors: torch.Tensor, features: torch.Tensor, dtype: torch.dtype
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The mean-loss gradients ``(G (C, d), dL/db (C,))`` that errors ``(B, C)`` and features ``(B, d)`` give,
-    computed in ``dtype`` as a network computes them (float64 out)."""
-    rounded_errors = errors.to(dtype)
-    return (rounded_errors.T @ features.to(dtype) / errors.shape[0]).double(), rounded_errors.mean(0).double()
-
-
-def carried_rounding(errors: torch.Tensor, features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(B,)`` the rounding each example's errors carry when read by least squares from a ``dtype`` gradient of
-    these features: how far (relative to each example's largest entry) they land from ``errors`` when read from
-    the gradient that ``errors`` and ``features`` give (:func:`rounded_gradients`)."""
-    again = least_squares_errors(features, rounded_gradients(errors, features, dtype)[0])
-    return (again - errors).abs().amax(-1) / errors.abs().amax(-1)
 
 
 def least_squares_errors(features: torch.Tensor, weight_grad: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,7 @@ from ..head import GradientsLike, find_head, head_gradients, named_gradients, st
 from ..recovery import RecoveryResult, recover_label
 from ..recovery.feature_layer import layers_below_head
 from .by_labels import LabelSplit, can_complete, largest_batch, split_by_labels
-from .joint import carried_rounding, largest_joint_batch, least_squares_errors, solve_jointly
+from .joint import largest_joint_batch, least_squares_errors, solve_jointly
 
 #: Entries of a refined candidate (unit norm) below ``ZERO_UNITS`` times the rounding they carry are zeros: measured
 #: on float32 digits MLPs (B = 2 to 16), true zeros sit below 0.2 units and the smallest true non-zero above 600.
@@ -329,10 +329,8 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
                           f"{_describe(failed)}, tolerance {tol:.2g}): not one batch of this model's examples, or a "
                           "spurious direction passed the per-direction checks", draws, diagnostics)
         dtype = observed.dtype
-        # e_n h_n^T is judged at the rounding it carries: read off the features by least squares, or measured by
-        # the joint solve (which re-solves the whole batch)
-        carried = (labelled.precision if labelled is not None and labelled.precision is not None
-                   else carried_rounding(errors, features, observed.dtype)).tolist()
+        # e_n h_n^T is judged at the gradient's precision, or at the rounding a solve measured it to carry
+        carried = [None] * size if labelled is None or labelled.precision is None else labelled.precision.tolist()
         examples = []
         for own_errors, feature, rounding in zip(errors, features, carried):
             own = torch.outer(own_errors, feature).to(dtype)
