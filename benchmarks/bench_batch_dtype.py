@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, side, _ = victim_model(args.dataset, args.network, args.weights, args.init, args.seed)
-    models = {"float32": model, "float64": copy.deepcopy(model).double()}
+    models = {name: copy.deepcopy(model).to(dtype) for name, dtype in DTYPES.items()}
     images, labels = load_samples(args.dataset, size=side)
     num_classes = DATASETS[args.dataset].num_classes
     cells = [(f, b, s) for f in args.formats for b in args.batch_sizes for s in range(args.samples)]

@@ -20,11 +20,10 @@ def _labels(kind, size, generator, num_classes):
         first = torch.randint(num_classes, (), generator=generator)
         shift = torch.randint(1, num_classes, (), generator=generator)
         weight = float(torch.empty(()).uniform_(0.05, 0.95, generator=generator))
-        if kind == "hard":
-            rows.append(gradleak.smooth_label(int(first), num_classes, 0.0))
-            continue
-        rows.append(gradleak.smooth_label(int(first), num_classes, 0.3 * weight) if kind == "smoothing" else
-                    gradleak.mixup_label(int(first), int((first + shift) % num_classes), weight, num_classes))
+        if kind == "mixup":
+            rows.append(gradleak.mixup_label(int(first), int((first + shift) % num_classes), weight, num_classes))
+        else:
+            rows.append(gradleak.smooth_label(int(first), num_classes, 0.3 * weight if kind == "smoothing" else 0.0))
     return torch.stack(rows)
 
 

@@ -25,7 +25,7 @@ import math
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -220,7 +220,7 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
 
 
 def victim_model(dataset: str, network: str, weights: Optional[str] = "untrained", init: Optional[str] = "default",
-                 seed: int = 2023, image_size: Optional[int] = None):
+                 seed: int = 2023, image_size: Optional[int] = None) -> Tuple[torch.nn.Module, int, str]:
     """The experiment's network: ``(model, image side, init name)`` (see :func:`run`)."""
     info = DATASETS[dataset]
     if weights in (None, "untrained"):
