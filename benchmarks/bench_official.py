@@ -247,6 +247,7 @@ def run_cell(label_recovery: type, network: str, weights: str, label_format: str
                          official_scalar=float(official.attack.scalar.detach()),
                          true_scalar=float(official.attack.ground_truth),
                          official_return=float(official_return), gradleak_determined=determined))
+
     def together():  # the cell's gradients in one call: its time per sample, and the single calls' answers
         return gradleak.recover_labels(torch.stack(gradients), weight, bias=bias, label_format=label_format,
                                        method="exact")

@@ -249,13 +249,14 @@ def _candidates(weight: torch.Tensor, bias: torch.Tensor, basis: torch.Tensor, c
     a, residual, theta, first, second = _search(weight_reduced, bias, columns, structures, a)
     labels = _labels(first, second, theta, num_classes)
     errors = torch.softmax(a @ weight_reduced.T + bias, -1) - labels
+    error_norms = torch.linalg.vector_norm(errors, dim=-1)
     slack = math.sqrt(precision)
     good = ((residual <= 100 * precision) & (labels >= -slack).all(-1) & (labels <= 1 + slack).all(-1)
-            & (torch.linalg.vector_norm(errors, dim=-1) > slack))
+            & (error_norms > slack))
     weights = torch.where(first == second, 1 - theta, torch.minimum(theta, 1 - theta))
     # best fit first, relative to the errors fitted: near a saturated softmax a spurious zero with small errors fits
     # within the rounding too, and an absolute order let such zeros crowd out the examples of a float64 gradient
-    order = (residual / torch.linalg.vector_norm(errors, dim=-1))[good].argsort()
+    order = (residual / error_norms)[good].argsort()
     a, errors, weights = a[good][order], errors[good][order], weights[good][order]
     # a candidate reached from several starts counts once (the best of them): the best one left, then those
     # away from it, until ``most`` (a loop over candidates found, not over starts)
