@@ -184,7 +184,7 @@ experiments (the options each one reads; the others are ignored):
                   --weights (a checkpoint with a head bias)
                   --formats (hard smoothing mixup mixup-pairs) --methods --batch-sizes --samples --seed
 every experiment reads --out (resumable folder), --quick (the small preset CI runs) and --quiet;
-label-recovery, noise, dp and local-steps read --ray [ADDRESS] (their trials as Ray tasks: the same CSV)."""
+label-recovery, noise, dp, local-steps and batch read --ray [ADDRESS] (their trials as Ray tasks: the same CSV)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--quick", action="store_true", default=None, help="the small preset CI runs")
     experiment.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress bars")
     experiment.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                            help="label-recovery, noise, dp, local-steps: run the trials as Ray tasks on a local Ray (no "
-                                 "ADDRESS) or the cluster at ADDRESS ('auto', 'ray://host:10001'); the same CSV as a "
-                                 "serial run")
+                            help="label-recovery, noise, dp, local-steps, batch: run the trials as Ray tasks on a "
+                                 "local Ray (no ADDRESS) or the cluster at ADDRESS ('auto', 'ray://host:10001'); the "
+                                 "same CSV as a serial run")
     experiment.set_defaults(handler=_experiment)
     from .fl.cli import add_audit_parser  # `gradleak audit`: flwr is imported only when it runs
     add_audit_parser(sub)

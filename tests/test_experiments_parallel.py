@@ -7,7 +7,7 @@ import time
 import pytest
 
 from gradleak.cli import build_parser, main
-from gradleak.experiments import dp, label_recovery, local_steps, noise
+from gradleak.experiments import batch, dp, label_recovery, local_steps, noise
 from gradleak.experiments.parallel import map_trials
 
 pytestmark = pytest.mark.filterwarnings("ignore:Tip. In future versions of Ray:FutureWarning")   # Ray's own
@@ -85,6 +85,18 @@ def test_other_sweeps_on_ray_write_the_serial_csv(local_ray, tmp_path, experimen
     rows = sample_rows(tmp_path / "serial", name)
     assert len(rows) == 2 * 2 * 2   # formats x (K or noise levels) x (scales or methods)
     assert sample_rows(tmp_path / "ray", name) == rows
+
+
+def test_a_batch_sweep_on_ray_writes_the_serial_csv(local_ray, tmp_path):
+    """One batch per task, each rebuilt from its seeds in the worker: the same rows, split examples included."""
+    options = dict(network="fcn4", formats=("smoothing", "mixup"), methods=("gradleak", "ilrg"), batch_sizes=(1, 4, 32),
+                   samples=2, seed=5, progress=False)
+    batch.run(**options, out=tmp_path / "serial")
+    batch.run(**options, out=tmp_path / "ray", ray="local")
+    rows = sample_rows(tmp_path / "serial")
+    assert len(rows) == 2 * 3 * 2 * 2
+    assert any(r["examples_success"] == "True" and r["batch_size"] == "4" for r in rows)   # a batch was split
+    assert sample_rows(tmp_path / "ray") == rows
 
 
 def test_a_missing_ray_says_what_to_install(monkeypatch):

@@ -13,8 +13,8 @@ from ..head import GradientsLike, find_head, head_gradients, named_gradients, st
 from ..labels import LABEL_FORMATS
 from ..recovery import RecoveryResult, recover_from_gradients
 from ..recovery.api import GRADIENT_SCALES
-from .mass import (LatticeFit, fit_lattice, fit_lattice_unknown_scale, mean_feature, nearby_counts,
-                   prediction_mass)
+from .mass import (LatticeFit, class_means, class_prediction_mass, fit_lattice, fit_lattice_near_scale,
+                   fit_lattice_unknown_scale, mean_feature, nearby_counts, prediction_mass)
 from .split import BatchSplit, split_batch
 
 #: How far (in examples, times ``1 - eps``) a class mass may sit from its lattice point and still fix the counts:
@@ -25,8 +25,8 @@ LATTICE_TOL = 0.1
 #: single-example decision applies to a label's standard error).
 EPS_TOL = 1e-3
 AMBIGUITY_RATIO = 3.0
-#: Rounds of re-estimating the mean feature from the classes the counts leave empty.
-MEAN_FEATURE_ROUNDS = 3
+#: Rounds of refining the summed predictions with the last round's counts and eps (see :func:`_class_mass`).
+MASS_ROUNDS = 5
 #: Largest batch split into its examples: :func:`~gradleak.batch.split.split_batch` costs about ``B^2`` and found
 #: every example of 30 in 32 batches of 16 on ReLU MLPs (and most at 8 from the head alone), fewer beyond.
 SPLIT_MAX_BATCH = 16
@@ -268,38 +268,51 @@ def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_forma
         raise ValueError("a mixup batch's class mass has no count lattice to fix an unknown gradient scale with: "
                          "pass the scale (divide the update by -lr) and gradient_scale='known'")
     feature = mean_feature(weight_grad, bias_grad)  # a ratio: the gradient scale cancels
+    prediction = prediction_mass(weight, bias, feature, size)
     fit: Optional[LatticeFit] = None
     runner_up = math.inf
-    eps_seen = []  # eps of every round: how far it moves with the mean-feature estimate bounds how well it is known
-    for _ in range(MEAN_FEATURE_ROUNDS):
-        prediction = prediction_mass(weight, bias, feature, size)
-        if label_format == "mixup":
-            break
+    # every round's answer: counts that the last refinement did not give back are not pinned (the estimate swings
+    # between rounds), and eps is known no better than it moved over all of them
+    counts_seen, eps_seen = [], []
+    for _ in range(0 if label_format == "mixup" else MASS_ROUNDS):
+        if fit is not None:
+            # refine with the last round's answer: the mean feature over the classes it leaves empty, and each
+            # class's examples at their own mean
+            empty = fit.counts == 0
+            if bool(empty.any()):
+                feature = mean_feature(weight_grad, bias_grad, empty)
+            means = class_means(fit.inverse_scale * weight_grad, fit.inverse_scale * bias_grad, feature, fit.counts,
+                                fit.eps)
+            prediction = class_prediction_mass(weight, bias, means, fit.counts)
         if scale_known:
             fit = fit_lattice(prediction - size * bias_grad, size, hard=hard)
-        else:
+        elif fit is None:
             fit, runner_up = fit_lattice_unknown_scale(prediction, bias_grad, size, hard=hard)
+        else:  # near the scale found; the last estimate is scanned over every scale below
+            fit = fit_lattice_near_scale(prediction, bias_grad, size, fit.inverse_scale, hard=hard)
         eps_seen.append(fit.eps)
-        empty = fit.counts == 0
-        if not bool(empty.any()):
-            break
-        moved = mean_feature(weight_grad, bias_grad, empty)
-        if torch.equal(moved, feature):
-            break
-        feature = moved
+        counts_seen.append(fit.counts)
+    if not scale_known and len(counts_seen) > 1:
+        fit, runner_up = fit_lattice_unknown_scale(prediction, bias_grad, size, hard=hard)
+        eps_seen.append(fit.eps)
+        counts_seen.append(fit.counts)
     if fit is None:
         return BatchRecoveryResult(prediction - size * bias_grad, None, None, [], False, False,
                                    "mixup: the class mass is an estimate with no count lattice to check it against",
                                    label_format="mixup", method="class_mass", **common)
     mass = prediction - fit.inverse_scale * size * bias_grad
     tol = LATTICE_TOL * (1.0 - fit.eps)
-    on_lattice = fit.residual <= tol
+    settled = len(counts_seen) == 1 or torch.equal(counts_seen[-2], fit.counts)
+    on_lattice = fit.residual <= tol and settled
     reasons = []
-    if not on_lattice:
+    if fit.residual > tol:
         reasons.append(f"the class mass sits {fit.residual:.2g} examples from the nearest count lattice point "
                        f"(more than {tol:.3g}): the summed predictions are estimated too roughly for this batch "
                        "(logits that differ a lot between examples, a large batch), or the labels are not hard or "
                        "smoothed with one eps (mixup)")
+    elif not settled:
+        reasons.append(f"the counts changed in the last of {len(counts_seen)} rounds of refining the summed "
+                       "predictions: the estimate has not settled, and a lattice point near it proves nothing")
     elif runner_up <= tol:
         on_lattice = False
         reasons.append(f"other counts fit at another gradient scale (residual {runner_up:.2g}): with the scale "
@@ -310,7 +323,7 @@ def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_forma
         reasons.append(f"eps is pinned only to +-{eps_error:.2g}" + (
             ": the classes hold B/C examples each, and such counts do not separate eps" if math.isinf(eps_error)
             else " (from how far the class mass sits from its lattice point)" if eps_error == fit.eps_error
-            else " (it moved that much with the estimate of the mean feature)"))
+            else " (it moved that much as the summed predictions were refined)"))
     detected = "hard" if hard or (label_format == "auto" and fit.eps <= AMBIGUITY_RATIO * eps_error) \
         else "smoothing"
     return BatchRecoveryResult(mass, fit.counts, fit.eps if detected == "smoothing" else 0.0, [], not reasons,

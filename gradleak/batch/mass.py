@@ -13,6 +13,12 @@ weight gradient is ``dL/dW_c = (1/B) sum_n e_nc h_n``, a weighted sum of the fea
 (weighted by ``dL/db_c^2``) estimates ``h_bar``, over the classes held by no example once the counts are known.
 This is what iLRG's per-class embeddings do (Ma et al., ICLR 2023), for the whole batch and for soft labels.
 
+Once counts and eps are fitted, each class's mean feature follows from its row of the weight gradient
+(:func:`class_means`), and the summed predictions are refined with each class's examples at their own mean
+(:func:`class_prediction_mass`): that keeps the spread of the logits between classes, which the batch's mean
+feature drops (on LeNet with the paper's init at B = 16 the hard counts came back in 6 batches of 10 instead of
+2). The spread within a class stays out of reach: the head's gradient mixes it with the labels.
+
 The estimate is good when the examples' predictions are alike (untrained networks); its error grows with the
 spread of the logits and with ``B``. Integer counts make it checkable: with label smoothing every class mass is
 ``(1 - eps) n_c + eps B / C`` with integer ``n_c`` summing to ``B``, a lattice that a wrong estimate misses.
@@ -49,6 +55,33 @@ def prediction_mass(weight: torch.Tensor, bias: torch.Tensor, feature: torch.Ten
                     ) -> torch.Tensor:
     """``B * softmax(W h + b)``: ``(C,)`` the summed predictions of ``B`` examples with feature ``h`` (d,)."""
     return batch_size * torch.softmax(weight @ feature + bias, dim=-1)
+
+
+def class_means(weight_grad: torch.Tensor, bias_grad: torch.Tensor, feature: torch.Tensor, counts: torch.Tensor,
+                eps: float) -> torch.Tensor:
+    """``(C, d)`` each class's mean feature, given the batch's counts ``n`` (C,), its eps and mean feature ``h_bar``
+    (d,): ``mu_c = h_bar + B (dL/db_c h_bar - dL/dW_c) / ((1 - eps) n_c)`` (``h_bar`` where ``n_c = 0``).
+
+    Row ``c`` of ``B dL/dW`` is ``sum_n p_nc h_n - (eps B / C) h_bar - (1 - eps) sum_{n in c} h_n``. Taking
+    ``sum_n p_nc h_n`` as ``(sum_n p_nc) h_bar`` (the predictions' spread times the features' is second order)
+    and ``sum_n p_nc = (1 - eps) n_c + eps B / C + B dL/db_c`` (the lattice) leaves the class sum. The class means
+    average back to ``h_bar`` exactly (the rows of both gradients sum to zero). Hard labels are ``eps = 0``; for
+    batch mixup ``mu_c`` is the mean weighted by the labels' class-``c`` entries.
+
+    Args:
+        weight_grad: ``(C, d)``; bias_grad: ``(C,)``, float64, at the true scale (an unknown one divided out).
+    """
+    share = counts.to(weight_grad.dtype)
+    spread = share.sum() * (bias_grad[:, None] * feature - weight_grad) / ((1 - eps) * share.clamp_min(1)[:, None])
+    return feature + torch.where(counts[:, None] > 0, spread, 0.0)
+
+
+def class_prediction_mass(weight: torch.Tensor, bias: torch.Tensor, means: torch.Tensor, counts: torch.Tensor
+                          ) -> torch.Tensor:
+    """``sum_c n_c softmax(W mu_c + b)``: ``(C,)`` the summed predictions with each class's examples at their class
+    mean ``mu_c`` (``means`` (C, d), :func:`class_means`). Where the classes' logits differ, this keeps the spread
+    between the classes that :func:`prediction_mass` (every example at the batch's mean) drops."""
+    return counts.to(means.dtype) @ torch.softmax(means @ weight.T + bias, dim=-1)
 
 
 @dataclass(frozen=True)
@@ -173,6 +206,15 @@ def _judged(mass: torch.Tensor, counts: torch.Tensor, signal: Optional[torch.Ten
 MIN_SIGNAL = 0.5
 #: The scan over the gradient term's size, in examples of the class it moves most.
 SCALE_STEP = 0.1
+
+
+def fit_lattice_near_scale(prediction: torch.Tensor, signal: torch.Tensor, batch_size: int, inverse_scale: float,
+                           *, hard: bool = False) -> LatticeFit:
+    """The lattice fit of ``m = prediction - u B q`` (``signal`` q) with the counts of the mass at ``u =
+    inverse_scale`` held, ``(u, eps)`` refitted with them: a refinement step of
+    :func:`fit_lattice_unknown_scale` once it has found the scale (no scan)."""
+    counts = _lattice_counts((prediction - inverse_scale * batch_size * signal)[None], batch_size, hard)[0]
+    return _judged(prediction, counts, signal, batch_size, hard)
 
 
 def fit_lattice_unknown_scale(prediction: torch.Tensor, signal: torch.Tensor, batch_size: int, *,

@@ -16,16 +16,18 @@ format, and computes the gradient of the mean soft-target cross-entropy of an un
 Graded by the evaluator alone: counts exact (the examples per dominant class; for ``mixup-pairs`` there are no
 counts), eps within 1e-3, class mass within 1e-3 B (max-abs), the examples (when the batch was split: every label
 within 1e-3 and every feature at cosine above 0.999 after pairing them with the true ones), and the diagnostics
-(determined, and determined while any of these is wrong: a "confident wrong" answer). Outputs in ``out``:
+(determined, and determined while any of these is wrong, or counts reported as pinned while they are wrong: a
+"confident wrong" answer). Outputs in ``out``:
 ``samples.csv`` (one row per trial and method, resumable), ``summary.csv``/``summary.md`` and ``batch.png``.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -35,6 +37,7 @@ from ..data import DATASETS, load_samples
 from ..models import NETWORK_IMAGE_SIZE, build_model, input_options
 from .common import (EXPERIMENT_IMAGE_SIZE, ResumableCSV, as_float, is_true, markdown_table, median, output_dir,
                      setup, wilson_interval)
+from .parallel import map_trials
 
 BATCH_FORMATS = ("hard", "smoothing", "mixup", "mixup-pairs")
 BATCH_METHODS = ("gradleak", "ilrg", "llg", "llg*", "yin", "idlg")
@@ -130,10 +133,12 @@ def grade(answer: Dict[str, Any], truth: Dict[str, Any], size: int, counts_given
     right = (not counts_wrong and (eps_error == "" or eps_error <= 1e-3) and mass_within is not False
              and examples_success is not False)
     determined = answer["determined"]
+    # counts reported as pinned are a claim of their own, even where the rest of the answer is not determined
+    claimed_wrong = (determined and not right) or (answer["counts_determined"] is True and counts_wrong)
     return dict(counts_exact=counts_exact, classes_exact=classes_exact, examples_success=examples_success,
                 eps_error=eps_error, mass_error=mass_error, mass_within=mass_within,
                 determined=determined, counts_determined=answer["counts_determined"],
-                confident_wrong="" if determined == "" else bool(determined and not right),
+                confident_wrong="" if determined == "" else bool(claimed_wrong),
                 true_eps=truth["eps"], pred_eps=answer["eps"], message=answer["message"])
 
 
@@ -162,7 +167,7 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
         methods: Union[str, Sequence[str]] = BATCH_METHODS,
         batch_sizes: Optional[Sequence[int]] = None, samples: Optional[int] = None, seed: int = 2023,
         out: Optional[Union[str, Path]] = None, quick: bool = False, progress: bool = True,
-        image_size: Optional[int] = None, **_ignored) -> Dict[str, Any]:
+        image_size: Optional[int] = None, ray: Optional[str] = None, **_ignored) -> Dict[str, Any]:
     """Run the batch experiment and write ``samples.csv``, ``summary.csv``, ``summary.md`` and ``batch.png``.
 
     Args:
@@ -175,9 +180,10 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
         batch_sizes: B values (default :data:`BATCH_SIZES`; ``quick``: :data:`QUICK_SIZES`).
         samples: batches per (format, B) (default 20; ``quick``: 3).
         seed: seeds the network and every batch (each batch its own seed from ``(seed, format, B, sample)``).
+        ray: None runs the batches here; "local" spreads them over a local Ray, any other value is a Ray
+            cluster's address (:func:`.parallel.map_trials`, one batch per task). ``samples.csv`` gets the same
+            rows in the same order either way (``time_ms`` aside).
     """
-    from tqdm.auto import tqdm
-
     formats = [formats] if isinstance(formats, str) else list(formats)
     methods = [methods] if isinstance(methods, str) else list(methods)
     for name, given, known in (("format", formats, BATCH_FORMATS), ("method", methods, BATCH_METHODS)):
@@ -186,37 +192,62 @@ def run(*, dataset: str = "cifar10", network: str = "lenet", weights: str = "unt
             raise ValueError(f"unknown batch {name}(s) {unknown}; choose from {known}")
     sizes = list(batch_sizes or (QUICK_SIZES if quick else BATCH_SIZES))
     samples = samples or (3 if quick else 20)
-    info = DATASETS[dataset]
-    model, side, init_name = victim_model(dataset, network, weights, init, seed, image_size)
-    images, labels = load_samples(dataset, size=side)
+    setting = dict(dataset=dataset, network=network, weights=weights, init=init, seed=seed, image_size=image_size)
+    init_name = _victim_setup(**setting)[3]
     folder = output_dir(out, f"batch-{dataset}-{network}")
     table = ResumableCSV(folder / "samples.csv", SAMPLE_FIELDS, SAMPLE_KEY)
-    cells = [(f, b, s) for f in formats for b in sizes for s in range(samples)]
     base = dict(dataset=dataset, network=network, init=init_name)
-    for label_format, size, sample in tqdm(cells, desc=f"batch {network}", disable=not progress):
+    jobs = []
+    for label_format, size, sample in ((f, b, s) for f in formats for b in sizes for s in range(samples)):
         todo = [m for m in methods if not table.has(**base, format=label_format, batch_size=size, sample=sample,
                                                       method=m)]
-        if not todo:
-            continue
-        rng = np.random.RandomState([seed, BATCH_FORMATS.index(label_format), size, sample])
-        gradients, truth = victim_batch(model, images, labels, info.num_classes, label_format, size, rng)
-        rows = []
-        for method in todo:
-            start = time.perf_counter()
-            try:
-                answer = attack(method, model, gradients, size, tuple(images.shape[1:]))
-                graded = grade(answer, truth, size, counts_given=method != "idlg")
-            except ValueError as error:  # a baseline outside its setting (e.g. Yin with B > C): a failure
-                failed = False if truth["counts"] is not None else ""
-                graded = dict(counts_exact=failed, classes_exact=failed, message=str(error))
-            rows.append(dict(base, format=label_format, batch_size=size, sample=sample, method=method,
-                             time_ms=1e3 * (time.perf_counter() - start), **graded))
+        if todo:
+            jobs.append((label_format, size, sample, todo))
+    for rows in map_trials(functools.partial(batch_rows, setting=setting), jobs, ray_address=ray,
+                           progress=progress, desc=f"batch {network}"):
         table.append(rows)
     summary = summarize(table.rows)
     _write_summary(folder, summary)
     plot(summary, folder / "batch.png", title=f"{network} ({init_name}{'' if init_name == 'trained' else ' init'}, "
                                                f"head bias), {dataset}")
     return dict(out=str(folder), summary=summary)
+
+
+def batch_rows(job: Tuple[str, int, int, Sequence[str]], *, setting: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """``samples.csv`` rows of one batch ``job = (format, B, sample, methods)``: its victim gradient (seeded by
+    ``(seed, format, B, sample)``) attacked and graded for each method, in the order of ``methods``.
+
+    Args:
+        setting: :func:`victim_model`'s arguments (the network is built once per process from them, here or in
+            a Ray worker).
+    """
+    label_format, size, sample, methods = job
+    model, images, labels, init_name = _victim_setup(**setting)
+    rng = np.random.RandomState([setting["seed"], BATCH_FORMATS.index(label_format), size, sample])
+    gradients, truth = victim_batch(model, images, labels, DATASETS[setting["dataset"]].num_classes, label_format,
+                                    size, rng)
+    rows = []
+    for method in methods:
+        start = time.perf_counter()
+        try:
+            answer = attack(method, model, gradients, size, tuple(images.shape[1:]))
+            graded = grade(answer, truth, size, counts_given=method != "idlg")
+        except ValueError as error:  # a baseline outside its setting (e.g. Yin with B > C): a failure
+            failed = False if truth["counts"] is not None else ""
+            graded = dict(counts_exact=failed, classes_exact=failed, message=str(error))
+        rows.append(dict(dataset=setting["dataset"], network=setting["network"], init=init_name,
+                         format=label_format, batch_size=size, sample=sample, method=method,
+                         time_ms=1e3 * (time.perf_counter() - start), **graded))
+    return rows
+
+
+@functools.lru_cache(maxsize=2)
+def _victim_setup(dataset: str, network: str, weights: Optional[str], init: Optional[str], seed: int,
+                  image_size: Optional[int]) -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor, str]:
+    """``(model, images, labels, init name)``, built once per process (see :func:`victim_model`)."""
+    model, side, init_name = victim_model(dataset, network, weights, init, seed, image_size)
+    images, labels = load_samples(dataset, size=side)
+    return model, images, labels, init_name
 
 
 def victim_model(dataset: str, network: str, weights: Optional[str] = "untrained", init: Optional[str] = "default",
