@@ -63,8 +63,8 @@ def test_smoothed_batches_of_an_untrained_lenet(cifar10, size):
 @pytest.mark.parametrize("size", [4, 32])
 def test_no_confident_wrong_answer_where_the_estimate_is_rough(cifar10, size):
     """An untrained ResNet18's predictions differ a lot between examples, so the summed predictions are rough:
-    whatever is reported as determined must be right (the lattice test; eps also by how far it moves with the
-    mean-feature estimate), the rest is flagged. The class-mass path alone (no split)."""
+    whatever is reported as determined must be right (the lattice test; eps also by how far it moves as the
+    estimate is refined), the rest is flagged. The class-mass path alone (no split)."""
     images, _ = cifar10
     model = build_model("resnet18", 10, head_bias=True, seed=0)
     for seed in range(8 if size == 4 else 4):

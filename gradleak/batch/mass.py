@@ -64,9 +64,10 @@ def class_means(weight_grad: torch.Tensor, bias_grad: torch.Tensor, feature: tor
 
     Row ``c`` of ``B dL/dW`` is ``sum_n p_nc h_n - (eps B / C) h_bar - (1 - eps) sum_{n in c} h_n``. Taking
     ``sum_n p_nc h_n`` as ``(sum_n p_nc) h_bar`` (the predictions' spread times the features' is second order)
-    and ``sum_n p_nc = (1 - eps) n_c + eps B / C + B dL/db_c`` (the lattice) leaves the class sum. The class means
-    average back to ``h_bar`` exactly (the rows of both gradients sum to zero). Hard labels are ``eps = 0``; for
-    batch mixup ``mu_c`` is the mean weighted by the labels' class-``c`` entries.
+    and ``sum_n p_nc = (1 - eps) n_c + eps B / C + B dL/db_c`` (the lattice) leaves the class sum. When every class
+    holds an example, the class means average back to ``h_bar`` exactly (the rows of both gradients sum to
+    zero). Hard labels are ``eps = 0``; for batch mixup ``mu_c`` is the mean weighted by the labels' class-``c``
+    entries.
 
     Args:
         weight_grad: ``(C, d)``; bias_grad: ``(C,)``, float64, at the true scale (an unknown one divided out).
