@@ -4,7 +4,8 @@ The batch experiment (``gradleak experiment batch``) gives each image its own CI
 its images from the bundled ones with repeats and its classes at random, independently of the images, and every
 network is built afresh for each of ``--models`` seeds. That stresses what the tables do not: batches whose classes
 say nothing about their images. For each batch, gradleak's counts (``recover_batch(..., split=False)``: the class
-mass alone) and iLRG's are compared with the truth, and the evaluator counts gradleak's confident wrong claims:
+mass alone), detecting the format itself ("auto") and told it (as iLRG, a hard-label method, assumes hard labels),
+and iLRG's are compared with the truth, and the evaluator counts gradleak's confident wrong claims in either mode:
 counts reported as pinned (``counts_determined``) while wrong, and answers reported as determined while wrong.
 Prints a table and writes a CSV.
 
@@ -63,31 +64,34 @@ def main() -> None:
     rows = []
     for size, label_format, m, b in tqdm(cells, desc=f"{args.network} ({args.init} init) batch counts"):
         gradients, truth, eps = random_batch(networks[m], images, size, label_format, seed=1000 * m + b)
-        ours = gradleak.recover_batch(networks[m], gradients, batch_size=size, split=False)
-        right = ours.counts is not None and torch.equal(ours.counts, truth)
-        eps_right = label_format == "hard" or (ours.eps is not None and abs(ours.eps - eps) <= 1e-3)
-        rows.append(dict(network=args.network, init=args.init, format=label_format, batch_size=size, model=m,
-                         batch=b, gradleak_counts_exact=right,
-                         ilrg_counts_exact=torch.equal(ilrg(networks[m], gradients, size).counts, truth),
-                         counts_pinned=ours.counts_determined, pinned_wrong=ours.counts_determined and not right,
-                         determined_wrong=ours.determined and not (right and eps_right)))
+        row = dict(network=args.network, init=args.init, format=label_format, batch_size=size, model=m, batch=b,
+                   ilrg_counts_exact=torch.equal(ilrg(networks[m], gradients, size).counts, truth))
+        for mode, told in (("auto", "auto"), ("told", label_format)):
+            ours = gradleak.recover_batch(networks[m], gradients, batch_size=size, label_format=told, split=False)
+            right = ours.counts is not None and torch.equal(ours.counts, truth)
+            eps_right = label_format == "hard" or (ours.eps is not None and abs(ours.eps - eps) <= 1e-3)
+            row.update({f"{mode}_counts_exact": right, f"{mode}_counts_pinned": ours.counts_determined,
+                        f"{mode}_confident_wrong": (ours.counts_determined and not right)
+                        or (ours.determined and not (right and eps_right))})
+        rows.append(row)
     with open(args.out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     print(f"\n{args.network} ({args.init} init), random classes, {args.models * args.batches} batches per cell: "
-          "counts exact, gradleak / iLRG; gradleak's pinned counts and its confident wrong claims\n")
-    header = (f"{'B':>4} {'format':10} {'gradleak':>9} {'iLRG':>6} {'pinned':>7} {'pinned wrong':>13} "
-              f"{'determined wrong':>17}")
+          "counts exact (gradleak detecting the format / told it / iLRG), gradleak's pinned counts and its "
+          "confident wrong claims (auto / told)\n")
+    header = f"{'B':>4} {'format':10} {'counts exact':>14} {'pinned':>8} {'confident wrong':>16}"
     print(header)
     print("-" * len(header))
     for size in args.batch_sizes:
         for label_format in args.formats:
             cell = [r for r in rows if r["batch_size"] == size and r["format"] == label_format]
-            counts = [sum(r[k] for r in cell) for k in ("gradleak_counts_exact", "ilrg_counts_exact", "counts_pinned",
-                                                        "pinned_wrong", "determined_wrong")]
-            print(f"{size:4d} {label_format:10} {counts[0]:9d} {counts[1]:6d} {counts[2]:7d} {counts[3]:13d} "
-                  f"{counts[4]:17d}")
+            total = lambda key: sum(r[key] for r in cell)  # noqa: E731
+            exact = f"{total('auto_counts_exact')} / {total('told_counts_exact')} / {total('ilrg_counts_exact')}"
+            pinned = f"{total('auto_counts_pinned')} / {total('told_counts_pinned')}"
+            wrong = f"{total('auto_confident_wrong')} / {total('told_confident_wrong')}"
+            print(f"{size:4d} {label_format:10} {exact:>14} {pinned:>8} {wrong:>16}")
     print(f"per-batch rows: {args.out}")
 
 
