@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 import gradleak
 from gradleak.batch.baselines import ilrg
 from gradleak.data import load_samples
+from gradleak.experiments.common import markdown_table
 from gradleak.models import NETWORK_IMAGE_SIZE, build_model, input_options
 
 FORMATS = ("hard", "smoothing")
@@ -49,9 +50,10 @@ def main() -> None:
     parser.add_argument("--init", default="paper", choices=["default", "paper"])
     parser.add_argument("--batch-sizes", dest="batch_sizes", nargs="+", type=int, default=[16, 32, 64, 128])
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
-    parser.add_argument("--models", type=int, default=4, help="networks (init seeds) per cell")
-    parser.add_argument("--batches", type=int, default=6, help="batches per network and cell")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    counts = {"--models": (4, "networks (init seeds) per cell"), "--batches": (6, "batches per network and cell"),
+              "--threads": (1, "torch CPU threads")}
+    for option, (default, text) in counts.items():
+        parser.add_argument(option, type=int, default=default, help=text)
     parser.add_argument("--out", default="bench-batch-counts.csv")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,20 +80,19 @@ def main() -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\n{args.network} ({args.init} init), random classes, {args.models * args.batches} batches per cell: "
-          "counts exact (gradleak detecting the format / told it / iLRG), gradleak's pinned counts and its "
-          "confident wrong claims (auto / told)\n")
-    header = f"{'B':>4} {'format':10} {'counts exact':>14} {'pinned':>8} {'confident wrong':>16}"
-    print(header)
-    print("-" * len(header))
+    table = []
     for size in args.batch_sizes:
         for label_format in args.formats:
             cell = [r for r in rows if r["batch_size"] == size and r["format"] == label_format]
             total = lambda key: sum(r[key] for r in cell)  # noqa: E731
-            exact = f"{total('auto_counts_exact')} / {total('told_counts_exact')} / {total('ilrg_counts_exact')}"
-            pinned = f"{total('auto_counts_pinned')} / {total('told_counts_pinned')}"
-            wrong = f"{total('auto_confident_wrong')} / {total('told_confident_wrong')}"
-            print(f"{size:4d} {label_format:10} {exact:>14} {pinned:>8} {wrong:>16}")
+            table.append([size, label_format,
+                          f"{total('auto_counts_exact')} / {total('told_counts_exact')} / {total('ilrg_counts_exact')}",
+                          f"{total('auto_counts_pinned')} / {total('told_counts_pinned')}",
+                          f"{total('auto_confident_wrong')} / {total('told_confident_wrong')}"])
+    print(f"\n{args.network} ({args.init} init), random classes, {args.models * args.batches} batches per cell "
+          "(gradleak detecting the format / told it)\n")
+    print(markdown_table(["B", "format", "counts exact: auto / told / iLRG", "pinned: auto / told",
+                          "confident wrong: auto / told"], table))
     print(f"per-batch rows: {args.out}")
 
 
