@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 import gradleak
 from gradleak.batch.baselines import ilrg
 from gradleak.data import load_samples
+from gradleak.experiments.batch import victim_model
 from gradleak.experiments.common import markdown_table
-from gradleak.models import NETWORK_IMAGE_SIZE, build_model, input_options
 
 FORMATS = ("hard", "smoothing")
 EPS_RANGE = (0.01, 0.3)
@@ -57,10 +57,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench-batch-counts.csv")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    side = NETWORK_IMAGE_SIZE.get(args.network, 32)
-    images, _ = load_samples("cifar10", size=side)
-    networks = [build_model(args.network, 10, head_bias=True, init=args.init, seed=seed,
-                            **input_options(args.network, channels=3, image_size=side)) for seed in range(args.models)]
+    built = [victim_model("cifar10", args.network, init=args.init, seed=seed) for seed in range(args.models)]
+    networks = [model for model, _, _ in built]
+    images, _ = load_samples("cifar10", size=built[0][1])   # the experiment's image side for this network
     cells = [(size, label_format, m, b) for size in args.batch_sizes for label_format in args.formats
              for m in range(args.models) for b in range(args.batches)]
     rows = []

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradleak.data import DATASETS, load_samples
-from gradleak.experiments.batch import BATCH_FORMATS, attack, grade, victim_batch, victim_model
+from gradleak.experiments.batch import BATCH_FORMATS, attack, batch_rng, grade, victim_batch, victim_model
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -48,8 +48,8 @@ def main() -> None:
     rows = []
     for label_format, size, sample in tqdm(cells, desc=f"{args.network} float32 / float64"):
         for name, network in models.items():
-            rng = np.random.RandomState([args.seed, BATCH_FORMATS.index(label_format), size, sample])
-            gradients, truth = victim_batch(network, images, labels, num_classes, label_format, size, rng)
+            gradients, truth = victim_batch(network, images, labels, num_classes, label_format, size,
+                                            batch_rng(args.seed, label_format, size, sample))
             start = time.perf_counter()
             answer = attack("gradleak", network, gradients, size, tuple(images.shape[1:]))
             seconds = time.perf_counter() - start

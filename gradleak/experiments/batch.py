@@ -76,6 +76,12 @@ def _targets(labels: torch.Tensor, num_classes: int, label_format: str, rng: np.
     return lam[:, None] * one_hot + (1 - lam[:, None]) * other, (partner, lam), None
 
 
+def batch_rng(seed: int, label_format: str, size: int, sample: int) -> np.random.RandomState:
+    """The random stream of one batch (its images, labels, eps and mixing), from ``(seed, format, B, sample)``
+    alone: the same batch wherever and in whatever order it is drawn."""
+    return np.random.RandomState([seed, BATCH_FORMATS.index(label_format), size, sample])
+
+
 def victim_batch(model, images, all_labels, num_classes, label_format, size, rng):
     """One batch: its gradients (the attacker's view) and its truth (the evaluator's), in the model's dtype."""
     count, dtype = images.shape[0], model.head.weight.dtype
@@ -223,9 +229,8 @@ def batch_rows(job: Tuple[str, int, int, Sequence[str]], *, setting: Mapping[str
     """
     label_format, size, sample, methods = job
     model, images, labels, init_name = _victim_setup(**setting)
-    rng = np.random.RandomState([setting["seed"], BATCH_FORMATS.index(label_format), size, sample])
     gradients, truth = victim_batch(model, images, labels, DATASETS[setting["dataset"]].num_classes, label_format,
-                                    size, rng)
+                                    size, batch_rng(setting["seed"], label_format, size, sample))
     rows = []
     for method in methods:
         start = time.perf_counter()
