@@ -156,10 +156,11 @@ def test_fcn4_on_cifar10_with_a_common_eps_and_a_known_batch_size():
 
 
 def test_an_example_whose_split_scale_is_rough_is_read_by_its_label_structure():
-    """FCN-4 (untrained, with biases), CIFAR-10 at 64 px, a batch of 8 hard labels. The split finds every
-    example, but the feature scale it gives one of them carries more error than the gradient's rounding, so that
-    example's closed form (its own bias gradient) leaves a label entry below zero and is not determined; the
-    label's structure then fixes the feature's scale, and the batch is determined and right."""
+    """FCN-4 (untrained, with biases), CIFAR-10 at 64 px, batches of 8 hard labels (the experiment's samples 0-4).
+    The split finds every example, but in some batch the feature scale it gives one of them carries more error
+    than the gradient's rounding, so that example's closed form (its own bias gradient) leaves a label entry below
+    zero and is not determined; the label's structure then fixes the feature's scale, and the batch is determined
+    and right. Which batch depends on the CPU's rounding (sample 2 on one machine, 3 on another)."""
     import numpy as np
     from gradleak.experiments.batch import BATCH_FORMATS, victim_batch
     from gradleak.models import build_model, input_options
@@ -167,12 +168,15 @@ def test_an_example_whose_split_scale_is_rough_is_read_by_its_label_structure():
     model = build_model("fcn4", 10, head_bias=True, init="default", seed=2023,
                         **input_options("fcn4", channels=3, image_size=64))
     images, classes = load_samples("cifar10", size=64)
-    rng = np.random.RandomState([2023, BATCH_FORMATS.index("hard"), 8, 2])
-    gradients, truth = victim_batch(model, images, classes, 10, "hard", 8, rng)
-    split = split_batch(model, gradients, batch_size=8)
-    _assert_split(split, truth["labels"], truth["features"])
-    methods = [result.method for result in split.examples]
-    assert "exact" in methods and "closed_form" in methods, methods
+    mixed = 0
+    for sample in range(5):
+        rng = np.random.RandomState([2023, BATCH_FORMATS.index("hard"), 8, sample])
+        gradients, truth = victim_batch(model, images, classes, 10, "hard", 8, rng)
+        split = split_batch(model, gradients, batch_size=8)
+        _assert_split(split, truth["labels"], truth["features"])
+        methods = {result.method for result in split.examples}
+        mixed += methods == {"exact", "closed_form"}
+    assert mixed >= 1
 
 
 def _relu_conv_net(head_bias, seed):

@@ -13,8 +13,9 @@ from ..head import GradientsLike, find_head, head_gradients, named_gradients, st
 from ..labels import LABEL_FORMATS
 from ..recovery import RecoveryResult, recover_from_gradients
 from ..recovery.api import GRADIENT_SCALES
-from .mass import (LatticeFit, class_means, class_prediction_mass, fit_lattice, fit_lattice_near_scale,
-                   fit_lattice_unknown_scale, mean_feature, nearby_counts, prediction_mass)
+from .mass import (LatticeFit, class_means, class_prediction_mass, fit_counts, fit_lattice, fit_lattice_near_scale,
+                   fit_lattice_unknown_scale, in_spacings, lattice_starts, lattice_starts_unknown_scale,
+                   mean_feature, nearby_counts, prediction_mass)
 from .split import BatchSplit, split_batch
 
 #: How far (in examples, times ``1 - eps``) a class mass may sit from its lattice point and still fix the counts:
@@ -255,54 +256,89 @@ def _single(model: nn.Module, named, found, label_format: str, options: Dict[str
                                gradient_scale=result.gradient_scale, **common)
 
 
+@dataclass
+class _Refinement:
+    """The rounds of refining the summed predictions from one lattice start (:func:`_refine`): the last fit, the
+    counts and eps of every round, and the last estimates of the summed predictions and the mean feature."""
+
+    fit: LatticeFit
+    counts_seen: List[torch.Tensor]
+    eps_seen: List[float]
+    prediction: torch.Tensor
+    feature: torch.Tensor
+
+    @property
+    def distance(self) -> float:
+        """How far the last class mass sits from its lattice point, in lattice spacings."""
+        return in_spacings(self.fit.residual, self.fit.eps)
+
+
+def _refine(start: LatticeFit, parts: Dict[str, torch.Tensor], size: int, hard: bool, scale_known: bool
+            ) -> _Refinement:
+    """:data:`MASS_ROUNDS` rounds from the lattice fit ``start``: each refines the summed predictions with the last
+    round's counts and eps (the mean feature over the classes it leaves empty, each class's examples at their own
+    mean) and fits the lattice again (near the scale found, when unknown)."""
+    weight, bias, weight_grad, bias_grad = parts["weight"], parts["bias"], parts["weight_grad"], parts["bias_grad"]
+    fit, feature = start, mean_feature(weight_grad, bias_grad)
+    counts_seen, eps_seen, prediction = [fit.counts], [fit.eps], None
+    for _ in range(MASS_ROUNDS - 1):
+        empty = fit.counts == 0
+        if bool(empty.any()):
+            feature = mean_feature(weight_grad, bias_grad, empty)
+        means = class_means(fit.inverse_scale * weight_grad, fit.inverse_scale * bias_grad, feature, fit.counts,
+                            fit.eps)
+        prediction = class_prediction_mass(weight, bias, means, fit.counts)
+        fit = fit_lattice(prediction - size * bias_grad, size, hard=hard) if scale_known else \
+            fit_lattice_near_scale(prediction, bias_grad, size, fit.inverse_scale, hard=hard)
+        counts_seen.append(fit.counts)
+        eps_seen.append(fit.eps)
+    return _Refinement(fit, counts_seen, eps_seen, prediction, feature)
+
+
 def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_format: str, scale_known: bool,
                 common: Dict[str, object]) -> BatchRecoveryResult:
     """B > 1: the class mass from the bias gradient and the estimated summed predictions; counts and eps from the
-    nearest lattice point (with the gradient scale, when unknown), judged by how near it is."""
-    weight, bias = parts["weight"].detach().double(), parts["bias"].detach().double()
-    weight_grad, bias_grad = parts["weight_grad"].detach().double(), as_tensor(parts["bias_grad"], "bias_grad")
-    check_finite(bias_grad, "bias_grad")
-    bias_grad = bias_grad.detach().double()
+    nearest lattice point (with the gradient scale, when unknown), judged by how near it is.
+
+    The first estimate (every example at the batch's mean feature) is rough where logits differ between examples,
+    so the refinement starts from each of the :data:`~gradleak.batch.mass.MASS_STARTS` lattice points nearest to it
+    and the start that ends nearest to its lattice point answers; a start that ends at other counts as near (within
+    the lattice tolerance) makes the counts ambiguous."""
+    parts = dict(parts, bias_grad=as_tensor(parts["bias_grad"], "bias_grad"))
+    check_finite(parts["bias_grad"], "bias_grad")
+    parts = {name: parts[name].detach().double() for name in ("weight", "bias", "weight_grad", "bias_grad")}
     hard = label_format == "hard"
-    if label_format == "mixup" and not scale_known:
-        raise ValueError("a mixup batch's class mass has no count lattice to fix an unknown gradient scale with: "
-                         "pass the scale (divide the update by -lr) and gradient_scale='known'")
-    feature = mean_feature(weight_grad, bias_grad)  # a ratio: the gradient scale cancels
-    prediction = prediction_mass(weight, bias, feature, size)
-    fit: Optional[LatticeFit] = None
-    runner_up = math.inf
-    # every round's answer: counts that the last refinement did not give back are not pinned (the estimate swings
-    # between rounds), and eps is known no better than it moved over all of them
-    counts_seen, eps_seen = [], []
-    for _ in range(0 if label_format == "mixup" else MASS_ROUNDS):
-        if fit is not None:
-            # refine with the last round's answer: the mean feature over the classes it leaves empty, and each
-            # class's examples at their own mean
-            empty = fit.counts == 0
-            if bool(empty.any()):
-                feature = mean_feature(weight_grad, bias_grad, empty)
-            means = class_means(fit.inverse_scale * weight_grad, fit.inverse_scale * bias_grad, feature, fit.counts,
-                                fit.eps)
-            prediction = class_prediction_mass(weight, bias, means, fit.counts)
-        if scale_known:
-            fit = fit_lattice(prediction - size * bias_grad, size, hard=hard)
-        elif fit is None:
-            fit, runner_up = fit_lattice_unknown_scale(prediction, bias_grad, size, hard=hard)
-        else:  # near the scale found; the last estimate is scanned over every scale below
-            fit = fit_lattice_near_scale(prediction, bias_grad, size, fit.inverse_scale, hard=hard)
-        eps_seen.append(fit.eps)
-        counts_seen.append(fit.counts)
-    if not scale_known and len(counts_seen) > 1:
-        fit, runner_up = fit_lattice_unknown_scale(prediction, bias_grad, size, hard=hard)
-        eps_seen.append(fit.eps)
-        counts_seen.append(fit.counts)
-    if fit is None:
-        return BatchRecoveryResult(prediction - size * bias_grad, None, None, [], False, False,
+    if label_format == "mixup":
+        if not scale_known:
+            raise ValueError("a mixup batch's class mass has no count lattice to fix an unknown gradient scale "
+                             "with: pass the scale (divide the update by -lr) and gradient_scale='known'")
+        feature = mean_feature(parts["weight_grad"], parts["bias_grad"])
+        prediction = prediction_mass(parts["weight"], parts["bias"], feature, size)
+        return BatchRecoveryResult(prediction - size * parts["bias_grad"], None, None, [], False, False,
                                    "mixup: the class mass is an estimate with no count lattice to check it against",
                                    label_format="mixup", method="class_mass", **common)
-    mass = prediction - fit.inverse_scale * size * bias_grad
+    predicted = prediction_mass(parts["weight"], parts["bias"], mean_feature(parts["weight_grad"],
+                                                                              parts["bias_grad"]), size)
+    # the first estimate as the lattice fits take it: its class mass, or (scale unknown) the summed predictions
+    first, signal = (predicted - size * parts["bias_grad"], None) if scale_known else (predicted, parts["bias_grad"])
+    starts = lattice_starts(first, size, hard=hard) if scale_known else \
+        lattice_starts_unknown_scale(first, signal, size, hard=hard)
+    runs = [_refine(start, parts, size, hard, scale_known) for start in starts]
+    best = min(runs, key=lambda run: run.distance)
+    rivals = [run.distance for run in runs if not torch.equal(run.fit.counts, best.fit.counts)]
+    fit, counts_seen, eps_seen = best.fit, best.counts_seen, best.eps_seen
+    if not scale_known:  # the last estimate scanned over every scale again
+        fit, scanned = fit_lattice_unknown_scale(best.prediction, signal, size, hard=hard)
+        rivals.append(scanned)
+        counts_seen, eps_seen = counts_seen + [fit.counts], eps_seen + [fit.eps]
+    runner_up = min(rivals, default=math.inf)
+    # eps is known no better than it moved as the estimate was refined with these counts (from the first estimate)
+    eps_seen = [fit_counts(first, fit.counts, signal, size, hard).eps] + [
+        eps for counts, eps in zip(counts_seen, eps_seen) if torch.equal(counts, fit.counts)]
+    mass = best.prediction - fit.inverse_scale * size * parts["bias_grad"]
     tol = LATTICE_TOL * (1.0 - fit.eps)
-    settled = len(counts_seen) == 1 or torch.equal(counts_seen[-2], fit.counts)
+    # counts that the last refinement did not give back are not pinned (the estimate swings between rounds)
+    settled = torch.equal(counts_seen[-2], fit.counts)
     on_lattice = fit.residual <= tol and settled
     reasons = []
     if fit.residual > tol:
@@ -313,10 +349,12 @@ def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_forma
     elif not settled:
         reasons.append(f"the counts changed in the last of {len(counts_seen)} rounds of refining the summed "
                        "predictions: the estimate has not settled, and a lattice point near it proves nothing")
-    elif runner_up <= tol:
+    elif runner_up <= max(LATTICE_TOL, AMBIGUITY_RATIO * in_spacings(fit.residual, fit.eps)):
+        # the single example's rule for a unique answer: every rival misses by AMBIGUITY_RATIO times more
         on_lattice = False
-        reasons.append(f"other counts fit at another gradient scale (residual {runner_up:.2g}): with the scale "
-                       "unknown the counts are ambiguous")
+        reasons.append(f"other counts fit almost as well ({runner_up:.2g} lattice spacings from their lattice point "
+                       f"against {in_spacings(fit.residual, fit.eps):.2g}, from another start of the refinement"
+                       + ("" if scale_known else " or at another gradient scale") + "): the counts are ambiguous")
     moved = max(eps_seen) - min(eps_seen)
     eps_error = max(fit.eps_error, moved)
     if not hard and AMBIGUITY_RATIO * eps_error > EPS_TOL:
@@ -329,4 +367,4 @@ def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_forma
     return BatchRecoveryResult(mass, fit.counts, fit.eps if detected == "smoothing" else 0.0, [], not reasons,
                                on_lattice, "; ".join(reasons), label_format=detected, method="class_mass",
                                lattice_residual=fit.residual, eps_error=eps_error,
-                               gradient_scale=1.0 / fit.inverse_scale, extra={"mean_feature": feature}, **common)
+                               gradient_scale=1.0 / fit.inverse_scale, extra={"mean_feature": best.feature}, **common)
