@@ -200,13 +200,11 @@ def test_the_refinement_starts_from_several_lattice_points():
     puts the class mass about half a lattice spacing from its nearest count vectors, and the nearest is wrong; the
     refinement from it settles on other wrong counts, 0.5 spacings off, while a start further away settles on the
     truth within 0.05. The start that ends nearest to its lattice point answers."""
-    import numpy as np
-    from gradleak.experiments.batch import BATCH_FORMATS, victim_batch, victim_model
+    from gradleak.experiments.batch import batch_rng, victim_batch, victim_model
 
     model, side, _ = victim_model("cifar10", "resnet18")
     images, classes = load_samples("cifar10", size=side)
-    rng = np.random.RandomState([2023, BATCH_FORMATS.index("smoothing"), 64, 3])
-    gradients, truth = victim_batch(model, images, classes, 10, "smoothing", 64, rng)
+    gradients, truth = victim_batch(model, images, classes, 10, "smoothing", 64, batch_rng(2023, "smoothing", 64, 3))
     weight, bias = model.head.weight.detach().double(), model.head.bias.detach().double()
     weight_grad, bias_grad = gradients["head.weight"].double(), gradients["head.bias"].double()
     first = prediction_mass(weight, bias, mean_feature(weight_grad, bias_grad), 64) - 64 * bias_grad

@@ -161,8 +161,7 @@ def test_an_example_whose_split_scale_is_rough_is_read_by_its_label_structure():
     than the gradient's rounding, so that example's closed form (its own bias gradient) leaves a label entry below
     zero and is not determined; the label's structure then fixes the feature's scale, and the batch is determined
     and right. Which batch depends on the CPU's rounding (sample 2 on one machine, 3 on another)."""
-    import numpy as np
-    from gradleak.experiments.batch import BATCH_FORMATS, victim_batch
+    from gradleak.experiments.batch import batch_rng, victim_batch
     from gradleak.models import build_model, input_options
 
     model = build_model("fcn4", 10, head_bias=True, init="default", seed=2023,
@@ -170,8 +169,7 @@ def test_an_example_whose_split_scale_is_rough_is_read_by_its_label_structure():
     images, classes = load_samples("cifar10", size=64)
     mixed = 0
     for sample in range(5):
-        rng = np.random.RandomState([2023, BATCH_FORMATS.index("hard"), 8, sample])
-        gradients, truth = victim_batch(model, images, classes, 10, "hard", 8, rng)
+        gradients, truth = victim_batch(model, images, classes, 10, "hard", 8, batch_rng(2023, "hard", 8, sample))
         split = split_batch(model, gradients, batch_size=8)
         _assert_split(split, truth["labels"], truth["features"])
         methods = {result.method for result in split.examples}
