@@ -273,14 +273,14 @@ class _Refinement:
         return in_spacings(self.fit.residual, self.fit.eps)
 
 
-def _refine(start: LatticeFit, parts: Dict[str, torch.Tensor], size: int, hard: bool, scale_known: bool
-            ) -> _Refinement:
-    """:data:`MASS_ROUNDS` rounds from the lattice fit ``start``: each refines the summed predictions with the last
-    round's counts and eps (the mean feature over the classes it leaves empty, each class's examples at their own
-    mean) and fits the lattice again (near the scale found, when unknown)."""
+def _refine(start: LatticeFit, feature: torch.Tensor, parts: Dict[str, torch.Tensor], size: int, hard: bool,
+            scale_known: bool) -> _Refinement:
+    """:data:`MASS_ROUNDS` rounds from the lattice fit ``start`` of the estimate at the batch's mean ``feature``:
+    each refines the summed predictions with the last round's counts and eps (the mean feature over the classes
+    it leaves empty, each class's examples at their own mean) and fits the lattice again (near the scale found,
+    when unknown)."""
     weight, bias, weight_grad, bias_grad = parts["weight"], parts["bias"], parts["weight_grad"], parts["bias_grad"]
-    fit, feature = start, mean_feature(weight_grad, bias_grad)
-    counts_seen, eps_seen, prediction = [fit.counts], [fit.eps], None
+    fit, counts_seen, eps_seen, prediction = start, [start.counts], [start.eps], None
     for _ in range(MASS_ROUNDS - 1):
         empty = fit.counts == 0
         if bool(empty.any()):
@@ -304,26 +304,23 @@ def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_forma
     so the refinement starts from each of the :data:`~gradleak.batch.mass.MASS_STARTS` lattice points nearest to it
     and the start that ends nearest to its lattice point answers; a start that ends at other counts as near (within
     the lattice tolerance) makes the counts ambiguous."""
-    parts = dict(parts, bias_grad=as_tensor(parts["bias_grad"], "bias_grad"))
-    check_finite(parts["bias_grad"], "bias_grad")
+    check_finite(as_tensor(parts["bias_grad"], "bias_grad"), "bias_grad")
     parts = {name: parts[name].detach().double() for name in ("weight", "bias", "weight_grad", "bias_grad")}
     hard = label_format == "hard"
+    if label_format == "mixup" and not scale_known:
+        raise ValueError("a mixup batch's class mass has no count lattice to fix an unknown gradient scale with: "
+                         "pass the scale (divide the update by -lr) and gradient_scale='known'")
+    feature = mean_feature(parts["weight_grad"], parts["bias_grad"])  # a ratio: the gradient scale cancels
+    predicted = prediction_mass(parts["weight"], parts["bias"], feature, size)
     if label_format == "mixup":
-        if not scale_known:
-            raise ValueError("a mixup batch's class mass has no count lattice to fix an unknown gradient scale "
-                             "with: pass the scale (divide the update by -lr) and gradient_scale='known'")
-        feature = mean_feature(parts["weight_grad"], parts["bias_grad"])
-        prediction = prediction_mass(parts["weight"], parts["bias"], feature, size)
-        return BatchRecoveryResult(prediction - size * parts["bias_grad"], None, None, [], False, False,
+        return BatchRecoveryResult(predicted - size * parts["bias_grad"], None, None, [], False, False,
                                    "mixup: the class mass is an estimate with no count lattice to check it against",
                                    label_format="mixup", method="class_mass", **common)
-    predicted = prediction_mass(parts["weight"], parts["bias"], mean_feature(parts["weight_grad"],
-                                                                              parts["bias_grad"]), size)
     # the first estimate as the lattice fits take it: its class mass, or (scale unknown) the summed predictions
     first, signal = (predicted - size * parts["bias_grad"], None) if scale_known else (predicted, parts["bias_grad"])
     starts = lattice_starts(first, size, hard=hard) if scale_known else \
         lattice_starts_unknown_scale(first, signal, size, hard=hard)
-    runs = [_refine(start, parts, size, hard, scale_known) for start in starts]
+    runs = [_refine(start, feature, parts, size, hard, scale_known) for start in starts]
     best = min(runs, key=lambda run: run.distance)
     rivals = [run.distance for run in runs if not torch.equal(run.fit.counts, best.fit.counts)]
     fit, counts_seen, eps_seen = best.fit, best.counts_seen, best.eps_seen
@@ -336,25 +333,22 @@ def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_forma
     eps_seen = [fit_counts(first, fit.counts, signal, size, hard).eps] + [
         eps for counts, eps in zip(counts_seen, eps_seen) if torch.equal(counts, fit.counts)]
     mass = best.prediction - fit.inverse_scale * size * parts["bias_grad"]
-    tol = LATTICE_TOL * (1.0 - fit.eps)
-    # counts that the last refinement did not give back are not pinned (the estimate swings between rounds)
-    settled = torch.equal(counts_seen[-2], fit.counts)
-    on_lattice = fit.residual <= tol and settled
-    reasons = []
+    tol, distance = LATTICE_TOL * (1.0 - fit.eps), in_spacings(fit.residual, fit.eps)
+    reasons = []  # why the counts are not pinned, then why eps is not
     if fit.residual > tol:
         reasons.append(f"the class mass sits {fit.residual:.2g} examples from the nearest count lattice point "
                        f"(more than {tol:.3g}): the summed predictions are estimated too roughly for this batch "
                        "(logits that differ a lot between examples, a large batch), or the labels are not hard or "
                        "smoothed with one eps (mixup)")
-    elif not settled:
+    elif not torch.equal(counts_seen[-2], fit.counts):  # the estimate swings between rounds
         reasons.append(f"the counts changed in the last of {len(counts_seen)} rounds of refining the summed "
                        "predictions: the estimate has not settled, and a lattice point near it proves nothing")
-    elif runner_up <= max(LATTICE_TOL, AMBIGUITY_RATIO * in_spacings(fit.residual, fit.eps)):
+    elif runner_up <= max(LATTICE_TOL, AMBIGUITY_RATIO * distance):
         # the single example's rule for a unique answer: every rival misses by AMBIGUITY_RATIO times more
-        on_lattice = False
         reasons.append(f"other counts fit almost as well ({runner_up:.2g} lattice spacings from their lattice point "
-                       f"against {in_spacings(fit.residual, fit.eps):.2g}, from another start of the refinement"
+                       f"against {distance:.2g}, from another start of the refinement"
                        + ("" if scale_known else " or at another gradient scale") + "): the counts are ambiguous")
+    on_lattice = not reasons
     moved = max(eps_seen) - min(eps_seen)
     eps_error = max(fit.eps_error, moved)
     if not hard and AMBIGUITY_RATIO * eps_error > EPS_TOL:
