@@ -1,5 +1,6 @@
 """recover_batch and the class-mass estimate (gradleak.batch.api, gradleak.batch.mass), against the truth the
 test alone knows: the batch's own labels."""
+import functools
 import itertools
 import math
 
@@ -9,8 +10,8 @@ import torch
 import gradleak
 from gradleak.batch.api import AMBIGUITY_RATIO, EPS_TOL, LATTICE_TOL, dominant_counts, numerical_rank
 from gradleak.batch.baselines import ilrg
-from gradleak.batch.mass import (MASS_STARTS, class_means, class_prediction_mass, fit_lattice, in_spacings,
-                                 lattice_starts, mean_feature, prediction_mass)
+from gradleak.batch.mass import (MASS_STARTS, class_mean_logits, class_prediction_mass, fit_lattice, in_spacings,
+                                 lattice_starts, lattice_starts_unknown_scale, mean_feature, prediction_mass)
 from gradleak.data import load_samples
 from gradleak.models import build_model
 
@@ -214,6 +215,35 @@ def test_the_refinement_starts_from_several_lattice_points():
     assert abs(result.eps - truth["eps"]) < 1e-3
 
 
+def test_the_lattice_starts_are_refined_together_as_each_alone(cifar10):
+    """The refinement runs every lattice start at once; each start's rounds are those it gives refined alone (LeNet
+    with the paper's init, whose rough first estimate leaves several starts, batches of 32 smoothed labels)."""
+    from gradleak.batch.api import _refine
+
+    images, _ = cifar10
+    model = build_model("lenet", 10, head_bias=True, init="paper", seed=4)
+    weight, bias = model.head.weight.detach().double(), model.head.bias.detach().double()
+    for seed in range(2):
+        x, classes, _ = _draw(images, 32, 10, seed)
+        gradients = _batch(model, x, classes, 0.15)[0]
+        for scale in (1.0, -0.05):  # a gradient, and an SGD step's weight delta of unknown learning rate
+            parts = dict(weight=weight, bias=bias, weight_grad=scale * gradients["head.weight"].double(),
+                         bias_grad=scale * gradients["head.bias"].double())
+            predicted = prediction_mass(weight, bias, mean_feature(parts["weight_grad"], parts["bias_grad"]), 32)
+            known = scale == 1.0
+            starts = lattice_starts(predicted - 32 * parts["bias_grad"], 32) if known else \
+                lattice_starts_unknown_scale(predicted, parts["bias_grad"], 32)
+            together = _refine(starts, parts, 32, hard=False, scale_known=known)
+            assert len(starts) > 1 and together.counts_seen.shape == (5, len(starts), 10)
+            for k, start in enumerate(starts):
+                alone = _refine([start], parts, 32, hard=False, scale_known=known)
+                assert torch.equal(alone.counts_seen[:, 0], together.counts_seen[:, k])
+                close = functools.partial(torch.allclose, rtol=1e-12, atol=1e-12)
+                assert close(alone.eps_seen[:, 0], together.eps_seen[:, k])
+                assert close(alone.inverse_scale[0], together.inverse_scale[k])
+                assert close(alone.prediction[0], together.prediction[k])
+
+
 def test_mean_feature_of_identical_features():
     """When every example has the same feature, each ratio dL/dW_c / dL/db_c is that feature exactly."""
     generator = torch.Generator().manual_seed(0)
@@ -225,10 +255,12 @@ def test_mean_feature_of_identical_features():
 
 @pytest.mark.parametrize("eps", [0.0, 0.2])
 def test_class_means_are_exact_when_every_example_predicts_alike(eps):
-    """A zero head weight gives every example the same prediction, which makes the one approximation behind
-    class_means (``sum_n p_nc h_n = (sum_n p_nc) h_bar``) exact: each class's mean feature comes back to
-    rounding (computed here from the features themselves), and an empty class gets the batch's mean. With those
-    means, class_prediction_mass sums the predictions class by class."""
+    """A zero head weight gives every example the same prediction, which makes the one approximation behind the
+    class means (``sum_n p_nc h_n = (sum_n p_nc) h_bar``) exact. The class means are linear in the gradients, so
+    any projection ``A`` of them comes back from ``G A^T`` (and the batch's mean feature from the class that holds
+    no example): each class's comes back to rounding (computed here
+    from the features themselves), and an empty class gets the batch's mean. With the head's own logits,
+    class_prediction_mass sums the predictions class by class."""
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(12, 7, generator=generator, dtype=torch.float64)
     classes = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3])                       # class 4 holds none
@@ -236,14 +268,20 @@ def test_class_means_are_exact_when_every_example_predicts_alike(eps):
     weight = torch.zeros(5, 7, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(5, generator=generator, dtype=torch.float64).requires_grad_()
     gradleak.soft_cross_entropy(features @ weight.T + bias, targets).backward()
-    counts = torch.bincount(classes, minlength=5)
-    means = class_means(weight.grad, bias.grad, features.mean(0), counts, eps)
+    counts = torch.bincount(classes, minlength=5)[None]
+    projection = torch.randn(5, 7, generator=generator, dtype=torch.float64)
+    # the empty class's ratio dL/dW_4 / dL/db_4 is the batch's mean feature exactly
+    feature_logits = mean_feature(weight.grad @ projection.T, bias.grad, counts == 0)
+    assert torch.allclose(feature_logits[0], projection @ features.mean(0), rtol=0, atol=1e-12)
+    logits = class_mean_logits(weight.grad @ projection.T, bias.grad, feature_logits, counts,
+                               torch.tensor([eps], dtype=torch.float64))
     for c in range(4):
-        assert torch.allclose(means[c], features[classes == c].mean(0), rtol=0, atol=1e-12)
-    assert torch.equal(means[4], features.mean(0))
+        assert torch.allclose(logits[0, c], projection @ features[classes == c].mean(0), rtol=0, atol=1e-12)
+    assert torch.equal(logits[0, 4], feature_logits[0])
     predictions = torch.softmax(features @ weight.detach().T + bias.detach(), -1).sum(0)
-    assert torch.allclose(class_prediction_mass(weight.detach(), bias.detach(), means, counts), predictions,
-                          rtol=0, atol=1e-12)
+    own = class_mean_logits(weight.grad @ weight.detach().T, bias.grad, torch.zeros(1, 5, dtype=torch.float64),
+                            counts, torch.tensor([eps], dtype=torch.float64))
+    assert torch.allclose(class_prediction_mass(bias.detach(), own, counts)[0], predictions, rtol=0, atol=1e-12)
 
 
 def test_numerical_rank_counts_examples():
@@ -387,9 +425,11 @@ def test_eps_is_known_no_better_than_it_moves_as_the_predictions_are_refined(cif
         gradients = _batch(model, x, classes, eps)[0]
         weight_grad, bias_grad = gradients["head.weight"].double(), gradients["head.bias"].double()
         first = fit_lattice(prediction_mass(weight, bias, mean_feature(weight_grad, bias_grad), 4) - 4 * bias_grad, 4)
-        empty = mean_feature(weight_grad, bias_grad, first.counts == 0)
-        means = class_means(weight_grad, bias_grad, empty, first.counts, first.eps)
-        second = fit_lattice(class_prediction_mass(weight, bias, means, first.counts) - 4 * bias_grad, 4)
+        logits_grad = weight_grad @ weight.T
+        empty = mean_feature(logits_grad, bias_grad, first.counts == 0)[None]
+        logits = class_mean_logits(logits_grad, bias_grad, empty, first.counts[None],
+                                   torch.tensor([first.eps], dtype=torch.float64))
+        second = fit_lattice(class_prediction_mass(bias, logits, first.counts[None])[0] - 4 * bias_grad, 4)
         result = gradleak.recover_batch(model, gradients, batch_size=4, split=False)
         moved = abs(first.eps - second.eps)
         moved_any |= moved > 0

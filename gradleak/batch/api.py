@@ -13,9 +13,9 @@ from ..head import GradientsLike, find_head, head_gradients, named_gradients, st
 from ..labels import LABEL_FORMATS
 from ..recovery import RecoveryResult, recover_from_gradients
 from ..recovery.api import GRADIENT_SCALES
-from .mass import (LatticeFit, class_means, class_prediction_mass, fit_counts, fit_lattice, fit_lattice_near_scale,
-                   fit_lattice_unknown_scale, in_spacings, lattice_starts, lattice_starts_unknown_scale,
-                   mean_feature, nearby_counts, prediction_mass)
+from .mass import (LatticeFit, class_mean_logits, class_prediction_mass, fit_counts, fit_lattice_unknown_scale,
+                   in_spacings, lattice_starts, lattice_starts_unknown_scale, mean_feature, nearby_counts,
+                   prediction_mass, refit_lattice)
 from .split import BatchSplit, split_batch
 
 #: How far (in examples, times ``1 - eps``) a class mass may sit from its lattice point and still fix the counts:
@@ -258,41 +258,61 @@ def _single(model: nn.Module, named, found, label_format: str, options: Dict[str
 
 @dataclass
 class _Refinement:
-    """The rounds of refining the summed predictions from one lattice start (:func:`_refine`): the last fit, the
-    counts and eps of every round, and the last estimates of the summed predictions and the mean feature."""
+    """The rounds of refining the summed predictions from ``K`` lattice starts at once (:func:`_refine`).
 
-    fit: LatticeFit
-    counts_seen: List[torch.Tensor]
-    eps_seen: List[float]
+    Attributes:
+        counts_seen: ``(R, K, C)`` each start's counts in every round (the start's own first).
+        eps_seen: ``(R, K)`` the same for eps.
+        inverse_scale: ``(K,)`` the last round's ``u`` (1 at a known scale).
+        residual: ``(K,)`` how far the last round's class mass sits from its lattice point, in examples.
+        prediction: ``(K, C)`` the last estimates of the summed predictions.
+        feature_classes: ``(K, C)`` the classes the last estimate of each start's mean feature combined.
+    """
+
+    counts_seen: torch.Tensor
+    eps_seen: torch.Tensor
+    inverse_scale: torch.Tensor
+    residual: torch.Tensor
     prediction: torch.Tensor
-    feature: torch.Tensor
+    feature_classes: torch.Tensor
 
     @property
-    def distance(self) -> float:
-        """How far the last class mass sits from its lattice point, in lattice spacings."""
-        return in_spacings(self.fit.residual, self.fit.eps)
+    def distance(self) -> torch.Tensor:
+        """``(K,)`` how far each start's last class mass sits from its lattice point, in lattice spacings."""
+        return in_spacings(self.residual, self.eps_seen[-1])
 
 
-def _refine(start: LatticeFit, feature: torch.Tensor, parts: Dict[str, torch.Tensor], size: int, hard: bool,
-            scale_known: bool) -> _Refinement:
-    """:data:`MASS_ROUNDS` rounds from the lattice fit ``start`` of the estimate at the batch's mean ``feature``:
-    each refines the summed predictions with the last round's counts and eps (the mean feature over the classes
-    it leaves empty, each class's examples at their own mean) and fits the lattice again (near the scale found,
-    when unknown)."""
+def _refine(starts: List[LatticeFit], parts: Dict[str, torch.Tensor], size: int, hard: bool, scale_known: bool
+            ) -> _Refinement:
+    """:data:`MASS_ROUNDS` rounds from each of the lattice fits ``starts`` of the estimate at the batch's mean
+    feature, all starts at once: each round refines the summed predictions with the last round's counts and eps
+    (the mean feature over the classes they leave empty, each class's examples at their own mean) and fits the
+    lattice again (near the scale found, when unknown). Only logits are formed: the weight gradient enters as
+    ``G W^T`` (C, C), once."""
     weight, bias, weight_grad, bias_grad = parts["weight"], parts["bias"], parts["weight_grad"], parts["bias_grad"]
-    fit, counts_seen, eps_seen, prediction = start, [start.counts], [start.eps], None
+    logits_grad = weight_grad @ weight.T                                                   # G W^T (C, C)
+    counts = torch.stack([start.counts for start in starts])
+    eps = counts.new_tensor([start.eps for start in starts], dtype=bias.dtype)
+    inverse_scale = counts.new_tensor([start.inverse_scale for start in starts], dtype=bias.dtype)
+    classes = torch.ones_like(counts, dtype=torch.bool)            # the first mean feature combines every class
+    feature_logits = mean_feature(logits_grad, bias_grad, classes)                        # W h_bar (K, C)
+    counts_seen, eps_seen, prediction, residual = [counts], [eps], None, None
     for _ in range(MASS_ROUNDS - 1):
-        empty = fit.counts == 0
-        if bool(empty.any()):
-            feature = mean_feature(weight_grad, bias_grad, empty)
-        means = class_means(fit.inverse_scale * weight_grad, fit.inverse_scale * bias_grad, feature, fit.counts,
-                            fit.eps)
-        prediction = class_prediction_mass(weight, bias, means, fit.counts)
-        fit = fit_lattice(prediction - size * bias_grad, size, hard=hard) if scale_known else \
-            fit_lattice_near_scale(prediction, bias_grad, size, fit.inverse_scale, hard=hard)
-        counts_seen.append(fit.counts)
-        eps_seen.append(fit.eps)
-    return _Refinement(fit, counts_seen, eps_seen, prediction, feature)
+        empty = counts == 0
+        refreshed = empty.any(-1, keepdim=True)
+        classes = torch.where(refreshed, empty, classes)
+        feature_logits = torch.where(refreshed, mean_feature(logits_grad, bias_grad, empty), feature_logits)
+        logits = class_mean_logits(inverse_scale[:, None, None] * logits_grad, inverse_scale[:, None] * bias_grad,
+                                   feature_logits, counts, eps)
+        prediction = class_prediction_mass(bias, logits, counts)
+        if scale_known:
+            counts, inverse_scale, eps, residual = refit_lattice(prediction - size * bias_grad, size, hard=hard)
+        else:
+            counts, inverse_scale, eps, residual = refit_lattice(prediction, size, hard=hard, signal=bias_grad,
+                                                                 inverse_scale=inverse_scale)
+        counts_seen.append(counts)
+        eps_seen.append(eps)
+    return _Refinement(torch.stack(counts_seen), torch.stack(eps_seen), inverse_scale, residual, prediction, classes)
 
 
 def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_format: str, scale_known: bool,
@@ -320,19 +340,24 @@ def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_forma
     first, signal = (predicted - size * parts["bias_grad"], None) if scale_known else (predicted, parts["bias_grad"])
     starts = lattice_starts(first, size, hard=hard) if scale_known else \
         lattice_starts_unknown_scale(first, signal, size, hard=hard)
-    runs = [_refine(start, feature, parts, size, hard, scale_known) for start in starts]
-    best = min(runs, key=lambda run: run.distance)
-    rivals = [run.distance for run in runs if not torch.equal(run.fit.counts, best.fit.counts)]
-    fit, counts_seen, eps_seen = best.fit, best.counts_seen, best.eps_seen
-    if not scale_known:  # the last estimate scanned over every scale again
-        fit, scanned = fit_lattice_unknown_scale(best.prediction, signal, size, hard=hard)
+    run = _refine(starts, parts, size, hard, scale_known)
+    distances = run.distance
+    best = int(distances.argmin())
+    last = run.counts_seen[-1]
+    rivals = distances[(last != last[best]).any(-1)].tolist()
+    prediction = run.prediction[best]
+    counts_seen, eps_seen = list(run.counts_seen[:, best]), run.eps_seen[:, best].tolist()
+    if scale_known:
+        fit = fit_counts(prediction - size * parts["bias_grad"], last[best], None, size, hard)
+    else:  # the last estimate scanned over every scale again
+        fit, scanned = fit_lattice_unknown_scale(prediction, signal, size, hard=hard)
         rivals.append(scanned)
         counts_seen, eps_seen = counts_seen + [fit.counts], eps_seen + [fit.eps]
     runner_up = min(rivals, default=math.inf)
     # eps is known no better than it moved as the estimate was refined with these counts (from the first estimate)
     eps_seen = [fit_counts(first, fit.counts, signal, size, hard).eps] + [
         eps for counts, eps in zip(counts_seen, eps_seen) if torch.equal(counts, fit.counts)]
-    mass = best.prediction - fit.inverse_scale * size * parts["bias_grad"]
+    mass = prediction - fit.inverse_scale * size * parts["bias_grad"]
     tol, distance = LATTICE_TOL * (1.0 - fit.eps), in_spacings(fit.residual, fit.eps)
     reasons = []  # why the counts are not pinned, then why eps is not
     if fit.residual > tol:
@@ -358,7 +383,9 @@ def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_forma
             else " (it moved that much as the summed predictions were refined)"))
     detected = "hard" if hard or (label_format == "auto" and fit.eps <= AMBIGUITY_RATIO * eps_error) \
         else "smoothing"
+    last_feature = mean_feature(parts["weight_grad"], parts["bias_grad"], run.feature_classes[best])
     return BatchRecoveryResult(mass, fit.counts, fit.eps if detected == "smoothing" else 0.0, [], not reasons,
                                on_lattice, "; ".join(reasons), label_format=detected, method="class_mass",
                                lattice_residual=fit.residual, eps_error=eps_error,
-                               gradient_scale=1.0 / fit.inverse_scale, extra={"mean_feature": best.feature}, **common)
+                               gradient_scale=1.0 / fit.inverse_scale, extra={"mean_feature": last_feature},
+                               **common)

@@ -48,14 +48,16 @@ NEARBY_COUNTS = 4
 def mean_feature(weight_grad: torch.Tensor, bias_grad: torch.Tensor, classes: Optional[torch.Tensor] = None
                  ) -> torch.Tensor:
     """Least-squares estimate ``(d,)`` of the batch's mean head feature from the ratios ``dL/dW_c / dL/db_c``
-    weighted by ``dL/db_c^2``: ``sum_c q_c G_c / sum_c q_c^2`` with ``q = dL/db``.
+    weighted by ``dL/db_c^2``: ``sum_c q_c G_c / sum_c q_c^2`` with ``q = dL/db``. It is linear in ``G``: given
+    ``G A^T`` (C, k) instead of ``G``, it gives ``A h_bar`` (k,).
 
     Args:
         weight_grad: ``(C, d)``; bias_grad: ``(C,)`` (float64; a common scale of both cancels).
-        classes: ``(C,)`` boolean, the classes to combine (those held by no example); None for all.
+        classes: ``(C,)`` boolean, the classes to combine (those held by no example), or ``(K, C)`` for ``K``
+            estimates at once (then ``(K, d)``); None for all.
     """
     q = bias_grad if classes is None else bias_grad * classes
-    return q @ weight_grad / q.square().sum().clamp_min(torch.finfo(q.dtype).tiny)
+    return q @ weight_grad / q.square().sum(-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
 
 
 def prediction_mass(weight: torch.Tensor, bias: torch.Tensor, feature: torch.Tensor, batch_size: int
@@ -64,32 +66,36 @@ def prediction_mass(weight: torch.Tensor, bias: torch.Tensor, feature: torch.Ten
     return batch_size * torch.softmax(weight @ feature + bias, dim=-1)
 
 
-def class_means(weight_grad: torch.Tensor, bias_grad: torch.Tensor, feature: torch.Tensor, counts: torch.Tensor,
-                eps: float) -> torch.Tensor:
-    """``(C, d)`` each class's mean feature, given the batch's counts ``n`` (C,), its eps and mean feature ``h_bar``
-    (d,): ``mu_c = h_bar + B (dL/db_c h_bar - dL/dW_c) / ((1 - eps) n_c)`` (``h_bar`` where ``n_c = 0``).
+def class_mean_logits(logits_grad: torch.Tensor, bias_grad: torch.Tensor, feature_logits: torch.Tensor,
+                      counts: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``(K, C, C)``: row ``c`` is ``W mu_c``, the logits (bias aside) of class ``c``'s mean feature, for ``K`` sets
+    of counts ``n`` (K, C) and eps (K,) at once, given the batch's mean feature ``h_bar`` as its logits ``W h_bar``
+    (K, C): ``mu_c = h_bar + B (dL/db_c h_bar - dL/dW_c) / ((1 - eps) n_c)`` (``h_bar`` where ``n_c = 0``).
 
     Row ``c`` of ``B dL/dW`` is ``sum_n p_nc h_n - (eps B / C) h_bar - (1 - eps) sum_{n in c} h_n``. Taking
     ``sum_n p_nc h_n`` as ``(sum_n p_nc) h_bar`` (the predictions' spread times the features' is second order)
     and ``sum_n p_nc = (1 - eps) n_c + eps B / C + B dL/db_c`` (the lattice) leaves the class sum. When every class
     holds an example, the class means average back to ``h_bar`` exactly (the rows of both gradients sum to
     zero). Hard labels are ``eps = 0``; for batch mixup ``mu_c`` is the mean weighted by the labels' class-``c``
-    entries.
+    entries. Only the logits are needed, and ``mu_c`` is linear in the gradients: the weight gradient enters as
+    ``G W^T``, computed once for every start and round, and no ``(C, d)`` mean is formed.
 
     Args:
-        weight_grad: ``(C, d)``; bias_grad: ``(C,)``, float64, at the true scale (an unknown one divided out).
+        logits_grad: ``(K, C, C)`` or ``(C, C)``, ``G W^T``; bias_grad: ``(K, C)`` or ``(C,)``; float64, at the
+            true scale (an unknown one's inverse multiplied in).
     """
-    share = counts.to(weight_grad.dtype)
-    spread = share.sum() * (bias_grad[:, None] * feature - weight_grad) / ((1 - eps) * share.clamp_min(1)[:, None])
-    return feature + torch.where(counts[:, None] > 0, spread, 0.0)
+    share = counts.to(feature_logits.dtype)
+    spread = share.sum(-1)[:, None, None] * (bias_grad[..., None] * feature_logits[:, None] - logits_grad) \
+        / ((1 - eps)[:, None, None] * share.clamp_min(1)[..., None])
+    return feature_logits[:, None] + torch.where(counts[..., None] > 0, spread, 0.0)
 
 
-def class_prediction_mass(weight: torch.Tensor, bias: torch.Tensor, means: torch.Tensor, counts: torch.Tensor
-                          ) -> torch.Tensor:
-    """``sum_c n_c softmax(W mu_c + b)``: ``(C,)`` the summed predictions with each class's examples at their class
-    mean ``mu_c`` (``means`` (C, d), :func:`class_means`). Where the classes' logits differ, this keeps the spread
-    between the classes that :func:`prediction_mass` (every example at the batch's mean) drops."""
-    return counts.to(means.dtype) @ torch.softmax(means @ weight.T + bias, dim=-1)
+def class_prediction_mass(bias: torch.Tensor, logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``sum_c n_c softmax(W mu_c + b)``: ``(K, C)`` the summed predictions with each class's examples at their class
+    mean ``mu_c`` (``logits`` (K, C, C) from :func:`class_mean_logits`, counts ``n`` (K, C)). Where the classes'
+    logits differ, this keeps the spread between the classes that :func:`prediction_mass` (every example at the
+    batch's mean) drops."""
+    return (counts.to(logits.dtype)[:, None] @ torch.softmax(logits + bias, dim=-1))[:, 0]
 
 
 @dataclass(frozen=True)
@@ -120,10 +126,18 @@ def _round_to_sum(values: torch.Tensor, total: int) -> torch.Tensor:
     counts = values.round().clamp(0, total)
     deficit = total - counts.sum(-1, keepdim=True)
     gap = values - counts
-    up_rank = (-gap).argsort(-1).argsort(-1)
-    down_rank = torch.where(counts > 0, gap, torch.full_like(gap, torch.inf)).argsort(-1).argsort(-1)
+    up_rank = _ranks(-gap)
+    down_rank = _ranks(torch.where(counts > 0, gap, torch.full_like(gap, torch.inf)))
     counts = counts + (up_rank < deficit).to(counts.dtype) - (down_rank < -deficit).to(counts.dtype)
     return counts.clamp_min(0)
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank along the last dimension (0 for the smallest): the inverse of the sorting permutation,
+    scattered rather than sorted again (the sorts of the eps grid were most of the class mass's time)."""
+    order = values.argsort(-1)
+    positions = torch.arange(values.shape[-1], device=values.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
 
 
 def in_spacings(residual: Number, eps: Number) -> Number:
@@ -141,8 +155,7 @@ def _grid_lattice(mass: torch.Tensor, batch_size: int, hard: bool) -> Tuple[torc
     share = batch_size / mass.shape[-1]
     eps = mass.new_zeros(1) if hard else torch.linspace(0.0, 0.99, EPS_GRID, dtype=mass.dtype, device=mass.device)
     counts = _round_to_sum((mass[:, None] - eps[:, None] * share) / (1 - eps[:, None]), batch_size)
-    refit = _refit(mass[:, None], counts, None, batch_size, hard)[1]
-    lattice = (1 - refit[..., None]) * counts + refit[..., None] * share
+    _, refit, _, _, lattice = _on_lattice(mass[:, None], counts, None, batch_size, hard)
     residual = in_spacings((mass[:, None] - lattice).abs().amax(-1), refit)
     # rounding cannot always be moved onto B (eps near 1 blows the values up): such counts are no lattice point
     return counts, torch.where(counts.sum(-1) == batch_size, residual, torch.inf)
@@ -199,6 +212,17 @@ def _refit(mass: torch.Tensor, counts: torch.Tensor, signal: Optional[torch.Tens
     return u, eps.clamp(0.0, 0.999), a11 / det
 
 
+def _on_lattice(mass: torch.Tensor, counts: torch.Tensor, signal: Optional[torch.Tensor], batch_size: int,
+                hard: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_refit` with the counts ``(..., C)`` held, and where it leaves the mass: ``(u, eps, eps variance
+    factor)`` (each ``(...)``), the mass with the gradient term taken out (``m - u B q``, or ``mass`` itself without
+    ``signal``) and its lattice point ``(1 - eps) n + eps B / C``, each ``(..., C)``."""
+    u, eps, factor = _refit(mass, counts, signal, batch_size, hard)
+    shifted = mass if signal is None else mass - (u * batch_size)[..., None] * signal
+    lattice = (1 - eps[..., None]) * counts + eps[..., None] * (batch_size / counts.shape[-1])
+    return u, eps, factor, shifted, lattice
+
+
 def nearby_counts(mass: torch.Tensor, counts: torch.Tensor, eps: float, most: int = NEARBY_COUNTS) -> torch.Tensor:
     """The counts one example away from ``counts`` (C,) (one example moved to another class) whose lattice points
     (at ``eps``) lie nearest to ``mass`` (C,), nearest first: ``(most, C)`` at most."""
@@ -235,10 +259,8 @@ def fit_counts(mass: torch.Tensor, counts: torch.Tensor, signal: Optional[torch.
                hard: bool = False) -> LatticeFit:
     """The lattice fit of ``mass`` (C,) with ``counts`` (C,) held, eps (and ``u`` with ``signal``, the bias
     gradient: ``mass`` is then the summed predictions) refitted."""
-    u, eps, factor = _refit(mass, counts, signal, batch_size, hard)
-    shifted = mass - u * batch_size * signal if signal is not None else mass
+    u, eps, factor, shifted, lattice = _on_lattice(mass, counts, signal, batch_size, hard)
     share = batch_size / mass.shape[-1]
-    lattice = (1 - eps) * counts + eps * share
     freedom = max(mass.shape[-1] - 1 - int(not hard) - int(signal is not None), 1)
     rms = float((shifted - lattice).square().sum().div(freedom).sqrt())
     eps_error = 0.0 if hard else (rms * float(factor) ** 0.5 if float((share - counts).abs().max()) > 0
@@ -255,13 +277,23 @@ MIN_SIGNAL = 0.5
 SCALE_STEP = 0.1
 
 
-def fit_lattice_near_scale(prediction: torch.Tensor, signal: torch.Tensor, batch_size: int, inverse_scale: float,
-                           *, hard: bool = False) -> LatticeFit:
-    """The lattice fit of ``m = prediction - u B q`` (``signal`` q) with the counts of the mass at ``u =
-    inverse_scale`` held, ``(u, eps)`` refitted with them: a refinement step of
-    :func:`fit_lattice_unknown_scale` once it has found the scale (no scan)."""
-    counts = _lattice_counts((prediction - inverse_scale * batch_size * signal)[None], batch_size, hard)[0]
-    return fit_counts(prediction, counts, signal, batch_size, hard)
+def refit_lattice(prediction: torch.Tensor, batch_size: int, *, hard: bool = False,
+                  signal: Optional[torch.Tensor] = None, inverse_scale: Optional[torch.Tensor] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One refinement round's lattice fit for ``K`` estimates at once: each row of ``prediction`` (K, C) gets the
+    counts of the lattice point nearest to its mass, and ``(u, eps)`` refitted with them (:func:`fit_counts` row by
+    row). Without ``signal`` the rows are the class masses; with it (the observed bias gradient ``q``, scale
+    unknown) they are the summed predictions, the mass is ``prediction - u B q`` at ``u = inverse_scale`` (K,) for
+    the counts, and ``u`` is refitted too (near the scale found: no scan, see :func:`fit_lattice_unknown_scale`).
+
+    Returns:
+        ``(counts (K, C), u (K,), eps (K,), residual (K,))``: ``u`` is 1 without ``signal``, and ``residual`` is
+        the max-abs distance from the lattice point in examples.
+    """
+    mass = prediction if signal is None else prediction - (inverse_scale * batch_size)[:, None] * signal
+    counts = _lattice_counts(mass, batch_size, hard)
+    u, eps, _, shifted, lattice = _on_lattice(prediction, counts, signal, batch_size, hard)
+    return counts, u if signal is not None else torch.ones_like(u), eps, (shifted - lattice).abs().amax(-1)
 
 
 def fit_lattice_unknown_scale(prediction: torch.Tensor, signal: torch.Tensor, batch_size: int, *,
@@ -295,9 +327,8 @@ def lattice_starts_unknown_scale(prediction: torch.Tensor, signal: torch.Tensor,
     moves = moves[moves.abs() >= MIN_SIGNAL]
     mass = prediction - (moves / top)[:, None] * signal
     counts = _lattice_counts(mass, batch_size, hard)
-    u, eps, _ = _refit(prediction.expand_as(counts), counts, signal, batch_size, hard)
-    lattice = (1 - eps[:, None]) * counts + eps[:, None] * (batch_size / counts.shape[-1])
-    residual = in_spacings((prediction - u[:, None] * batch_size * signal - lattice).abs().amax(-1), eps)
+    u, eps, _, shifted, lattice = _on_lattice(prediction.expand_as(counts), counts, signal, batch_size, hard)
+    residual = in_spacings((shifted - lattice).abs().amax(-1), eps)
     residual = torch.where((u * batch_size).abs() * top >= MIN_SIGNAL, residual, torch.full_like(residual, torch.inf))
     return [fit_counts(prediction, counts[row], signal, batch_size, hard)
             for row in _nearest_distinct(counts, residual, most).tolist()]
