@@ -36,7 +36,7 @@ what remains, so a split that the zeros leave short by up to :func:`largest_batc
 **The set.** ``B`` candidates are the batch only if they rebuild it: ``sum_n (U^T e_n) a_n^T = B U^T G V`` (and
 ``sum_n e_n = B dL/db`` with a head bias). Every set of ``B`` of the best candidates is tried at once; the one
 that rebuilds the gradient is returned only when no other set comes close, and the caller judges it like any
-split (each example's own fit test, the joint reproductions).
+split (each example's own fit test, the joint reproductions, how far the batch's equations pin each label).
 """
 from __future__ import annotations
 

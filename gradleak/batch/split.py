@@ -49,7 +49,11 @@ each ``f_m`` gives its example's zero set through ``A f_m + b_A`` (the last exam
    different supports is no such vector); from the head, it is non-negative;
 3. the ``B`` directions explain the batch jointly: ``G`` (and ``dL/db``, ``dL/dA``, ``dL/db_A``) are reproduced,
    each ``delta_n`` is ``(W^T e_n) * 1[h_n > 0]`` for the ``e_n`` and ``h_n`` they imply, every example's label is
-   determined by its own fit test, and the recovered labels and features reproduce ``G`` (and ``dL/db``).
+   determined by its own fit test, and the recovered labels and features reproduce ``G`` (and ``dL/db``); from the
+   head alone the batch's own equations must pin every label too
+   (:func:`~gradleak.batch.label_precision.split_label_errors`): one example's fit test cannot see a re-mixing of
+   the examples that their gradient barely resists. (From the layer below, that layer's gradient pins each
+   direction, which the head's equations alone would not know.)
 
 Candidates are drawn and judged in vectorised chunks of ``CHUNK`` (no loop over candidates); the search stops as
 soon as ``B`` directions pass, or after ``max_draws``. A batch that cannot be split is reported with the reason
@@ -74,7 +78,8 @@ from ..head import GradientsLike, find_head, head_gradients, named_gradients, st
 from ..recovery import RecoveryResult, recover_label
 from ..recovery.feature_layer import layers_below_head
 from .by_labels import LabelSplit, can_complete, largest_batch, split_by_labels
-from .joint import largest_joint_batch, least_squares_errors, solve_jointly
+from .joint import CARRIED_MOST, largest_joint_batch, least_squares_errors, solve_jointly
+from .label_precision import split_label_errors
 
 #: Entries of a refined candidate (unit norm) below ``ZERO_UNITS`` times the rounding they carry are zeros: measured
 #: on float32 digits MLPs (B = 2 to 16), true zeros sit below 0.2 units and the smallest true non-zero above 600.
@@ -345,6 +350,9 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
                 if found is None or searched.determined:
                     found = searched
             examples.append(found)
+        if head_source:  # features read off the head alone: its equations judge them (B <= C - 1)
+            examples = _pinned_by_the_batch(examples, weight, bias, observed, observed_bias, precision,
+                                            gradient_scale_known, shared_weight=how == "joint")
         stacked = torch.stack([result.feature for result in examples])
         diagnostics.update(_reproduction(examples, weight, bias, observed, observed_bias))
         reasons = [f"example {n}: {result.message}" for n, result in enumerate(examples) if not result.determined]
@@ -428,6 +436,22 @@ def _errors(features: torch.Tensor, scale_known: bool, directions: Optional[torc
         if bool((kappa > 0).all()):
             return kappa.unsqueeze(1) * errors, features / kappa.unsqueeze(1), True
     return errors, features, scale_known
+
+
+def _pinned_by_the_batch(examples: List[RecoveryResult], weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         weight_grad: torch.Tensor, bias_grad: Optional[torch.Tensor], precision: float,
+                         scale_known: bool, shared_weight: bool) -> List[RecoveryResult]:
+    """The examples of a split, each determined one made undetermined where the batch's equations pin its label
+    less well than the batch answers are given to: its error
+    (:func:`~gradleak.batch.label_precision.split_label_errors`) above ``CARRIED_MOST`` (three of them within 1e-3,
+    the bound the joint solve holds its examples to)."""
+    errors = split_label_errors(examples, weight, bias, weight_grad, bias_grad, precision=precision,
+                                scale_known=scale_known, shared_weight=shared_weight)
+    said = "the batch's gradient pins this split's label only to {:.2g} (max-abs; at most {:.2g}): another " \
+           "re-mixing of the examples fits it about as well"
+    return [result if error <= CARRIED_MOST or not result.determined else
+            replace(result, determined=False, message=said.format(error, CARRIED_MOST))
+            for result, error in zip(examples, errors.tolist())]
 
 
 def _reproduction(examples: List[RecoveryResult], weight: torch.Tensor, bias: Optional[torch.Tensor],
