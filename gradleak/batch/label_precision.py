@@ -8,16 +8,16 @@ its structure (measured: a LeNet batch mixup of two examples sharing their class
 split by labels with both labels 0.010 off; it rebuilt ``G`` to 1.2e-7 and ``dL/db`` to 4.8e-5).
 
 So a split read off the head alone (``B <= C - 1``: the head's gradient then holds every feature) is judged on
-the batch's equations as well. With each example's label held to the structure its own test chose (``y_n = base_n + D_n^T
-theta_n``: one class smoothed by ``theta = 1 - eps`` or hard; two classes mixed; two classes mixed and smoothed),
-the unknowns are the features' coordinates in ``G``'s row space ``V`` (d, B), ``h_n = V a_n``, the labels' weights
-``theta_n`` and, at an unknown scale, the gradient's scale ``s``:
+the batch's equations as well. With each example's label held to the structure its own test chose
+(``y_n = base_n + D_n^T theta_n``: one class smoothed by ``theta = 1 - eps`` or hard; two classes mixed; two
+classes mixed and smoothed), the unknowns are the features' coordinates in ``G``'s row space ``V`` (d, B),
+``h_n = V a_n``, the labels' weights ``theta_n`` and, at an unknown scale, the gradient's scale ``s``:
 
     s sum_n e_n a_n^T = B G V        (C B equations)        s sum_n e_n = B dL/db        (C more, with a bias)
 
 with ``e_n = softmax(W V a_n + b) - y_n``. From the answer, Gauss-Newton settles on the least-squares solution;
 linearised there, the residual (at least the gradient's rounding) gives the labels' covariance
-``s^2 (J^T J)^-1``, as :func:`gradleak.recovery.structure.label_standard_error` does for one example. Each label's
+``sigma^2 (J^T J)^-1``, as :func:`gradleak.recovery.structure.label_standard_error` does for one example. Each label's
 error is its standard error, or how far the least-squares solution lies from the answer where that is more. Each
 example's own weight makes this a looser model than the joint solve's one eps (which it takes for a batch solved
 at once), and it leaves out the zeros that pinned a direction: it errs towards larger errors. For a split from the

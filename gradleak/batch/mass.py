@@ -13,11 +13,11 @@ weight gradient is ``dL/dW_c = (1/B) sum_n e_nc h_n``, a weighted sum of the fea
 (weighted by ``dL/db_c^2``) estimates ``h_bar``, over the classes held by no example once the counts are known.
 This is what iLRG's per-class embeddings do (Ma et al., ICLR 2023), for the whole batch and for soft labels.
 
-Once counts and eps are fitted, each class's mean feature follows from its row of the weight gradient
-(:func:`class_means`), and the summed predictions are refined with each class's examples at their own mean
-(:func:`class_prediction_mass`): that keeps the spread of the logits between classes, which the batch's mean
-feature drops (on LeNet with the paper's init at B = 16 the hard counts came back in 6 batches of 10 instead of
-2). The spread within a class stays out of reach: the head's gradient mixes it with the labels.
+Once counts and eps are fitted, each class's mean feature follows from its row of the weight gradient (only its
+logits are needed: :func:`class_mean_logits`), and the summed predictions are refined with each class's examples
+at their own mean (:func:`class_prediction_mass`): that keeps the spread of the logits between classes, which the
+batch's mean feature drops (on LeNet with the paper's init at B = 16 the hard counts came back in 6 batches of 10
+instead of 2). The spread within a class stays out of reach: the head's gradient mixes it with the labels.
 
 The estimate is good when the examples' predictions are alike (untrained networks); its error grows with the
 spread of the logits and with ``B``. Integer counts make it checkable: with label smoothing every class mass is
