@@ -30,10 +30,11 @@ def _truth_split(model, gradients, truth):
             for e, h in zip(errors, features)]
 
 
-def _errors(model, gradients, examples):
+def _errors(model, gradients, examples, shared_weight=False):
     head, weight_grad = model.head, gradients["head.weight"]
     return split_label_errors(examples, head.weight.detach(), head.bias.detach(), weight_grad, gradients["head.bias"],
-                              precision=storage_precision(weight_grad, weight_grad[0]), scale_known=True)
+                              precision=storage_precision(weight_grad, weight_grad[0]), scale_known=True,
+                              shared_weight=shared_weight)
 
 
 def test_the_truth_of_a_well_conditioned_batch_is_pinned(cifar10, resnet18):
@@ -97,10 +98,6 @@ def test_one_eps_for_the_batch_pins_labels_at_least_as_well(cifar10, resnet18):
         gradients, truth = victim_batch(resnet18, images, classes, 10, "smoothing", 8,
                                         batch_rng(2023, "smoothing", 8, sample))
         examples = _truth_split(resnet18, gradients, truth)
-        head, weight_grad = resnet18.head, gradients["head.weight"]
-        errors = {shared: split_label_errors(examples, head.weight.detach(), head.bias.detach(), weight_grad,
-                                             gradients["head.bias"], precision=storage_precision(weight_grad,
-                                                                                                 weight_grad[0]),
-                                             scale_known=True, shared_weight=shared) for shared in (False, True)}
+        errors = {shared: _errors(resnet18, gradients, examples, shared) for shared in (False, True)}
         assert bool((errors[True] <= errors[False] * (1 + 1e-6)).all())
         assert float(errors[True].max()) < CARRIED_MOST

@@ -45,21 +45,17 @@ def _structures(examples: Sequence[RecoveryResult], num_classes: int, like: torc
     uniform, nothing = torch.full_like(eye[0], 1.0 / num_classes), torch.zeros_like(eye[0])
     base, directions, free = [], [], []
     for example in examples:  # a loop over the B <= 16 examples of a split
-        first = example.classes[0]
+        first, second = example.classes[0], example.classes[-1]
         if example.label_format != "mixup":
             base.append(uniform)
             directions.append(torch.stack([eye[first] - uniform, nothing]))
-            free.append([True, False])
         elif example.eps == 0.0:
-            second = example.classes[1]
             base.append(eye[first])
             directions.append(torch.stack([eye[second] - eye[first], nothing]))
-            free.append([True, False])
         else:
-            second = example.classes[1]
             base.append(uniform)
             directions.append(torch.stack([eye[first] - uniform, eye[second] - uniform]))
-            free.append([True, True])
+        free.append([True, example.label_format == "mixup" and example.eps != 0.0])
     return torch.stack(base), torch.stack(directions), torch.tensor(free, device=like.device)
 
 
@@ -111,14 +107,13 @@ def split_label_errors(examples: Sequence[RecoveryResult], weight: torch.Tensor,
         return ((rebuilt if scale_known else x[-1] * rebuilt) - observed) / norm
 
     jacobian = torch.func.jacrev(residual)
-    x, r = answer, residual(answer)
+    x, r, j = answer, residual(answer), jacobian(answer)
     for _ in range(POLISH_STEPS):
-        trial = x + torch.linalg.lstsq(jacobian(x), -r.unsqueeze(-1)).solution.squeeze(-1)
+        trial = x + torch.linalg.lstsq(j, -r.unsqueeze(-1)).solution.squeeze(-1)
         trial_r = residual(trial)
         if not torch.linalg.vector_norm(trial_r) < torch.linalg.vector_norm(r):
             break
-        x, r = trial, trial_r
-    j = jacobian(x)
+        x, r, j = trial, trial_r, jacobian(trial)
     equations, unknowns = j.shape
     # the rounding of every observed entry, relative to the whole: precision^2 / n per entry on average
     variance = max(float(r.square().sum()) / max(equations - unknowns, 1), precision ** 2 / equations)
