@@ -558,7 +558,9 @@ def label_standard_error(problem: HeadBatch, structure: Structure, t: torch.Tens
     per entry, ``s^2 = |f|^2 / (n - k)``, and ``Cov = s^2 (J^T J)^-1`` carries over to ``y = p(t) - c / alpha``
     through its own Jacobian. A gradient that a label structure explains only roughly (an update of several
     local steps, noise) or that barely moves the fit along a free scalar (a near-uniform or saturated softmax
-    with an unknown scale) leaves a large error: the label is then not pinned down, whatever its residual.
+    with an unknown scale) leaves a large error: the label is then not pinned down, whatever its residual. At least
+    one scalar is free: ``t_free``, or an unknown scale (with neither, nothing was fitted, and the label's error is
+    the gradient's own: see :func:`gradleak.recovery.api._label_error`).
     """
     t, alpha = t.unsqueeze(-1), alpha.unsqueeze(-1)   # one candidate per example: (N, 1)
     p = torch.softmax(problem.logits(t), -1)
@@ -573,8 +575,6 @@ def label_standard_error(problem: HeadBatch, structure: Structure, t: torch.Tens
     if not problem.scale_known:
         f_columns.append(projected_p)
         y_columns.append(c / alpha.square().unsqueeze(-1))
-    if not f_columns:
-        return torch.zeros_like(p[:, 0])
     jacobian = torch.cat(f_columns, 1).transpose(1, 2)            # (N, C, k)
     label_jacobian = torch.cat(y_columns, 1).transpose(1, 2)      # (N, C, k)
     residual = (alpha.unsqueeze(-1) * projected_p - project(c))[:, 0]
