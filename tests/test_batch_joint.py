@@ -186,10 +186,11 @@ def test_a_batch_whose_examples_the_gradient_does_not_pin_is_refused(cifar100_le
 
 
 def test_a_split_that_is_not_determined_gives_way_to_the_joint_solve(cifar100_lenet):
-    """The labels split this batch of 4, but not every example is determined; solved at once from the class mass's
-    counts, every example is."""
+    """The labels split this batch of 4, but not every example is determined (their own gradients, read off G by
+    least squares, carry 6e-4, twice the bound, and at float32's precision some fail); solved at once from the class
+    mass's counts, every example is."""
     images, model = cifar100_lenet
-    gradients, labels, features = _batch(model, images, 0, 4, 0.1)
+    gradients, labels, features = _batch(model, images, 11, 4, 0.1)
     alone = split_batch(model, gradients, batch_size=4, max_draws=1000)
     assert alone.found_by == "labels" and not alone.determined
     result = gradleak.recover_batch(model, gradients, batch_size=4)
