@@ -193,8 +193,22 @@ def test_relu_conv_net_splits_from_the_head_alone(digits, head_bias, size):
     _assert_split(split, labels, features)
 
 
-def test_sigmoid_features_are_reported_as_not_split(digits):
+class _Logistic(nn.Module):
+    """A sigmoid the model does not name as one."""
+
+    def forward(self, x):
+        return torch.sigmoid(x)
+
+
+@pytest.mark.parametrize("activation", [nn.Sigmoid, nn.Softplus, _Logistic])
+def test_features_without_zeros_are_reported_as_not_split(digits, activation):
+    """LeNet's sigmoids, or softplus: the model says there are no zeros, and no draw is made. The same sigmoid
+    written as a module of its own: the first chunk of draws says so."""
     model = lenet(10, channels=1, image_size=8, generator=torch.Generator().manual_seed(0))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Sigmoid):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, activation())
     gradients, _, _ = _batch(model, digits[0][:4], digits[1][:4], "smoothing", 0)
     split = split_batch(model, gradients)
     assert not split.determined and split.examples == [] and split.features is None
@@ -202,7 +216,10 @@ def test_sigmoid_features_are_reported_as_not_split(digits):
     # each example smoothed with its own eps: at B = 4 of 10 classes the labels' structure pins only hard labels,
     # one shared eps or batch mixup (by_labels), and says what it found
     assert "by their labels' structure" in split.message
-    assert split.draws <= CHUNK  # the first chunk tells
+    if activation is not _Logistic:
+        assert split.draws == 0 and f"output of {activation.__name__}" in split.message
+    else:
+        assert 0 < split.draws <= CHUNK  # the first chunk tells
     assert split.found_by == ""
 
 

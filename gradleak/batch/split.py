@@ -28,7 +28,9 @@ column space, which pins its feature at full scale with equations to spare. That
 or ReLU features averaged over space), and the set it finds is judged by the same checks as below. Beyond, the
 directions the zeros give are pinned by their labels and the examples they miss are sought by theirs (for
 ``B <= C - 4``), and at ``B = (C - 2) / 2`` a batch whose labels are hard or share one weight is split by its
-labels as the last resort.
+labels as the last resort. Where the head's input is the output of a Sigmoid, Tanh or Softplus, which is never
+exactly zero, no row is drawn at all (LeNet's sigmoid features, nearly parallel, leave draws at the rounding that
+used to spend the whole budget: 1.5 s of a batch of 4).
 
 **Drawing rows.** A draw takes ``B - 1`` rows that are independent (ReLU patterns are correlated: many rows share
 the low-dimensional span of the few examples active there, and dependent rows leave several null directions).
@@ -193,7 +195,8 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
         model: the classifier; its head is the last ``nn.Linear`` (or ``head``), bias optional. Its input must be
             ReLU features: the output of ``Linear -> ReLU`` right below the head (the layer source, which reads
             up to ``B = min(d, n_in)`` examples), or any non-negative sparse features with ``B <= C - 1`` (the
-            head source). Features without zeros (sigmoids) are split by their labels' structure while
+            head source). Features without zeros (sigmoids; a Sigmoid or Tanh right below the head skips the search
+            by zeros) are split by their labels' structure while
             ``B <= (C - 3) / 2``, or ``(C - 2) / 2`` when the labels are hard or share one eps or mixup weight
             (:mod:`gradleak.batch.by_labels`), and reported as not split beyond.
         gradients: ``{parameter name: gradient}`` or a sequence aligned with ``model.parameters()``, of the mean
@@ -292,11 +295,14 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
                                  known=known, scale_known=gradient_scale_known, seed=seed)
         return result, how if result.features is not None else ""
 
-    by_labels, found_by, draws, directions, found, sparse = None, "", 0, None, 0, True
+    # an activation that never outputs an exact zero feeds the head: no draw can find an example's zero set (LeNet's
+    # sigmoid features, nearly parallel, left draws at the rounding that spent the whole budget: 1.5 s at B = 4)
+    dense = _dense_activation_below(model, found[0]) if layer is None else None
+    by_labels, found_by, draws, directions, found, sparse = None, "", 0, None, 0, dense is None
     labels_alone = head_source and can_complete(size, 0, num_classes) and not unseparable
     if labels_alone and size <= largest_batch(num_classes):  # each example has an equation to spare: labels first
         by_labels, found_by = by_labels_split("labels")
-    if not found_by and gradient_scale_known and not unseparable:  # zeros give directions, not the gradient's scale
+    if not found_by and gradient_scale_known and not unseparable and sparse:  # zeros give directions, not the scale
         subspace = _subspace(matrix, size, precision)
         if layer is None:
             check, remaining = _non_negative, None
@@ -408,9 +414,10 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
                       f"alone, B <= {largest_batch(num_classes, shared_weight=True)} of {num_classes} classes, or "
                       f"up to {largest_joint_batch(num_classes)} solved at once from their counts){labels_said}")
     if not sparse:
-        return refuse(f"no draw of B - 1 = {size - 1} rows vanishes on any other row: the head's input has no "
-                      "exact zeros (sigmoid or other dense features), and the batch cannot be split by its "
-                      f"zeros{labels_said}", draws)
+        why = f"the head's input is the output of {dense}, which has no exact zeros" if dense else (
+            f"no draw of B - 1 = {size - 1} rows vanishes on any other row: the head's input has no exact zeros "
+            "(sigmoid or other dense features)")
+        return refuse(f"{why}, and the batch cannot be split by its zeros{labels_said}", draws)
     return refuse(f"found {found} of {size} example directions in {draws} draws (max_draws): too many examples "
                   "for the budget, examples with too few zeros, or not one batch of this model's "
                   f"examples{labels_said}", draws)
@@ -546,6 +553,19 @@ def _joint_tolerance(precision: float) -> float:
     """Largest relative error of the joint reproductions: the gradient's rounding, amplified by the split's
     conditioning (measured below 1e-5 in float32) and with room to spare; a wrong split errs by O(0.1)."""
     return 1e4 * precision
+
+
+#: Activations whose outputs are exactly zero at most at one point or by float underflow (a sigmoid or softplus
+#: below about -88 in float32); GELU and SiLU, zero below about -40 and -88 times their input's scale, are not counted.
+_DENSE_ACTIVATIONS = (nn.Sigmoid, nn.Tanh, nn.Softplus)
+
+
+def _dense_activation_below(model: nn.Module, head_name: str) -> Optional[str]:
+    """The name of the activation that feeds the head (in registration order) when it never outputs an exact zero,
+    else None. Registration order can mislead only towards skipping the search by zeros, never towards a wrong
+    split."""
+    below = layers_below_head(model, head_name)
+    return type(below[0]).__name__ if below is not None and isinstance(below[0], _DENSE_ACTIVATIONS) else None
 
 
 def _relu_layer_below(model: nn.Module, head_name: str, dim: int) -> Optional[Tuple[str, nn.Linear]]:
