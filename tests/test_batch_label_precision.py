@@ -101,3 +101,28 @@ def test_one_eps_for_the_batch_pins_labels_at_least_as_well(cifar10, resnet18):
         errors = {shared: _errors(resnet18, gradients, examples, shared) for shared in (False, True)}
         assert bool((errors[True] <= errors[False] * (1 + 1e-6)).all())
         assert float(errors[True].max()) < CARRIED_MOST
+
+
+@pytest.mark.parametrize("scale_known, with_bias", [(True, True), (False, True), (True, False), (False, False)])
+def test_the_closed_form_jacobian_matches_autodiff(scale_known, with_bias):
+    """The batch's equations' Jacobian in closed form against reverse-mode autodiff of their residual: one-class,
+    mixed and smoothed mixed labels, one weight tied across the one-class labels."""
+    from gradleak.batch.label_precision import _BatchEquations
+
+    generator = torch.Generator().manual_seed(0)
+    num_classes, size = 7, 3
+    weight_reduced = torch.randn(num_classes, size, generator=generator, dtype=torch.float64)
+    bias = torch.randn(num_classes, generator=generator, dtype=torch.float64)
+    base = torch.rand(size, num_classes, generator=generator, dtype=torch.float64)
+    directions = torch.randn(size, 2, num_classes, generator=generator, dtype=torch.float64)
+    mapping = torch.eye(2 * size, dtype=torch.float64)[:, [0, 2, 3, 4]]
+    mapping = torch.cat([mapping[:, [0, 1, 3]].sum(-1, keepdim=True), mapping[:, [2]]], -1)  # tied first weights
+    rows = num_classes * size + (num_classes if with_bias else 0)
+    observed = torch.randn(rows, generator=generator, dtype=torch.float64)
+    equations = _BatchEquations(weight_reduced, bias, base, directions, mapping, observed,
+                                torch.linalg.vector_norm(observed), scale_known, with_bias)
+    x = torch.randn(size * size + mapping.shape[1] + (not scale_known), generator=generator, dtype=torch.float64)
+    residual, jacobian = equations.evaluate(x)
+    expected = torch.func.jacrev(lambda value: equations.evaluate(value)[0])(x)
+    assert residual.shape == (rows,) and jacobian.shape == expected.shape
+    torch.testing.assert_close(jacobian, expected, rtol=1e-12, atol=1e-14)

@@ -26,7 +26,8 @@ the split instead.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -57,6 +58,55 @@ def _structures(examples: Sequence[RecoveryResult], num_classes: int, like: torc
             directions.append(torch.stack([eye[first] - uniform, eye[second] - uniform]))
         free.append([True, example.label_format == "mixup" and example.eps != 0.0])
     return torch.stack(base), torch.stack(directions), torch.tensor(free, device=like.device)
+
+
+@dataclass(frozen=True)
+class _BatchEquations:
+    """The batch's equations ``s sum_n e_n a_n^T = B G V`` and ``s sum_n e_n = B dL/db`` (with a bias) in the
+    unknowns ``x = (a (B, B) flattened, the free label weights phi, s when the scale is unknown)``, each example's
+    label ``base_n + D_n^T theta_n`` with ``theta = mapping @ phi`` (B, 2), relative to the observed side's norm."""
+
+    weight_reduced: torch.Tensor   # W V (C, B)
+    bias: torch.Tensor             # (C,)
+    base: torch.Tensor             # (B, C)
+    directions: torch.Tensor       # D (B, 2, C)
+    mapping: torch.Tensor          # (2 B, F)
+    observed: torch.Tensor         # (C B [+ C],)
+    norm: torch.Tensor
+    scale_known: bool
+    with_bias: bool
+
+    def weights_of(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 2)`` the label weights of the unknowns ``x``."""
+        size = self.base.shape[0]
+        return (self.mapping @ x[size * size:size * size + self.mapping.shape[1]]).unflatten(0, (size, 2))
+
+    def evaluate(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The residual ``(n,)`` at ``x`` and its Jacobian ``(n, P)``, in closed form: ``e_m`` moves with ``a_m`` by
+        ``(diag(p_m) - p_m p_m^T) W V`` and with its label weights by ``-D_m``, and ``sum_n e_n a_n^T`` with
+        ``a_m`` by that times ``a_m^T`` plus ``e_m`` in column ``k`` (an autodiff Jacobian had cost 0.65 s the
+        first time a process made one)."""
+        (size, num_classes), directions = self.base.shape, self.directions
+        a = x[:size * size].unflatten(0, (size, size))                                         # (B, B)
+        p = torch.softmax(a @ self.weight_reduced.T + self.bias, -1)                           # (B, C)
+        errors = p - self.base - (self.weights_of(x).unsqueeze(-1) * directions).sum(1)        # (B, C)
+        moves = p.unsqueeze(-1) * (self.weight_reduced - (p @ self.weight_reduced).unsqueeze(1))  # (B, C, B)
+        # rows (c, j) of sum_n e_n a_n^T; columns (m, k) of a, (m, i) of the label weights
+        eye = torch.eye(size, dtype=a.dtype, device=a.device)
+        by_a = torch.einsum("mck,mj->cjmk", moves, a) + torch.einsum("mc,jk->cjmk", errors, eye)
+        by_weights = -torch.einsum("mic,mj->cjmi", directions, a)
+        rebuilt = [(errors.T @ a).flatten()]
+        by_a, by_weights = by_a.reshape(num_classes * size, -1), by_weights.reshape(num_classes * size, -1)
+        if self.with_bias:
+            rebuilt.append(errors.sum(0))
+            by_a = torch.cat([by_a, moves.permute(1, 0, 2).reshape(num_classes, -1)])
+            by_weights = torch.cat([by_weights, -directions.permute(2, 0, 1).reshape(num_classes, -1)])
+        rebuilt = torch.cat(rebuilt)
+        jacobian = torch.cat([by_a, by_weights @ self.mapping], -1)
+        if not self.scale_known:
+            jacobian = torch.cat([x[-1] * jacobian, rebuilt.unsqueeze(-1)], -1)
+            rebuilt = x[-1] * rebuilt
+        return (rebuilt - self.observed) / self.norm, jacobian / self.norm
 
 
 def split_label_errors(examples: Sequence[RecoveryResult], weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -95,28 +145,18 @@ def split_label_errors(examples: Sequence[RecoveryResult], weight: torch.Tensor,
     features = torch.stack([example.feature for example in examples]).double()
     answer = torch.cat([(features @ rows).flatten(), torch.linalg.pinv(mapping) @ theta]
                        + ([] if scale_known else [g.new_ones(1)]))
-
-    def weights_of(x: torch.Tensor) -> torch.Tensor:
-        """``(B, 2)`` the label weights of the unknowns ``x``."""
-        return (mapping @ x[size * size:size * size + mapping.shape[1]]).unflatten(0, (size, 2))
-
-    def residual(x: torch.Tensor) -> torch.Tensor:
-        a = x[:size * size].unflatten(0, (size, size))
-        errors = torch.softmax(a @ weight_reduced.T + b, -1) - base - (weights_of(x).unsqueeze(-1) * directions).sum(1)
-        rebuilt = torch.cat([(errors.T @ a).flatten()] + ([errors.sum(0)] if with_bias else []))
-        return ((rebuilt if scale_known else x[-1] * rebuilt) - observed) / norm
-
-    jacobian = torch.func.jacrev(residual)
-    x, r, j = answer, residual(answer), jacobian(answer)
+    equations = _BatchEquations(weight_reduced, b, base, directions, mapping, observed, norm, scale_known, with_bias)
+    x = answer
+    r, j = equations.evaluate(x)
     for _ in range(POLISH_STEPS):
         trial = x + torch.linalg.lstsq(j, -r.unsqueeze(-1)).solution.squeeze(-1)
-        trial_r = residual(trial)
+        trial_r, trial_j = equations.evaluate(trial)
         if not torch.linalg.vector_norm(trial_r) < torch.linalg.vector_norm(r):
             break
-        x, r, j = trial, trial_r, jacobian(trial)
-    equations, unknowns = j.shape
+        x, r, j = trial, trial_r, trial_j
+    count, unknowns = j.shape
     # the rounding of every observed entry, relative to the whole: precision^2 / n per entry on average
-    variance = max(float(r.square().sum()) / max(equations - unknowns, 1), precision ** 2 / equations)
+    variance = max(float(r.square().sum()) / max(count - unknowns, 1), precision ** 2 / count)
     _, values, right = torch.linalg.svd(j, full_matrices=False)
     # a direction the equations do not resist gets a variance of 1 / eps^2 relative: the label is not pinned
     values = values.clamp_min(torch.finfo(values.dtype).eps * values[0])
@@ -125,5 +165,5 @@ def split_label_errors(examples: Sequence[RecoveryResult], weight: torch.Tensor,
     weights_cov = (mapping @ covariance[free_weights, free_weights] @ mapping.T).unflatten(0, (size, 2))
     own = weights_cov.unflatten(-1, (size, 2)).diagonal(dim1=0, dim2=2).permute(2, 0, 1)       # (B, 2, 2)
     label_variance = torch.einsum("nic,nij,njc->nc", directions, own, directions)
-    moved = ((weights_of(x) - theta.unflatten(0, (size, 2))).unsqueeze(-1) * directions).sum(1)
+    moved = ((equations.weights_of(x) - theta.unflatten(0, (size, 2))).unsqueeze(-1) * directions).sum(1)
     return torch.maximum(label_variance.clamp_min(0).sqrt().amax(-1), moved.abs().amax(-1))
