@@ -190,3 +190,20 @@ def test_examples_found_are_taken_out_and_the_rest_sought_again(cifar10):
     relative = torch.linalg.vector_norm(found.features[pairs] - features.double(), dim=1) \
         / torch.linalg.vector_norm(features.double(), dim=1)
     assert cosine > 0.999 and float(relative.max()) < 1e-4
+
+
+def test_more_known_directions_than_examples_are_chosen_among(cifar10, resnet18):
+    """B = 4 of 10 classes, smoothed each with its own eps: the labels alone do not split it. Five directions are
+    known (the four true ones, the first twice), each pinned by its label: the set of four is chosen among them,
+    not sought again from scratch. The right set rebuilds the gradient, and so does the one with the copy: the
+    answer is ambiguous, and refused."""
+    gradients, labels, features = _batch(resnet18, cifar10[0], "smoothing", 40, 4)
+    weight, bias = resnet18.head.weight.detach(), resnet18.head.bias.detach()
+    known = torch.nn.functional.normalize(torch.cat([features, features[:1]]).double(), dim=1)
+    options = dict(precision=torch.finfo(torch.float32).eps, tolerance=1e-3)
+    assert split_by_labels(gradients["head.weight"], weight, bias, gradients["head.bias"], 4, **options).features \
+        is None
+    found = split_by_labels(gradients["head.weight"], weight, bias, gradients["head.bias"], 4, known=known,
+                            **options)
+    assert found.candidates == 5 and found.misfit < 1e-4
+    assert found.features is None and found.runner_up < 100 * found.misfit

@@ -363,10 +363,10 @@ def split_by_labels(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optio
     if rest > largest_batch(num_classes, shared_weight=True):
         return LabelSplit(None, None, pinned_h.shape[0], math.inf, math.inf)
     features, errors = g.new_zeros(0, g.shape[1]), g.new_zeros(0, num_classes)
-    if rest < 0:  # more known directions than examples: the set is chosen among them
+    if rest < 0:  # more known directions than examples: the set is chosen among them, with no search
         features, errors, rest = pinned_h, pinned_e, size
         pinned_h, pinned_e = pinned_h[:0], pinned_e[:0]
-    while rest > 0:
+    while rest > features.shape[0]:
         features, errors = _search_rest(w, b, g - pinned_e.T @ pinned_h / size, rest, precision=precision,
                                         seed=seed)
         if features.shape[0] >= rest or not features.shape[0] or not scale_known:
@@ -376,6 +376,7 @@ def split_by_labels(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optio
         # where starts find them more easily
         pinned_h, pinned_e = torch.cat([pinned_h, features]), torch.cat([pinned_e, errors])
         rest -= features.shape[0]
+        features, errors = features[:0], errors[:0]
     count = pinned_h.shape[0] + features.shape[0]
     if features.shape[0] < rest:
         return LabelSplit(None, None, count, math.inf, math.inf)
