@@ -366,7 +366,7 @@ def split_by_labels(weight_grad: torch.Tensor, weight: torch.Tensor, bias: Optio
     if rest < 0:  # more known directions than examples: the set is chosen among them, with no search
         features, errors, rest = pinned_h, pinned_e, size
         pinned_h, pinned_e = pinned_h[:0], pinned_e[:0]
-    while rest > features.shape[0]:
+    while rest > features.shape[0]:  # examples left beyond the candidates in hand
         features, errors = _search_rest(w, b, g - pinned_e.T @ pinned_h / size, rest, precision=precision,
                                         seed=seed)
         if features.shape[0] >= rest or not features.shape[0] or not scale_known:

@@ -146,8 +146,7 @@ def split_label_errors(examples: Sequence[RecoveryResult], weight: torch.Tensor,
     answer = torch.cat([(features @ rows).flatten(), torch.linalg.pinv(mapping) @ theta]
                        + ([] if scale_known else [g.new_ones(1)]))
     equations = _BatchEquations(weight_reduced, b, base, directions, mapping, observed, norm, scale_known, with_bias)
-    x = answer
-    r, j = equations.evaluate(x)
+    x, (r, j) = answer, equations.evaluate(answer)
     for _ in range(POLISH_STEPS):
         trial = x + torch.linalg.lstsq(j, -r.unsqueeze(-1)).solution.squeeze(-1)
         trial_r, trial_j = equations.evaluate(trial)

@@ -195,8 +195,8 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
         model: the classifier; its head is the last ``nn.Linear`` (or ``head``), bias optional. Its input must be
             ReLU features: the output of ``Linear -> ReLU`` right below the head (the layer source, which reads
             up to ``B = min(d, n_in)`` examples), or any non-negative sparse features with ``B <= C - 1`` (the
-            head source). Features without zeros (sigmoids; a Sigmoid or Tanh right below the head skips the search
-            by zeros) are split by their labels' structure while
+            head source). Features without zeros (sigmoids; a Sigmoid, Tanh or Softplus right below the head skips
+            the search by zeros) are split by their labels' structure while
             ``B <= (C - 3) / 2``, or ``(C - 2) / 2`` when the labels are hard or share one eps or mixup weight
             (:mod:`gradleak.batch.by_labels`), and reported as not split beyond.
         gradients: ``{parameter name: gradient}`` or a sequence aligned with ``model.parameters()``, of the mean
@@ -365,10 +365,10 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
         carried = _carried(errors, labelled.errors).tolist() if how in ("labels", "zeros and labels") \
             else [math.inf] * size
         examples = []
-        for own_errors, feature, rounding, rough in zip(errors, features, solved, carried):
+        for own_errors, feature, rounding, carry in zip(errors, features, solved, carried):
             found = recovered(own_errors, feature, rounding)
-            if not found.determined and rough <= CARRIED_MOST:
-                again = recovered(own_errors, feature, rough)
+            if not found.determined and carry <= CARRIED_MOST:
+                again = recovered(own_errors, feature, carry)
                 found = again if again.determined else found
             examples.append(found)
         if head_source:  # features read off the head alone: its equations judge them (B <= C - 1)
@@ -555,8 +555,8 @@ def _joint_tolerance(precision: float) -> float:
     return 1e4 * precision
 
 
-#: Activations whose outputs are exactly zero at most at one point or by float underflow (a sigmoid or softplus
-#: below about -88 in float32); GELU and SiLU, zero below about -40 and -88 times their input's scale, are not counted.
+#: Activations whose outputs are exactly zero at most at one point or by underflow at very negative inputs (below
+#: about -88 for a float32 sigmoid or softplus). GELU, whose output underflows to zero below about -14, is not one.
 _DENSE_ACTIVATIONS = (nn.Sigmoid, nn.Tanh, nn.Softplus)
 
 
