@@ -329,7 +329,7 @@ def test_examples_split_by_labels_are_judged_at_the_rounding_their_least_squares
     Judged at the rounding the split measures (how far those errors land from the ones its features and labels give,
     within the joint solve's bound), every example is determined and right."""
     from gradleak.batch import split as split_module
-    from gradleak.batch.joint import CARRIED_MOST
+    from gradleak.batch.joint import CARRIED_MOST, least_squares_errors
     from gradleak.experiments.batch import _examples_success, batch_rng, victim_batch, victim_model
 
     model, side, _ = victim_model("cifar100", "resnet18")
@@ -342,7 +342,7 @@ def test_examples_split_by_labels_are_judged_at_the_rounding_their_least_squares
         # the same examples judged at float32's precision alone: at least one is refused
         weight, bias = model.head.weight.detach(), model.head.bias.detach()
         features = split.features.double()
-        errors = split_module.least_squares_errors(features, gradients["head.weight"].double())
+        errors = least_squares_errors(features, gradients["head.weight"].double())
         labels = torch.stack([example.label for example in split.examples]).double()
         carried = split_module._carried(errors, torch.softmax(features @ weight.double().T + bias.double(), -1)
                                         - labels)

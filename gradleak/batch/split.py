@@ -243,7 +243,8 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
     num_classes, dim = weight.shape
     precision = storage_precision(weight_grad, weight_grad[torch.linalg.vector_norm(weight_grad, dim=1).argmax()])
 
-    layer = _relu_layer_below(model, found[0], dim)
+    below = layers_below_head(model, found[0])  # one walk of the modules, read twice
+    layer = _relu_layer_below(below, dim)
     if layer is not None and f"{layer[0]}.weight" in named:
         name, module = layer
         layer_grads = (_checked(named[f"{name}.weight"], f"{name}.weight gradient", module.weight.shape),
@@ -297,7 +298,7 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
 
     # an activation that never outputs an exact zero feeds the head: no draw can find an example's zero set (LeNet's
     # sigmoid features, nearly parallel, left draws at the rounding that spent the whole budget: 1.5 s at B = 4)
-    dense = _dense_activation_below(model, found[0]) if layer is None else None
+    dense = _dense_activation(below) if layer is None else None
     by_labels, found_by, draws, directions, found, sparse = None, "", 0, None, 0, dense is None
     labels_alone = head_source and can_complete(size, 0, num_classes) and not unseparable
     if labels_alone and size <= largest_batch(num_classes):  # each example has an equation to spare: labels first
@@ -560,19 +561,19 @@ def _joint_tolerance(precision: float) -> float:
 _DENSE_ACTIVATIONS = (nn.Sigmoid, nn.Tanh, nn.Softplus)
 
 
-def _dense_activation_below(model: nn.Module, head_name: str) -> Optional[str]:
-    """The name of the activation that feeds the head (in registration order) when it never outputs an exact zero,
-    else None. Registration order can mislead only towards skipping the search by zeros, never towards a wrong
-    split."""
-    below = layers_below_head(model, head_name)
+def _dense_activation(below: Optional[Tuple[nn.Module, str, nn.Module]]) -> Optional[str]:
+    """The name of the activation that feeds the head (``below``, :func:`layers_below_head`'s answer, in registration
+    order) when it never outputs an exact zero, else None. Registration order can mislead only towards skipping the
+    search by zeros, never towards a wrong split."""
     return type(below[0]).__name__ if below is not None and isinstance(below[0], _DENSE_ACTIVATIONS) else None
 
 
-def _relu_layer_below(model: nn.Module, head_name: str, dim: int) -> Optional[Tuple[str, nn.Linear]]:
-    """``(name, module)`` of the ``nn.Linear`` that feeds the head through a ReLU, in registration order:
-    ``Linear -> ReLU -> [Flatten | Dropout | Identity]* -> head`` with ``d`` outputs; else None. Registration order
-    is not always execution order: the joint checks reject a layer that does not produce the head's input."""
-    below = layers_below_head(model, head_name)
+def _relu_layer_below(below: Optional[Tuple[nn.Module, str, nn.Module]], dim: int
+                      ) -> Optional[Tuple[str, nn.Linear]]:
+    """``(name, module)`` of the ``nn.Linear`` that feeds the head through a ReLU (``below``,
+    :func:`layers_below_head`'s answer, in registration order): ``Linear -> ReLU -> [Flatten | Dropout | Identity]*
+    -> head`` with ``d`` outputs; else None. Registration order is not always execution order: the joint checks
+    reject a layer that does not produce the head's input."""
     if below is None or not isinstance(below[0], nn.ReLU):
         return None
     _, name, module = below
