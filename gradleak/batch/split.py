@@ -25,13 +25,17 @@ that example's zero set:
 **Without zeros.** For ``B <= (C - 3) / 2`` (the head source) the examples are first sought by their labels'
 structure (:mod:`gradleak.batch.by_labels`): each example's prediction minus a structured label lies in ``G``'s
 column space, which pins its feature at full scale with equations to spare. That needs no zeros (sigmoid features,
-or ReLU features averaged over space), and the set it finds is judged by the same checks as below. Beyond, a
-batch whose counts are pinned (hard labels, or smoothed with one eps) is solved as one system from them
-(:mod:`gradleak.batch.joint`) before any row is drawn, and the directions the zeros give are pinned by their labels and the examples they miss are sought by theirs (for
+or ReLU features averaged over space), and the set it finds is judged by the same checks as below. Beyond, the
+directions the zeros give are pinned by their labels and the examples they miss are sought by theirs (for
 ``B <= C - 4``), and at ``B = (C - 2) / 2`` a batch whose labels are hard or share one weight is split by its
 labels as the last resort. Where the head's input is the output of a Sigmoid, Tanh or Softplus, which is never
 exactly zero, no row is drawn at all (LeNet's sigmoid features, nearly parallel, leave draws at the rounding that
 used to spend the whole budget: 1.5 s of a batch of 4).
+
+**Counts first.** A batch whose counts the class mass pins (hard labels, or smoothed with one eps) is solved as one
+system from them (:mod:`gradleak.batch.joint`) before either: one solve, where the labels take a search per example
+and the zeros up to ``max_draws`` draws (ResNet18's features, averaged over space, have few zeros: the search spent
+2.6 s of a batch of 8 that the solve answers in 0.3 s). A split it does not determine waits for the other paths.
 
 **Drawing rows.** A draw takes ``B - 1`` rows that are independent (ReLU patterns are correlated: many rows share
 the low-dimensional span of the few examples active there, and dependent rows leave several null directions).
@@ -214,8 +218,8 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
         counts: ``(C,)`` the examples per class, when known (the class mass's, see :func:`gradleak.recover_batch`),
             or ``(K, C)`` candidates for them: a batch of ``B <= C - 1`` examples smoothed with one eps (or hard)
             is then solved as one system (:mod:`gradleak.batch.joint`) for each, with a head bias, and read when
-            exactly one candidate's solve fits. With one candidate it goes before the search by zeros, which it
-            spares when its examples are all determined; otherwise it stands in for examples the other paths did not find, or did
+            exactly one candidate's solve fits. With one candidate it goes first, and spares the other paths when
+            its examples are all determined; otherwise it stands in for examples the other paths did not find, or did
             not determine, only when its own are all determined.
         **recovery_options: passed to :func:`gradleak.recover_label` (``tol``, ``ambiguity_ratio``, ...);
             ``gradient_scale="unknown"`` for gradients that are ``s`` times the true ones (a weight update): only the
@@ -381,19 +385,16 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
     # sigmoid features, nearly parallel, left draws at the rounding that spent the whole budget: 1.5 s at B = 4)
     dense = _dense_activation(below) if layer is None else None
     by_labels, found_by, draws, directions, found, sparse = None, "", 0, None, 0, dense is None
+    # counts first (see the module doc); counts off the mass's lattice (mixup pairs) are a solve each, which the
+    # other paths usually spare
+    pinned = joint_possible and counts.reshape(-1, num_classes).shape[0] == 1
+    joint = solved_jointly() if pinned else None
+    if joint and joint[0] is not None and joint[0].determined:
+        return joint[0]
     labels_alone = head_source and can_complete(size, 0, num_classes) and not unseparable
     if labels_alone and size <= largest_batch(num_classes):  # each example has an equation to spare: labels first
         by_labels, found_by = by_labels_split("labels")
-    zeros_next = not found_by and gradient_scale_known and not unseparable and sparse
-    # the whole batch at once, before the zeros, where the class mass pins its counts: one solve, where the search
-    # can spend its whole budget of draws on features with few zeros (ResNet18's, averaged over space: 2.6 s of a
-    # batch of 8 that the solve answers in 0.3 s); a split it does not determine waits for the other paths. Counts
-    # off the mass's lattice (mixup pairs) are a solve each, which the zeros usually spare.
-    pinned = joint_possible and counts.reshape(-1, num_classes).shape[0] == 1
-    joint = solved_jointly() if zeros_next and pinned else None
-    if joint and joint[0] is not None and joint[0].determined:
-        return joint[0]
-    if zeros_next:  # zeros give directions, not the scale
+    if not found_by and gradient_scale_known and not unseparable and sparse:  # zeros give directions, not the scale
         subspace = _subspace(matrix, size, precision)
         if layer is None:
             check, remaining = _non_negative, None
