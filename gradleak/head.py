@@ -65,6 +65,9 @@ class HeadProblem:
         precision: the machine epsilon of the rounding the values actually carry: that of ``dtype``, or of a narrower
             float type when every value is exactly representable in it (float32 gradients cast to float64).
         scale_known: False when the observed gradient is ``s * g`` with an unknown ``s`` (see the module doc).
+        derived_error: for a gradient derived from a batch's split, the error every entry of its ``p - y`` carries
+            relative to the largest one (a least-squares solve spreads its rounding over all of them, where a
+            network's own ``p_i - y_i`` is rounded relative to itself); None for a gradient as computed.
     """
 
     weight: torch.Tensor
@@ -82,6 +85,7 @@ class HeadProblem:
     dtype: torch.dtype
     precision: float
     scale_known: bool = True
+    derived_error: Optional[float] = None
     #: the batch of one this problem was read from (:meth:`HeadBatch.problem`): :meth:`HeadBatch.of` gives it back
     #: without converting every field again; not an argument, so ``dataclasses.replace`` leaves it out
     origin: Optional["HeadBatch"] = field(default=None, init=False, repr=False, compare=False)
@@ -93,8 +97,9 @@ class HeadProblem:
     @property
     def entry_noise(self) -> float:
         """Noise per entry of ``c`` implied by the rank-one residual: ``ratio ||G||`` spread over ``C d`` entries
-        reaches each entry of ``c = G v / sigma`` as ``ratio / sqrt(C d)``."""
-        return self.rank_one_ratio / (self.num_classes * self.v.shape[0]) ** 0.5
+        reaches each entry of ``c = G v / sigma`` as ``ratio / sqrt(C d)``; a ``derived_error`` adds that fraction of
+        the largest entry of ``c`` to every entry."""
+        return float(HeadBatch.of(self).entry_noise[0])
 
     @property
     def t_lower(self) -> float:
@@ -131,7 +136,8 @@ class HeadBatch:
         weight: ``(C, d)`` W (shared); bias: ``(C,)`` float64 or None (shared).
         weight_grad: ``(N, C, d)`` observed dL/dW per example (its own dtype); bias_grad: ``(N, C)`` float64 or
             None.
-        sigma, rank_one_ratio, row_sum_error, t_min, precision: ``(N,)`` float64.
+        sigma, rank_one_ratio, row_sum_error, t_min, precision: ``(N,)`` float64; derived_error: ``(N,)`` float64
+            or None.
         c, a, a_abs: ``(N, C)`` float64; v: ``(N, d)`` float64.
         dtype, scale_known: shared by the batch.
         (Each as in :class:`HeadProblem`.)
@@ -152,10 +158,12 @@ class HeadBatch:
     dtype: torch.dtype
     precision: torch.Tensor
     scale_known: bool = True
+    derived_error: Optional[torch.Tensor] = None
 
     #: The fields with one entry per example (the others are shared).
     PER_EXAMPLE: ClassVar[Tuple[str, ...]] = ("weight_grad", "bias_grad", "sigma", "c", "v", "a", "a_abs",
-                                              "rank_one_ratio", "row_sum_error", "t_min", "precision")
+                                              "rank_one_ratio", "row_sum_error", "t_min", "precision",
+                                              "derived_error")
 
     def __len__(self) -> int:
         return self.c.shape[0]
@@ -167,7 +175,8 @@ class HeadBatch:
     @functools.cached_property
     def entry_noise(self) -> torch.Tensor:
         """``(N,)``: see :attr:`HeadProblem.entry_noise`."""
-        return self.rank_one_ratio / (self.num_classes * self.v.shape[-1]) ** 0.5
+        noise = self.rank_one_ratio / (self.num_classes * self.v.shape[-1]) ** 0.5
+        return noise if self.derived_error is None else noise + self.derived_error * self.c_max
 
     @functools.cached_property
     def c_max(self) -> torch.Tensor:
@@ -241,7 +250,7 @@ class HeadBatch:
         row = {name: None if getattr(self, name) is None else getattr(self, name)[index]
                for name in self.PER_EXAMPLE}
         scalars = {name: float(row[name]) for name in ("sigma", "rank_one_ratio", "row_sum_error", "t_min",
-                                                       "precision")}
+                                                       "precision", "derived_error") if row[name] is not None}
         problem = HeadProblem(**dict(row, **scalars), weight=self.weight, bias=self.bias, dtype=self.dtype,
                               scale_known=self.scale_known)
         if len(self) == 1:

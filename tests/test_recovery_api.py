@@ -231,3 +231,27 @@ def test_a_gradient_coarser_than_its_dtype_is_judged_at_the_precision_it_carries
         assert not gradleak.recover_label(gradient, weight.float(), **options).determined
         told = gradleak.recover_label(gradient, weight.float(), precision=2e-4, **options)
         assert told.determined and float((told.label.double() - label).abs().max()) < 1e-3
+
+
+def test_a_split_gradient_is_judged_with_the_error_its_derivation_spreads_over_every_entry():
+    """A gradient read off a batch by least squares carries its rounding on every entry of ``p - y`` alike, in
+    proportion to the largest (2e-6 to 2e-5 in LeNet's splits of 8), where a network rounds each ``p_i - y_i``
+    relative to itself: an entry whose ``p_i`` and ``y_i`` are near zero can read below zero. Told that error (``precision``, as the split measures
+    it), the label is judged with it, determined and right; read as a gradient a network computed, it is refused
+    (not read wrong)."""
+    generator = torch.Generator().manual_seed(5)
+    num_classes, dim, derived = 10, 64, 2e-6
+    weight = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64) * 1.5  # confident predictions
+    bias = torch.zeros(num_classes, dtype=torch.float64)
+    feature = torch.rand(dim, generator=generator, dtype=torch.float64)
+    label = torch.nn.functional.one_hot(torch.tensor(3), num_classes).double()
+    errors = torch.softmax(weight @ feature + bias, 0) - label
+    assert int((torch.softmax(weight @ feature, 0) < derived).sum()) >= 3  # entries it can push below zero
+    spread = derived * errors.abs().max() * (2 * torch.rand(num_classes, generator=generator, dtype=torch.float64) - 1)
+    observed = errors + spread
+    inputs = dict(weight_grad=torch.outer(observed, feature).float(), weight=weight.float(), bias=bias.float(),
+                  bias_grad=observed.float())
+    told = gradleak.recover_label(**inputs, precision=derived)
+    assert told.determined and float((told.label.double() - label).abs().max()) < 1e-5
+    as_computed = gradleak.recover_label(**inputs)
+    assert not as_computed.determined and "valid label" in as_computed.message

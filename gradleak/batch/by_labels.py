@@ -99,8 +99,8 @@ class LabelSplit:
         misfit: relative error with which the best set rebuilds the gradient (inf without a set).
         runner_up: the same for the second-best set (inf without one).
         gradient_scale: ``s`` with observed gradients = ``s *`` the ones the set gives (1.0 at a known scale).
-        precision: ``(B,)`` the relative rounding each example's own gradient carries where a solve measured it
-            (:mod:`.joint`), else None (the gradient's own).
+        precision: ``(B,)`` the rounding each example's own gradient carries, relative to its largest entry, where
+            a solve measured it (:mod:`.joint`), else None (the gradient's own).
     """
 
     features: Optional[torch.Tensor]

@@ -25,8 +25,9 @@ class) misses by :data:`AMBIGUITY_RATIO` times more and does not converge itself
 rounding apart from the best is first followed further, since along a flat valley it may still be on its way. The
 caller judges the answer like any split: each example's own fit test and the joint reproductions. Each example's own
 gradient is derived, and an ill-conditioned batch carries more rounding into it than the gradient's dtype says:
-re-running the solve (and the split's least squares) on the gradient the answer gives measures how much, and the
-example is judged at that precision (``LabelSplit.precision``).
+re-running the solve (and the split's least squares) on the gradient the answer gives measures how much, relative
+to each example's largest entry, and the example is judged with it (``LabelSplit.precision``; see the ``precision``
+of :func:`gradleak.recover_label`).
 
 Where it holds (``gradleak experiment batch``, in the README): untrained ResNet18 at ``B = 8`` of CIFAR-10's 10
 classes, features at cosine > 0.999999 and eps within 1e-7. LeNet with PyTorch's init, whose sigmoid features are

@@ -340,9 +340,10 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
                     found = searched
             return found
 
-        # e_n h_n^T is judged at the gradient's precision, or at the rounding a solve measured it to carry. A split by
-        # labels has no solve to measure it: an example that is not determined at the gradient's precision is judged
-        # again at the rounding its least squares carry (_carried), where that is within the joint solve's bound
+        # e_n h_n^T is judged at the gradient's precision, or with the rounding a solve measured it to carry (relative
+        # to its largest entry: recover_label's precision). A split by labels has no solve to measure it: an example
+        # that is not determined at the gradient's precision is judged again with the rounding its least squares
+        # carry (_carried), where that is within the joint solve's bound
         solved = [None] * size if labelled is None or labelled.precision is None else labelled.precision.tolist()
         carried = _carried(errors, labelled.errors).tolist() if how in ("labels", "zeros and labels") \
             else [math.inf] * size

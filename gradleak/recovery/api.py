@@ -467,9 +467,12 @@ def _label_error(problem: HeadBatch, answer: Minima, own: torch.Tensor, structur
     """``(N,)``: how far the gradient pins each answer's label (max-abs): its standard error under every
     hypothesis that contains the answer (the simplest structure wins only if the more general ones would not
     move its label either), and at least the rank-one ratio over ``|alpha|`` (the part of the gradient that is
-    not one example's, noise or the drift of several local steps, can shift ``c`` by up to its relative size).
+    not one example's, noise or the drift of several local steps, can shift ``c`` by up to its relative size), or
+    a derived gradient's error on each entry of ``c`` over ``|alpha|``, where that is more.
     A structure with more free entries than the answer's frees the label's next largest entry too."""
-    errors = [problem.rank_one_ratio / answer.alpha[:, 0].abs()]
+    shift = problem.rank_one_ratio if problem.derived_error is None else \
+        torch.maximum(problem.rank_one_ratio, problem.derived_error * problem.c_max)
+    errors = [shift / answer.alpha[:, 0].abs()]
     if t_fixed and problem.scale_known:  # no scalar was fitted, so no structure's fit can move the label
         return errors[0]
     own_entries, own_offset = hypotheses(structures, own)
@@ -725,8 +728,11 @@ def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Opti
             features, keep only the sign of ``t`` that makes ``h >= 0``), "nonnegative" (require it) or "any".
         rank_one_tol: reject gradients farther than this from rank one (a batch); None to accept any
             (e.g. with added noise, or an update of several local steps).
-        precision: the relative rounding the gradient carries where it is coarser than its values' dtype says (a
-            gradient derived from a batch's split, see :mod:`gradleak.batch.joint`); None reads it off the values.
+        precision: for a gradient derived from a batch's split (see :mod:`gradleak.batch.joint`), the rounding the
+            split measured it to carry, relative to its largest entry: the gradient is judged as rounded to it
+            where that is coarser than its values' dtype, and every entry of its ``p - y`` as carrying that
+            fraction of the largest (:attr:`~gradleak.head.HeadProblem.derived_error`). None: a gradient as
+            computed, its rounding read off the values.
         **search_options: passed to the search (e.g. ``seed`` for "pso").
 
     Returns:
@@ -737,7 +743,8 @@ def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Opti
         problem = HeadBatch.of(factor_head(weight_grad, weight, bias, bias_grad, rank_one_tol=rank_one_tol,
                                            scale_known=gradient_scale == "known"))
         if precision is not None:
-            problem = dataclasses.replace(problem, precision=problem.precision.clamp_min(precision))
+            problem = dataclasses.replace(problem, precision=problem.precision.clamp_min(precision),
+                                          derived_error=torch.full_like(problem.precision, precision))
         return recover_factored(problem, label_format=label_format, method=method, tol=tol,
                              ambiguity_ratio=ambiguity_ratio, same_answer_atol=same_answer_atol,
                              feature_sign=feature_sign, search_options=search_options)[0]
