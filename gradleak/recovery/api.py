@@ -25,8 +25,8 @@ from ..labels import LABEL_FORMATS
 from .base import SEARCHES
 from .exact import find_minima, search_evaluations
 from .feature_layer import find_feature_layer, scale_from_feature_layer
-from .structure import (FORMAT_STRUCTURES, ORDER, ROUNDING_SLACK, STRUCTURES, Minima, Structure, describe,
-                        evaluate, hypotheses, label_standard_error, mask_of)
+from .structure import (FORMAT_STRUCTURES, ORDER, ROUNDING_SLACK, STRUCTURES, Minima, Structure, evaluate,
+                        hypotheses, label_standard_error, mask_of)
 
 FEATURE_SIGNS = ("auto", "nonnegative", "any")
 #: Heads with fewer weights than this are recovered on one intra-op thread (see :func:`threads_for`).
@@ -382,10 +382,39 @@ def _equations(problem: HeadBatch) -> torch.Tensor:
     return (problem.c.abs() > floor).sum(-1)
 
 
-def _single_minimum(problem: HeadBatch, t: torch.Tensor, structures: Sequence[Structure]) -> Dict[str, Minima]:
-    """Minima of one given scalar per example, ``t`` (N,) (closed form, or a search that returns one answer)."""
-    which = torch.arange(len(structures), device=t.device)
-    return describe(problem, structures, t.unsqueeze(-1).expand(-1, len(structures)), which)
+@dataclass(frozen=True)
+class _Candidates:
+    """Candidates under several structures side by side, simplest structure first: of ``found`` (N, n), the first
+    ``sizes[0]`` are under ``structures[0]``, the next ``sizes[1]`` under ``structures[1]``, and so on."""
+
+    structures: Tuple[Structure, ...]
+    found: Minima
+    sizes: Tuple[int, ...]
+
+    @staticmethod
+    def of(minima: Dict[str, Minima]) -> "_Candidates":
+        """Minima grouped by structure name (:func:`~gradleak.recovery.exact.find_minima`), side by side."""
+        return _Candidates(tuple(STRUCTURES[name] for name in minima), Minima.cat(minima.values()),
+                           tuple(m.t.shape[-1] for m in minima.values()))
+
+    @property
+    def rank(self) -> torch.Tensor:
+        """``(n,)`` each candidate's structure, as its index in :attr:`structures`."""
+        return _ranks(self.sizes, self.found.t.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _ranks(sizes: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``(sum(sizes),)``: ``i`` repeated ``sizes[i]`` times (made once per layout; never written to)."""
+    return torch.arange(len(sizes), device=device).repeat_interleave(torch.tensor(sizes, device=device))
+
+
+def _single_minimum(problem: HeadBatch, t: torch.Tensor, structures: Sequence[Structure]) -> _Candidates:
+    """One given scalar per example, ``t`` (N,) (closed form, or a search that returns one answer), under each of
+    ``structures``."""
+    which = _ranks((1,) * len(structures), t.device)
+    found = evaluate(problem, *hypotheses(structures, which), t.unsqueeze(-1).expand(-1, len(structures)))
+    return _Candidates(tuple(structures), found, (1,) * len(structures))
 
 
 def _contains(general: Structure, free_entries: torch.Tensor, offset_free: torch.Tensor) -> torch.Tensor:
@@ -504,7 +533,7 @@ def _lowest(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, math.inf).argmin(-1)
 
 
-def _decide(problem: HeadBatch, minima: Dict[str, Minima], *, tol: torch.Tensor, ambiguity_ratio: float,
+def _decide(problem: HeadBatch, candidates: _Candidates, *, tol: torch.Tensor, ambiguity_ratio: float,
             same_answer_atol: float, feature_sign: str, t_fixed: bool) -> _Decision:
     """Pick each example's answer among its candidates under each hypothesis, and decide whether it is determined.
 
@@ -516,7 +545,7 @@ def _decide(problem: HeadBatch, minima: Dict[str, Minima], *, tol: torch.Tensor,
     below ``tol`` (far from the trivial answer) and its structured entries agree to within ``ROUNDING_SLACK``
     times the error that rounding (at the precision the gradient's values carry) and the noise the rank-one
     ratio reveals would leave, entry by entry. The answer is the lowest residual of the simplest fitting
-    structure (``minima`` is ordered simplest first), and it is determined when all of these hold:
+    structure (``candidates`` are ordered simplest first), and it is determined when all of these hold:
 
     1. every other answer (a label farther than ``same_answer_atol``) of the same or a simpler structure has a
        residual at least ``ambiguity_ratio`` times larger (``margin``);
@@ -536,9 +565,7 @@ def _decide(problem: HeadBatch, minima: Dict[str, Minima], *, tol: torch.Tensor,
         raise ValueError(f"feature_sign='nonnegative' but the weight gradient's rows have mixed signs"
                          f"{example_rows(sign == 0, len(problem))}: the head input cannot be non-negative")
     restrict = sign if feature_sign != "any" else torch.zeros_like(sign)
-    structures = [STRUCTURES[name] for name in minima]
-    found = Minima.cat(minima.values())
-    rank = torch.cat([torch.full((m.t.shape[-1],), i, device=found.t.device) for i, m in enumerate(minima.values())])
+    structures, found, rank = candidates.structures, candidates.found, candidates.rank
     free_entries, offset_free = hypotheses(structures, rank)
     spare = torch.stack([s.degrees_of_freedom(equations, unknowns) for s in structures], -1)[:, rank] >= 1
     keep = found.live & (found.t * restrict.unsqueeze(-1) >= 0)
@@ -587,9 +614,10 @@ def _decide(problem: HeadBatch, minima: Dict[str, Minima], *, tol: torch.Tensor,
         later = torch.where((later == _Reason.DETERMINED) & (minor[pending] <= step), _Reason.ONE_CLASS, later)
         reason[pending] = later
     tried = torch.full((len(problem), len(ORDER)), math.nan, dtype=torch.float64, device=found.t.device)
-    for name, m in minima.items():
-        tried[:, ORDER.index(name)] = m.best_residual()
-    order = torch.tensor([ORDER.index(name) for name in minima], device=found.t.device)
+    lowest = torch.where(found.live, found.residual, math.inf)  # per structure below, as Minima.best_residual
+    for structure, part in zip(structures, lowest.split(candidates.sizes, -1)):
+        tried[:, ORDER.index(structure.name)] = part.amin(-1)
+    order = torch.tensor([ORDER.index(structure.name) for structure in structures], device=found.t.device)
     return _Decision(t=answer.t[:, 0], alpha=answer.alpha[:, 0], residual=residual,
                      rounding_units=answer.rounding_units[:, 0], label=answer.labels[:, 0], free=answer.free[:, 0],
                      structure=order[own], classes=classes, eps=eps, lam=lam, determined=reason == _Reason.DETERMINED,
@@ -614,7 +642,7 @@ def _search(problem: HeadBatch, structures: Sequence[Structure], label_format: s
         part = problem if len(pending) == len(problem) else problem.select(pending)
         minima = find_minima(part, stage, same_answer_atol=same_answer_atol, sign=sign[pending], **search_options)
         evaluations[pending] += search_evaluations(stage, sign[pending], **search_options)
-        decision = decide(part, minima, rows=pending)
+        decision = decide(part, _Candidates.of(minima), rows=pending)
         parts.append((pending, decision))
         pending = pending[~decision.determined]
         if not len(pending):
@@ -641,9 +669,9 @@ def _recover(problem: HeadBatch, known_scale: Optional[Tuple[torch.Tensor, str]]
         raise ValueError(f"label_format={label_format!r} leaves no label entry to check with "
                          f"{problem.num_classes} classes: every label of that form fits the gradient")
 
-    def decide(part: HeadBatch, minima: Dict[str, Minima], *, rows: torch.Tensor, t_fixed: bool = False
+    def decide(part: HeadBatch, candidates: _Candidates, *, rows: torch.Tensor, t_fixed: bool = False
                ) -> _Decision:
-        return _decide(part, minima, tol=tolerance[rows], ambiguity_ratio=ambiguity_ratio,
+        return _decide(part, candidates, tol=tolerance[rows], ambiguity_ratio=ambiguity_ratio,
                        same_answer_atol=same_answer_atol, feature_sign=feature_sign, t_fixed=t_fixed)
 
     everyone = torch.arange(count, device=device)
