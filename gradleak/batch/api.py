@@ -107,11 +107,11 @@ def recover_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Opt
     cross-entropy; every example's soft label and feature when the batch can be split into its examples.
 
     A batch of up to ``SPLIT_MAX_BATCH`` examples is first split
-    (:func:`~gradleak.batch.split.split_batch`: by ReLU features' zeros, below the head or in it while
-    ``B <= C - 1``, by the labels' structure while ``B <= (C - 3) / 2``, or, given the class mass's counts, as one
-    system while ``B <= C - 1``, :mod:`gradleak.batch.joint`); the split's answer stands only where
-    the class mass (when the head has a bias) agrees with it, and where its examples are determined or the class
-    mass is not. Otherwise the answer is the class mass with its counts and eps (:mod:`gradleak.batch.mass`), and
+    (:func:`~gradleak.batch.split.split_batch`: given the class mass's counts, as one system while ``B <= C - 1``,
+    :mod:`gradleak.batch.joint`, first where the mass pins them; by the labels' structure while
+    ``B <= (C - 3) / 2``; by ReLU features' zeros, below the head or in it while ``B <= C - 1``); the split's
+    answer stands only where the class mass (when the head has a bias) agrees with it, and where its examples are
+    determined or the class mass is not. Otherwise the answer is the class mass with its counts and eps (:mod:`gradleak.batch.mass`), and
     ``split_message`` says why there are no examples.
 
     Args:
