@@ -236,9 +236,9 @@ def test_a_gradient_coarser_than_its_dtype_is_judged_at_the_precision_it_carries
 def test_a_split_gradient_is_judged_with_the_error_its_derivation_spreads_over_every_entry():
     """A gradient read off a batch by least squares carries its rounding on every entry of ``p - y`` alike, in
     proportion to the largest (2e-6 to 2e-5 in LeNet's splits of 8), where a network rounds each ``p_i - y_i``
-    relative to itself: an entry whose ``p_i`` and ``y_i`` are near zero can read below zero. Told that error (``precision``, as the split measures
-    it), the label is judged with it, determined and right; read as a gradient a network computed, it is refused
-    (not read wrong)."""
+    relative to itself: an entry whose ``p_i`` and ``y_i`` are near zero can read below zero. Told that error
+    (``precision``, as the split measures it), the label is judged with it, determined and right; read as a
+    gradient a network computed, it is refused (not read wrong)."""
     generator = torch.Generator().manual_seed(5)
     num_classes, dim, derived = 10, 64, 2e-6
     weight = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64) * 1.5  # confident predictions

@@ -111,8 +111,8 @@ def recover_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Opt
     :mod:`gradleak.batch.joint`, first where the mass pins them; by the labels' structure while
     ``B <= (C - 3) / 2``; by ReLU features' zeros, below the head or in it while ``B <= C - 1``); the split's
     answer stands only where the class mass (when the head has a bias) agrees with it, and where its examples are
-    determined or the class mass is not. Otherwise the answer is the class mass with its counts and eps (:mod:`gradleak.batch.mass`), and
-    ``split_message`` says why there are no examples.
+    determined or the class mass is not. Otherwise the answer is the class mass with its counts and eps
+    (:mod:`gradleak.batch.mass`), and ``split_message`` says why there are no examples.
 
     Args:
         model: the classifier; its head (the last ``nn.Linear``, or ``head``) needs a bias for ``B > 1`` unless

@@ -389,8 +389,8 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
     # counts first (see the module doc); counts off the mass's lattice (mixup pairs) are a solve each, which the
     # other paths usually spare
     pinned = joint_possible and counts.reshape(-1, num_classes).shape[0] == 1
-    joint = solved_jointly() if pinned else None
-    if joint and joint[0] is not None and joint[0].determined:
+    joint = solved_jointly() if pinned else None  # (its split or None, what it said), or None where not tried
+    if joint is not None and joint[0] is not None and joint[0].determined:
         return joint[0]
     labels_alone = head_source and can_complete(size, 0, num_classes) and not unseparable
     if labels_alone and size <= largest_batch(num_classes):  # each example has an equation to spare: labels first
@@ -417,7 +417,7 @@ def split_batch(model: nn.Module, gradients: GradientsLike, *, batch_size: Optio
     joint_said = ""
     if joint_possible and (split is None or not split.determined):
         # examples that were not found, or not determined, may still be read from the whole batch at once
-        jointly, joint_said = joint or solved_jointly()
+        jointly, joint_said = joint if joint is not None else solved_jointly()
         if jointly is not None:
             if split is None or jointly.determined:
                 split = jointly

@@ -412,9 +412,10 @@ def _ranks(sizes: Tuple[int, ...], device: torch.device) -> torch.Tensor:
 def _single_minimum(problem: HeadBatch, t: torch.Tensor, structures: Sequence[Structure]) -> _Candidates:
     """One given scalar per example, ``t`` (N,) (closed form, or a search that returns one answer), under each of
     ``structures``."""
-    which = _ranks((1,) * len(structures), t.device)
+    sizes = (1,) * len(structures)
+    which = _ranks(sizes, t.device)  # candidate i under structures[i]
     found = evaluate(problem, *hypotheses(structures, which), t.unsqueeze(-1).expand(-1, len(structures)))
-    return _Candidates(tuple(structures), found, (1,) * len(structures))
+    return _Candidates(tuple(structures), found, sizes)
 
 
 def _contains(general: Structure, free_entries: torch.Tensor, offset_free: torch.Tensor) -> torch.Tensor:
@@ -614,7 +615,7 @@ def _decide(problem: HeadBatch, candidates: _Candidates, *, tol: torch.Tensor, a
         later = torch.where((later == _Reason.DETERMINED) & (minor[pending] <= step), _Reason.ONE_CLASS, later)
         reason[pending] = later
     tried = torch.full((len(problem), len(ORDER)), math.nan, dtype=torch.float64, device=found.t.device)
-    lowest = torch.where(found.live, found.residual, math.inf)  # per structure below, as Minima.best_residual
+    lowest = torch.where(found.live, found.residual, math.inf)  # each structure's real candidates' lowest, below
     for structure, part in zip(structures, lowest.split(candidates.sizes, -1)):
         tried[:, ORDER.index(structure.name)] = part.amin(-1)
     order = torch.tensor([ORDER.index(structure.name) for structure in structures], device=found.t.device)

@@ -402,10 +402,6 @@ class Minima:
             return key.sort(dim=-1, stable=True).indices
         return columns[key[:, columns].sort(dim=-1, stable=True).indices]
 
-    def best_residual(self) -> torch.Tensor:
-        """``(N,)`` the lowest residual of each example's real candidates (inf without any)."""
-        return torch.where(self.live, self.residual, math.inf).amin(-1)
-
     def distinct(self, atol: float) -> "Minima":
         """Of candidates sorted best first (:meth:`order`), those whose labels differ by more than ``atol``
         (max-abs) from every better real one: minima reached from several starting points count once (the
