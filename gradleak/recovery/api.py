@@ -400,11 +400,11 @@ class _Candidates:
     @property
     def rank(self) -> torch.Tensor:
         """``(n,)`` each candidate's structure, as its index in :attr:`structures`."""
-        return _ranks(self.sizes, self.found.t.device)
+        return _group_index(self.sizes, self.found.t.device)
 
 
 @functools.lru_cache(maxsize=64)
-def _ranks(sizes: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+def _group_index(sizes: Tuple[int, ...], device: torch.device) -> torch.Tensor:
     """``(sum(sizes),)``: ``i`` repeated ``sizes[i]`` times (made once per layout; never written to)."""
     return torch.arange(len(sizes), device=device).repeat_interleave(torch.tensor(sizes, device=device))
 
@@ -413,7 +413,7 @@ def _single_minimum(problem: HeadBatch, t: torch.Tensor, structures: Sequence[St
     """One given scalar per example, ``t`` (N,) (closed form, or a search that returns one answer), under each of
     ``structures``."""
     sizes = (1,) * len(structures)
-    which = _ranks(sizes, t.device)  # candidate i under structures[i]
+    which = _group_index(sizes, t.device)  # candidate i under structures[i]
     found = evaluate(problem, *hypotheses(structures, which), t.unsqueeze(-1).expand(-1, len(structures)))
     return _Candidates(tuple(structures), found, sizes)
 
