@@ -1,4 +1,5 @@
 """The public entry points: options, diagnostics and clear errors."""
+import itertools
 import math
 
 import pytest
@@ -255,3 +256,79 @@ def test_a_split_gradient_is_judged_with_the_error_its_derivation_spreads_over_e
     assert told.determined and float((told.label.double() - label).abs().max()) < 1e-5
     as_computed = gradleak.recover_label(**inputs)
     assert not as_computed.determined and "valid label" in as_computed.message
+
+
+def _smoothed_mixups_with_the_same_gradient(weight, feature, label):
+    """Other smoothed-mixup labels whose feature ``s * feature`` (s > 0) gives the gradient of ``label`` exactly,
+    found by a scan of ``s`` and bisection, apart from gradleak: ``G = e h^T = (e / s)(s h)^T``, so the label that
+    feature needs is ``softmax(s W h) - e / s``; it is a smoothed mixup when two entries hold the rest's common share
+    or more and the rest are equal."""
+    errors = torch.softmax(weight @ feature, -1) - label
+    num_classes = len(label)
+
+    def needed(scale):
+        return torch.softmax(scale * (weight @ feature), -1) - errors / scale
+
+    scales = torch.logspace(-2, 2, 4001, dtype=torch.float64)
+    found = []
+    for rest in itertools.combinations(range(num_classes), num_classes - 2):
+        gap = needed(scales.unsqueeze(-1))[:, list(rest)]
+        gap = gap[:, 0] - gap[:, 1]
+        for i in (gap[:-1] * gap[1:] < 0).nonzero().flatten().tolist():
+            low, high = float(scales[i]), float(scales[i + 1])
+            for _ in range(100):
+                middle = 0.5 * (low + high)
+                difference = needed(middle)[list(rest)]
+                low, high = (middle, high) if float((difference[0] - difference[1]) * gap[i]) > 0 else (low, middle)
+            other = needed(middle)
+            common = float(other[list(rest)].mean())
+            free = [j for j in range(num_classes) if j not in rest]
+            if bool(((other >= 0) & (other <= 1)).all()) and all(float(other[j]) >= common for j in free) \
+                    and float((other - label).abs().max()) > 1e-3:
+                found.append(other)
+    return found
+
+
+def test_four_classes_read_a_mixup_only_where_no_smoothed_mixup_gives_the_same_gradient():
+    """With 4 classes a smoothed mixup (part of the "mixup" format) has no equation to spare: its labels fit any
+    gradient at isolated scalars. Where one of them is a genuine smoothed mixup (each class at least the common
+    share) other than the truth, the gradient cannot tell the two apart and the answer is ambiguous; where none
+    is, the mixup is read, right. Which case holds is found by a scan apart from gradleak."""
+    outcomes = set()
+    for seed in range(12):
+        generator = torch.Generator().manual_seed(seed)
+        weight = torch.rand(4, 8, generator=generator, dtype=torch.float64) - 0.5
+        feature = torch.relu(torch.randn(8, generator=generator, dtype=torch.float64)) + 0.05
+        label = mixup_label(0, 1, 0.3, 4)
+        gradient = torch.outer(torch.softmax(weight @ feature, -1) - label, feature)
+        result = gradleak.recover_label(gradient.float(), weight.float(), label_format="mixup")
+        others = _smoothed_mixups_with_the_same_gradient(weight, feature, label)
+        assert result.determined == (not others), (seed, result.message)
+        if result.determined:
+            assert float((result.label.double() - label).abs().max()) < 1e-3
+        else:
+            assert "another valid label" in result.message
+        outcomes.add(result.determined)
+    assert outcomes == {True, False}
+
+
+def test_a_simpler_label_that_fits_a_saturated_mixed_one_exactly_is_not_taken():
+    """A softmax saturated on one class leaves a smoothed mixup's other entries equal whatever the feature scale,
+    so a smoothed label fits its gradient exactly too, at another scale. The simpler label used to win, determined
+    and 0.76 off; both fit, so the answer is ambiguous. The other label is checked apart from gradleak: its feature
+    gives the observed gradient."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(5, 8, generator=generator, dtype=torch.float64)
+    feature = torch.relu(torch.randn(8, generator=generator, dtype=torch.float64)) * 12
+    probabilities = torch.softmax(weight @ feature, -1)
+    assert float(probabilities.max()) > 1 - 1e-7  # saturated on class 1
+    label = mixup_label(1, 3, 0.2, 5, eps=0.03)  # 0.78 on the class the softmax is saturated on, 0.2 on class 3
+    gradient = torch.outer(probabilities - label, feature).float()
+    for label_format in ("auto", "mixup"):
+        result = gradleak.recover_label(gradient, weight.float(), label_format=label_format)
+        assert not result.determined and "ambiguous" in result.message
+        assert float((result.label.double() - label).abs().max()) > 0.5
+        other, other_feature = result.label.double(), result.feature.double()
+        reproduced = torch.outer(torch.softmax(weight @ other_feature, -1) - other, other_feature)
+        assert float((reproduced - gradient.double()).norm() / gradient.double().norm()) < 1e-6
+

@@ -103,9 +103,10 @@ class _Reason(enum.IntEnum):
     NO_VALID_LABEL = 2    # no candidate gives a valid label with the feature sign
     NO_FIT = 3            # no structure holds to the gradient's precision
     AMBIGUOUS = 4         # another answer fits almost as well
-    FLAT = 5              # labels a step away fit almost as well
-    IMPRECISE = 6         # the label's standard error is above the resolution
-    ONE_CLASS = 7         # a two-class answer whose second class weighs (almost) nothing
+    EXPLAINED_TOO = 5     # another valid label explains the gradient to its precision too
+    FLAT = 6              # labels a step away fit almost as well
+    IMPRECISE = 7         # the label's standard error is above the resolution
+    ONE_CLASS = 8         # a two-class answer whose second class weighs (almost) nothing
 
 
 @dataclass(frozen=True)
@@ -144,20 +145,6 @@ class _Decision:
     minor: torch.Tensor
     equations: torch.Tensor
     residuals: torch.Tensor
-
-    @staticmethod
-    def merge(parts: Sequence[Tuple[torch.Tensor, "_Decision"]]) -> "_Decision":
-        """One decision from ``(rows, decision of those rows)`` parts, later parts replacing earlier ones; the
-        first covers every row."""
-        if len(parts) == 1:
-            return parts[0][1]
-        merged = {}
-        for name in (f.name for f in dataclasses.fields(_Decision)):
-            value = getattr(parts[0][1], name).clone()
-            for rows, part in parts[1:]:
-                value[rows] = getattr(part, name)
-            merged[name] = value
-        return _Decision(**merged)
 
 
 @dataclass(frozen=True, eq=False)
@@ -281,6 +268,10 @@ class RecoveryResults(Sequence[RecoveryResult]):
         elif reason == _Reason.AMBIGUOUS:
             message = (f"ambiguous: another answer fits almost as well (residual {row['runner_up']:.3g} vs "
                        f"{row['residual']:.3g})")
+        elif reason == _Reason.EXPLAINED_TOO:
+            message = (f"ambiguous: another valid label, more than {step:g} away, explains the gradient to its "
+                       "precision too (a saturated or nearly linear softmax, or too few classes for the most "
+                       "general label of the format)")
         elif reason == _Reason.FLAT:
             message = (f"ambiguous: labels {step:g} away from the answer fit the gradient almost as well (a flat "
                        "residual: the softmax is saturated, or the label has too few equations to spare)")
@@ -549,7 +540,12 @@ def _decide(problem: HeadBatch, candidates: _Candidates, *, tol: torch.Tensor, a
     structure (``candidates`` are ordered simplest first), and it is determined when all of these hold:
 
     1. every other answer (a label farther than ``same_answer_atol``) of the same or a simpler structure has a
-       residual at least ``ambiguity_ratio`` times larger (``margin``);
+       residual at least ``ambiguity_ratio`` times larger (``margin``), and no other valid label (farther than
+       ``10 * same_answer_atol``) explains the gradient too: under any structure, with or without an equation to
+       spare, its structured entries hold to within rounding and it fits, or they are flat and say nothing about
+       the scalars. Below the rounding, which residual is smaller says nothing: a saturated softmax fitted a
+       wrong pair of classes 500 times more closely than the true pair, and a smoothed label exactly where the
+       true one was mixed; a structure that cannot be checked can still hold the truth;
     2. no label ``10 * same_answer_atol`` away along the free scalars fits about as well under any structure
        (:func:`_flat_neighbourhood`, :func:`_fits_as_well`): no flat valley, no saturated softmax;
     3. the label's error (:func:`_label_error`) times ``ambiguity_ratio`` stays below that same resolution;
@@ -570,19 +566,27 @@ def _decide(problem: HeadBatch, candidates: _Candidates, *, tol: torch.Tensor, a
     free_entries, offset_free = hypotheses(structures, rank)
     spare = torch.stack([s.degrees_of_freedom(equations, unknowns) for s in structures], -1)[:, rank] >= 1
     keep = found.live & (found.t * restrict.unsqueeze(-1) >= 0)
-    candidate = keep & found.valid & spare
-    uninformative, invalid = keep & found.valid & ~spare, keep & ~found.valid
+    valid = keep & found.valid
+    holds = valid & (found.rounding_units <= ROUNDING_SLACK)  # every structured entry, to within its rounding
+    # another explanation of the gradient, with or without an equation to spare: fitted, or one whose structured
+    # entries are flat to within rounding (they say nothing about the scalars) while its gradient term is not
+    # below rounding (that is the trivial answer of a saturated softmax, the label p itself, which any gradient
+    # nears)
+    term = problem.c_max.unsqueeze(-1) / found.alpha.abs() > ROUNDING_SLACK * problem.precision.unsqueeze(-1)
+    explains = holds & ((found.residual <= tol.unsqueeze(-1)) | (~found.informative & term))
+    candidate = valid & spare
+    uninformative, invalid = valid & ~spare, keep & ~found.valid
     has_candidate = candidate.any(-1)
     close = candidate & (found.residual <= tol.unsqueeze(-1))
-    fitting = close & (found.rounding_units <= ROUNDING_SLACK)
+    fitting = close & holds
     pool = _first_nonempty(fitting, close, candidate)
     simplest = torch.where(pool, rank, len(structures)).amin(-1, keepdim=True)
     best = torch.where(has_candidate, _lowest(found.residual, pool & (rank == simplest)),
                        _lowest(found.residual, _first_nonempty(uninformative, invalid, found.live)))
     answer = found.take(best.unsqueeze(-1))
     own = rank[best]
-    rivals = candidate & (rank <= simplest) \
-        & ((found.labels - answer.labels).abs().amax(-1) > same_answer_atol)
+    distance = (found.labels - answer.labels).abs().amax(-1)
+    rivals = candidate & (rank <= simplest) & (distance > same_answer_atol)
     runner_up = torch.where(rivals, found.residual, math.inf).amin(-1)
     residual = answer.residual[:, 0]
     margin = torch.where(residual > 0, runner_up / residual, math.inf)
@@ -592,11 +596,13 @@ def _decide(problem: HeadBatch, candidates: _Candidates, *, tol: torch.Tensor, a
     minor = torch.where(lam.isfinite(), torch.minimum(lam, 1.0 - lam) * (1.0 - eps), 0.0)
     minor = torch.where(free_entries[best] == 2, minor, math.inf)
     step = 10 * same_answer_atol
+    also_fits = (explains & (distance > step)).any(-1)
     reason = torch.full_like(best, _Reason.DETERMINED)
     for failed, why in reversed([(~has_candidate & uninformative.any(-1), _Reason.NO_EQUATIONS),
                                  (~has_candidate, _Reason.NO_VALID_LABEL),
                                  (~fitting.any(-1), _Reason.NO_FIT),
-                                 (margin < ambiguity_ratio, _Reason.AMBIGUOUS)]):
+                                 (margin < ambiguity_ratio, _Reason.AMBIGUOUS),
+                                 (also_fits, _Reason.EXPLAINED_TOO)]):
         reason = torch.where(failed, why, reason)
     label_error = torch.zeros_like(residual)
     pending = (reason == _Reason.DETERMINED).nonzero().flatten()
@@ -626,29 +632,21 @@ def _decide(problem: HeadBatch, candidates: _Candidates, *, tol: torch.Tensor, a
                      equations=equations, residuals=tried)
 
 
-def _search(problem: HeadBatch, structures: Sequence[Structure], label_format: str, *, sign: torch.Tensor,
+def _search(problem: HeadBatch, structures: Sequence[Structure], *, sign: torch.Tensor,
             decide: Callable[..., _Decision], same_answer_atol: float, search_options: Dict[str, object]
             ) -> Tuple[_Decision, torch.Tensor]:
-    """The exact search and the decision, in stages: ``(decision, evaluations (N,))``.
+    """The exact search under every structure at once, and the decision: ``(decision, evaluations (N,))``.
 
-    The most general structure (mixup with smoothing) is the costliest and the rarest: the others are tried
-    first, and only the examples they leave undetermined are searched again with it. When the others give a
-    determined answer, adding it cannot change the decision (simpler wins).
+    The most general structure (mixup with smoothing) is searched too, although a simpler fitting answer wins:
+    with a saturated softmax a simpler structure can fit a more general label's gradient exactly, at an isolated
+    wrong scalar, and only the general structure's own candidates (the true label, fitting as well) show that the
+    answer is ambiguous. Searching it only for the examples the others left undetermined had given such answers
+    as determined (a smoothed label read off a mixed one, 0.1 to 0.7 wrong).
     """
-    stages = [structures[:-1], structures] if len(structures) > 2 or label_format == "mixup" else [structures]
-    evaluations = torch.zeros(len(problem), dtype=torch.long, device=sign.device)
-    pending = torch.arange(len(problem), device=sign.device)
-    parts = []
-    for stage in filter(None, stages):
-        part = problem if len(pending) == len(problem) else problem.select(pending)
-        minima = find_minima(part, stage, same_answer_atol=same_answer_atol, sign=sign[pending], **search_options)
-        evaluations[pending] += search_evaluations(stage, sign[pending], **search_options)
-        decision = decide(part, _Candidates.of(minima), rows=pending)
-        parts.append((pending, decision))
-        pending = pending[~decision.determined]
-        if not len(pending):
-            break
-    return _Decision.merge(parts), evaluations
+    minima = find_minima(problem, structures, same_answer_atol=same_answer_atol, sign=sign, **search_options)
+    everyone = torch.arange(len(problem), device=sign.device)
+    return decide(problem, _Candidates.of(minima), rows=everyone), \
+        search_evaluations(structures, sign, **search_options)
 
 
 def _recover(problem: HeadBatch, known_scale: Optional[Tuple[torch.Tensor, str]], *, label_format: str,
@@ -685,7 +683,7 @@ def _recover(problem: HeadBatch, known_scale: Optional[Tuple[torch.Tensor, str]]
         sign = problem.feature_sign if feature_sign != "any" else \
             torch.zeros(count, dtype=torch.long, device=device)
         used_method = method
-        decision, evaluations = _search(problem, structures, label_format, sign=sign, decide=decide,
+        decision, evaluations = _search(problem, structures, sign=sign, decide=decide,
                                         same_answer_atol=same_answer_atol, search_options=search_options)
     else:
         if label_format == "auto":

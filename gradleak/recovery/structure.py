@@ -461,7 +461,10 @@ def evaluate(problem: HeadBatch, free_entries: torch.Tensor, offset_free: torch.
     deviation = (labels - common * offset_free.unsqueeze(-1)) / expected * weight
     spread = deviation.square().sum(-1).div(weight.sum(-1).clamp_min(1)).sqrt()
     slack = ROUNDING_SLACK * expected
-    valid = ((labels >= -slack) & (labels <= 1 + slack)).all(-1)
+    # a label of the structure: entries in [0, 1], and each free entry holds at least the common share (eps and
+    # lam in [0, 1]: a "smoothed mixup" whose second class sits below the rest is no label at all)
+    least = common * offset_free.unsqueeze(-1) - slack.gather(-1, free)
+    valid = ((labels >= -slack) & (labels <= 1 + slack)).all(-1) & (labels.gather(-1, free) >= least).all(-1)
     return Minima(t, alpha, residual, labels, spread, valid, informative, free,
                   torch.ones_like(valid) if live is None else live)
 

@@ -1,0 +1,47 @@
+"""benchmarks/bench_random_heads.py: the cases it draws are what they say, and its evaluator grades them."""
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_random_heads.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_random_heads", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_case_is_the_gradient_of_its_own_truth(bench):
+    """Every drawn observation is ``s * outer(softmax(W h + b) - y, h)`` for its truth, with a label that is one."""
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(40):
+        case = bench.draw_case(generator)
+        label, feature, weight = case["label"], case["feature"], case["weight"].double()
+        assert float(label.sum()) == pytest.approx(1.0) and bool((label >= 0).all())
+        options = case["options"]
+        bias = options["bias"].double() if "bias" in options else 0
+        errors = torch.softmax(weight @ feature + bias, -1) - label
+        observed = case["weight_grad"].double()
+        scale = float((observed * torch.outer(errors, feature)).sum() / torch.outer(errors, feature).square().sum())
+        assert (scale == pytest.approx(1.0, abs=1e-4)) == (case["gradient_scale"] == "known")  # else in [-1, -0.001]
+        tolerance = 1e-6 if case["dtype"] == "float32" else 1e-12
+        assert float((observed - scale * torch.outer(errors, feature)).norm() / observed.norm()) < tolerance
+
+
+def test_the_run_writes_every_case_and_no_determined_answer_is_wrong(bench, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "heads.csv"
+    monkeypatch.setattr("sys.argv", ["bench_random_heads.py", "--cases", "60", "--seed", "5", "--out", str(out)])
+    bench.main()
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 60
+    for row in rows:
+        if row["determined"] == "True":
+            assert float(row["label_error"]) <= 1e-3 and float(row["feature_cosine"]) >= 0.999
+            assert row["wrong"] == "False"
+    assert "| all | 60 |" in capsys.readouterr().out
