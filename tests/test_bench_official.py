@@ -1,23 +1,19 @@
 """benchmarks/bench_official.py: skipped without the official code; one sample against it when
 GRADLEAK_OFFICIAL points at a checkout of github.com/ybwang119/label_recovery."""
 import csv
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_official.py"
+from scripts import load_benchmark
+
 OFFICIAL = os.environ.get("GRADLEAK_OFFICIAL")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_official", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_official")
 
 
 def test_without_official_code_it_says_so_and_exits_0(bench, capsys):

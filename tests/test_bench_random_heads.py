@@ -1,20 +1,14 @@
 """benchmarks/bench_random_heads.py: the cases it draws are what they say, and its evaluator grades them."""
 import csv
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_random_heads.py"
+from scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_random_heads", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_random_heads")
 
 
 def test_a_case_is_the_gradient_of_its_own_truth(bench):
