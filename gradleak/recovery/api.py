@@ -569,11 +569,9 @@ def _decide(problem: HeadBatch, candidates: _Candidates, *, tol: torch.Tensor, a
     valid = keep & found.valid
     holds = valid & (found.rounding_units <= ROUNDING_SLACK)  # every structured entry, to within its rounding
     # another explanation of the gradient, with or without an equation to spare: fitted, or one whose structured
-    # entries are flat to within rounding (they say nothing about the scalars) while its gradient term is not
-    # below rounding (that is the trivial answer of a saturated softmax, the label p itself, which any gradient
-    # nears)
-    term = problem.c_max.unsqueeze(-1) / found.alpha.abs() > ROUNDING_SLACK * problem.precision.unsqueeze(-1)
-    explains = holds & ((found.residual <= tol.unsqueeze(-1)) | (~found.informative & term))
+    # entries are flat to within rounding (they say nothing about the scalars); not the trivial answer of a
+    # saturated softmax (a gradient term below rounding: the label p itself, which any gradient nears)
+    explains = holds & ((found.residual <= tol.unsqueeze(-1)) | (~found.informative & ~found.negligible))
     candidate = valid & spare
     uninformative, invalid = valid & ~spare, keep & ~found.valid
     has_candidate = candidate.any(-1)

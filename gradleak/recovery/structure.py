@@ -356,8 +356,10 @@ class Minima:
             rounding_units: RMS spread of the structured entries in units of their expected rounding error (see
             :func:`evaluate`); valid: every label entry in ``[0, 1]`` up to ``ROUNDING_SLACK`` times its expected
             rounding error; informative: False where the structure says nothing about the scalars (the residual
-            is then set to 1, see :func:`evaluate`); free: ``(N, n, 2)`` the free entries (largest first;
-            repeated for one-class structures); live: True for real candidates, False for padding.
+            is then set to 1, see :func:`evaluate`); negligible: True where that is because the gradient term is
+            below rounding (the label is the prediction itself, the trivial answer), not because the structured
+            entries are flat; free: ``(N, n, 2)`` the free entries (largest first; repeated for one-class
+            structures); live: True for real candidates, False for padding.
     """
 
     t: torch.Tensor
@@ -367,6 +369,7 @@ class Minima:
     rounding_units: torch.Tensor
     valid: torch.Tensor
     informative: torch.Tensor
+    negligible: torch.Tensor
     free: torch.Tensor
     live: torch.Tensor
 
@@ -442,9 +445,9 @@ def evaluate(problem: HeadBatch, free_entries: torch.Tensor, offset_free: torch.
     # structure says nothing about t; and where the gradient term c / alpha is below rounding, the label is the
     # prediction p itself (an unknown scale lets alpha grow without bound).
     precision = problem.broadcast("precision", t)
+    negligible = problem.broadcast("c_max", t) / alpha.abs() <= ROUNDING_SLACK * precision
     informative = (projected_c.norm(dim=-1) > ROUNDING_SLACK * precision
-                   + problem.broadcast("rank_one_ratio", t)) \
-        & (problem.broadcast("c_max", t) / alpha.abs() > ROUNDING_SLACK * precision)
+                   + problem.broadcast("rank_one_ratio", t)) & ~negligible
     residual = torch.where(informative, residual, 1.0)
     # What rounding alone would leave, entry by entry: the victim computed z = W h and p - y in the gradient's
     # precision u, so z carries ~u |t| sigma |W||v| absolute error, and p_i and y_i ~u of themselves. Noise that
@@ -465,7 +468,7 @@ def evaluate(problem: HeadBatch, free_entries: torch.Tensor, offset_free: torch.
     # lam in [0, 1]: a "smoothed mixup" whose second class sits below the rest is no label at all)
     least = common * offset_free.unsqueeze(-1) - slack.gather(-1, free)
     valid = ((labels >= -slack) & (labels <= 1 + slack)).all(-1) & (labels.gather(-1, free) >= least).all(-1)
-    return Minima(t, alpha, residual, labels, spread, valid, informative, free,
+    return Minima(t, alpha, residual, labels, spread, valid, informative, negligible, free,
                   torch.ones_like(valid) if live is None else live)
 
 
