@@ -630,23 +630,6 @@ def _decide(problem: HeadBatch, candidates: _Candidates, *, tol: torch.Tensor, a
                      equations=equations, residuals=tried)
 
 
-def _search(problem: HeadBatch, structures: Sequence[Structure], *, sign: torch.Tensor,
-            decide: Callable[..., _Decision], same_answer_atol: float, search_options: Dict[str, object]
-            ) -> Tuple[_Decision, torch.Tensor]:
-    """The exact search under every structure at once, and the decision: ``(decision, evaluations (N,))``.
-
-    The most general structure (mixup with smoothing) is searched too, although a simpler fitting answer wins:
-    with a saturated softmax a simpler structure can fit a more general label's gradient exactly, at an isolated
-    wrong scalar, and only the general structure's own candidates (the true label, fitting as well) show that the
-    answer is ambiguous. Searching it only for the examples the others left undetermined had given such answers
-    as determined (a smoothed label read off a mixed one, 0.1 to 0.7 wrong).
-    """
-    minima = find_minima(problem, structures, same_answer_atol=same_answer_atol, sign=sign, **search_options)
-    everyone = torch.arange(len(problem), device=sign.device)
-    return decide(problem, _Candidates.of(minima), rows=everyone), \
-        search_evaluations(structures, sign, **search_options)
-
-
 def _recover(problem: HeadBatch, known_scale: Optional[Tuple[torch.Tensor, str]], *, label_format: str,
              method: str, tol: Optional[float], ambiguity_ratio: float, same_answer_atol: float, feature_sign: str,
              search_options: Dict[str, object]) -> RecoveryResults:
@@ -666,23 +649,23 @@ def _recover(problem: HeadBatch, known_scale: Optional[Tuple[torch.Tensor, str]]
         raise ValueError(f"label_format={label_format!r} leaves no label entry to check with "
                          f"{problem.num_classes} classes: every label of that form fits the gradient")
 
-    def decide(part: HeadBatch, candidates: _Candidates, *, rows: torch.Tensor, t_fixed: bool = False
-               ) -> _Decision:
-        return _decide(part, candidates, tol=tolerance[rows], ambiguity_ratio=ambiguity_ratio,
-                       same_answer_atol=same_answer_atol, feature_sign=feature_sign, t_fixed=t_fixed)
-
-    everyone = torch.arange(count, device=device)
     converged = torch.ones(count, dtype=torch.bool, device=device)
+    t_fixed = known_scale is not None
     if known_scale is not None:
         used_method, evaluations = known_scale[1], torch.ones(count, dtype=torch.long, device=device)
-        decision = decide(problem, _single_minimum(problem, known_scale[0], structures), rows=everyone,
-                          t_fixed=True)
+        candidates = _single_minimum(problem, known_scale[0], structures)
     elif method == "exact":
         sign = problem.feature_sign if feature_sign != "any" else \
             torch.zeros(count, dtype=torch.long, device=device)
         used_method = method
-        decision, evaluations = _search(problem, structures, sign=sign, decide=decide,
-                                        same_answer_atol=same_answer_atol, search_options=search_options)
+        # Every structure is searched, the most general (mixup with smoothing) too, although a simpler fitting
+        # answer wins: with a saturated softmax a simpler structure can fit a more general label's gradient exactly,
+        # at an isolated wrong scalar, and only the general structure's own candidates (the true label, fitting as
+        # well) show that the answer is ambiguous. Searching it only for the examples the others left undetermined
+        # had given such answers as determined (a smoothed label read off a mixed one, up to 0.86 wrong).
+        candidates = _Candidates.of(find_minima(problem, structures, same_answer_atol=same_answer_atol, sign=sign,
+                                                **search_options))
+        evaluations = search_evaluations(structures, sign, **search_options)
     else:
         if label_format == "auto":
             raise ValueError(f"method={method!r} (the paper's search) needs a known label_format; "
@@ -692,7 +675,9 @@ def _recover(problem: HeadBatch, known_scale: Optional[Tuple[torch.Tensor, str]]
         evaluations = torch.tensor([o.evaluations for o in outcomes], dtype=torch.long, device=device)
         converged = torch.tensor([o.converged for o in outcomes], dtype=torch.bool, device=device)
         t = torch.tensor([o.t for o in outcomes], dtype=torch.float64, device=device)
-        decision = decide(problem, _single_minimum(problem, t, structures), rows=everyone)
+        candidates = _single_minimum(problem, t, structures)
+    decision = _decide(problem, candidates, tol=tolerance, ambiguity_ratio=ambiguity_ratio,
+                       same_answer_atol=same_answer_atol, feature_sign=feature_sign, t_fixed=t_fixed)
     label_tol = problem.precision.sqrt()
     row_sum_failed = problem.row_sum_error / decision.alpha.abs() > label_tol
     determined = decision.determined & (problem.rank_one_ratio <= NOISY_RANK_ONE_RATIO) & ~row_sum_failed
