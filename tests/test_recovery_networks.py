@@ -68,6 +68,39 @@ def test_paper_networks_on_cifar10(cifar, name, kwargs, size, use_feature_layer)
         assert {o[2].method for o in outcomes} == {"exact"}
 
 
+def test_a_one_hot_softmax_is_read_when_told_the_format_and_named_ambiguous_where_a_mixup_gives_its_gradient(cifar):
+    """The paper's AlexNet, untrained, has logits near 1e8: its softmax is one-hot on a class ``k``. Then ``p - y``
+    and ``p - (y + e_k) / 2`` are proportional, so with the feature doubled the label ``(y + e_k) / 2`` gives the
+    same head gradient (checked here apart from gradleak). From the head alone: told the format, every label is
+    read, determined (a logit error shared by every class leaves a saturated softmax alone); detecting it, the answer
+    is determined exactly where that other label is no label of any format (a mixup of two classes other than
+    ``k``). The layer below fixes the feature's scale, and with it every label is determined."""
+    images = load_samples("cifar10", size=64)[0]
+    model = build_model("alexnet", 10, seed=1)
+    ambiguous = 0
+    for x, label, kind in _trials(images, cifar[1], 10, 9, seed=2023):
+        grads = gradleak.single_example_gradients(model, x, label)
+        with torch.no_grad():
+            feature = model.features(x.unsqueeze(0))[0].double()
+            probabilities = torch.softmax(model(x.unsqueeze(0))[0].double(), -1)
+        top = int(probabilities.argmax())
+        assert float(probabilities[top]) == 1.0
+        other = 0.5 * (label.double() + torch.nn.functional.one_hot(torch.tensor(top), 10).double())
+        gradient = torch.outer(probabilities - label.double(), feature)
+        same = torch.outer(probabilities - other, 2 * feature)
+        assert float((same - gradient).norm()) <= 1e-12 * float(gradient.norm())
+        told = gradleak.recover_from_gradients(model, grads, label_format=kind, use_feature_layer=False)
+        assert told.determined and float((told.label - label).abs().max()) < 1e-3, told
+        detected = gradleak.recover_from_gradients(model, grads, use_feature_layer=False)
+        assert float((detected.label - label).abs().max()) < 1e-3
+        other_is_a_label = int((other > other.min() + 1e-6).sum()) <= 2
+        assert detected.determined == (not other_is_a_label), detected
+        ambiguous += other_is_a_label
+        with_layer = gradleak.recover_from_gradients(model, grads)
+        assert with_layer.determined and float((with_layer.label - label).abs().max()) < 1e-3, with_layer
+    assert 0 < ambiguous < 9
+
+
 def test_head_with_bias_is_closed_form(cifar):
     model = build_model("resnet18", 10, seed=1, head_bias=True)
     outcomes = _evaluate(model, _trials(cifar[0], cifar[1], 10, 6, seed=7))

@@ -25,8 +25,8 @@ from ..labels import LABEL_FORMATS
 from .base import SEARCHES
 from .exact import find_minima, search_evaluations
 from .feature_layer import find_feature_layer, scale_from_feature_layer
-from .structure import (FORMAT_STRUCTURES, ORDER, ROUNDING_SLACK, STRUCTURES, Minima, Structure, evaluate,
-                        hypotheses, label_standard_error, mask_of)
+from .structure import (FORMAT_STRUCTURES, ORDER, ROUNDING_SLACK, STRUCTURES, Minima, Structure, evaluate, hypotheses,
+                        label_standard_error, mask_of, readings)
 
 FEATURE_SIGNS = ("auto", "nonnegative", "any")
 #: Heads with fewer weights than this are recovered on one intra-op thread (see :func:`threads_for`).
@@ -403,10 +403,10 @@ def _group_index(sizes: Tuple[int, ...], device: torch.device) -> torch.Tensor:
 def _single_minimum(problem: HeadBatch, t: torch.Tensor, structures: Sequence[Structure]) -> _Candidates:
     """One given scalar per example, ``t`` (N,) (closed form, or a search that returns one answer), under each of
     ``structures``."""
-    sizes = (1,) * len(structures)
-    which = _group_index(sizes, t.device)  # candidate i under structures[i]
-    found = evaluate(problem, *hypotheses(structures, which), t.unsqueeze(-1).expand(-1, len(structures)))
-    return _Candidates(tuple(structures), found, sizes)
+    t, which, free, _ = readings(problem, structures, t.unsqueeze(-1).expand(-1, len(structures)),
+                                 torch.arange(len(structures), device=t.device))  # structures[i], read every way
+    found = evaluate(problem, *hypotheses(structures, which), t, free=free)
+    return _Candidates(tuple(structures), found, (t.shape[-1] // len(structures),) * len(structures))
 
 
 def _contains(general: Structure, free_entries: torch.Tensor, offset_free: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,10 @@ STRUCTURES: Dict[str, Structure] = {s.name: s for s in (
 ORDER: Tuple[str, ...] = ("hard", "smoothing", "mixup", "mixup_smoothing")
 #: With an unknown scale, the first free entry of a two-class structure is sought among this many candidates.
 PAIR_FIRSTS = 4
+#: With an unknown scale, how many choices of the free entries (the best by deletion diagnostics) each candidate
+#: is judged under: the choice fixes ``alpha`` and so the label, and a saturated softmax can leave several choices
+#: tied to within rounding, each a different label that explains the gradient (see :func:`describe`).
+READINGS = 4
 #: How many expected rounding errors the structured entries may spread over and still count as equal (and label
 #: entries stray outside [0, 1]).
 ROUNDING_SLACK = 100.0
@@ -134,27 +138,32 @@ def _deletion_scores(p: torch.Tensor, c: torch.Tensor, weight: torch.Tensor, off
 
     The regression deletion identity ``RSS - RSS_{-j} = r_j^2 / (1 - h_jj)`` gives every entry at once from the
     full fit's residuals ``r`` and leverages ``h``; ``1 - h_jj`` is ``S_{-j} / S`` (times ``(n-1)/n`` with a free
-    offset), ``S`` the (centred) sum of squares of ``p``, computed without cancellation for the dominant entry.
+    offset), ``S`` the (centred) sum of squares of ``p``. The dominant entry of ``p`` is refitted without it
+    instead: where the other entries barely vary (a saturated softmax) its leverage is 1 to within rounding and
+    the identity divides rounding by rounding (it had scored one deletion at 7 times the whole RSS).
     ``c`` broadcasts against ``p``.
     """
     offset = offset_free.to(p.dtype).unsqueeze(-1)
     tiny = torch.finfo(p.dtype).tiny
 
+    def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x * y).sum(-1, keepdim=True)
+
     def centred(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        count = mask.sum(-1, keepdim=True).clamp_min(1)
-        return (values - offset * (values * mask).sum(-1, keepdim=True) / count) * mask
+        return (values - offset * dot(values, mask) / mask.sum(-1, keepdim=True).clamp_min(1)) * mask
 
     count = weight.sum(-1, keepdim=True)
     p_c, c_c = centred(p, weight), centred(c.expand_as(p), weight)
-    spread = p_c.square().sum(-1, keepdim=True)
-    residual = c_c - p_c * (p_c * c_c).sum(-1, keepdim=True) / spread.clamp_min(tiny)
+    spread = dot(p_c, p_c)
+    residual = c_c - p_c * (dot(p_c, c_c) / spread.clamp_min(tiny))
     without = spread - p_c.square() * (1 + offset / (count - 1).clamp_min(1))
-    dominant = p_c.abs().argmax(-1, keepdim=True)
-    exact = centred(p, weight.scatter(-1, dominant, 0.0)).square().sum(-1, keepdim=True)
-    without = without.scatter(-1, dominant, exact)
     keep = 1 - offset / count.clamp_min(1)
     score = residual.square() / (keep * without / spread.clamp_min(tiny)).clamp_min(tiny)
-    return torch.where(weight > 0, score, -1.0)
+    dominant = p_c.abs().argmax(-1, keepdim=True)
+    rest = weight.scatter(-1, dominant, 0.0)
+    p_rest, c_rest = centred(p, rest), centred(c.expand_as(p), rest)
+    rest_rss = dot(c_rest, c_rest) - dot(p_rest, c_rest).square() / dot(p_rest, p_rest).clamp_min(tiny)
+    return torch.where(weight > 0, score.scatter(-1, dominant, dot(residual, residual) - rest_rss), -1.0)
 
 
 @_one_or_many
@@ -169,7 +178,8 @@ def free_entries_of(problem: Problem, t: torch.Tensor, p: torch.Tensor, free_ent
     class weighs less than the deviations of a slightly wrong ``t``. One-class structures repeat the first index.
     With a known scale (or a given ``alpha``) the label ``y`` is known before the structure is, and its largest
     entry is read off; with an unknown scale ``alpha`` depends on the entries chosen, so each is the entry whose
-    removal lowers the residual of the fit most (exact deletion diagnostics, see :func:`_deletion_scores`).
+    removal lowers the residual of the fit most (exact deletion diagnostics, see :func:`_deletion_scores`), and
+    the alternatives of a one-class structure are the runners-up of that first choice.
 
     Args:
         t: ``(N, K)``; p: ``(N, K, C)`` the softmax at ``t``; free_entries, offset_free: ``(N, K)`` or ``(K,)``;
@@ -186,10 +196,11 @@ def free_entries_of(problem: Problem, t: torch.Tensor, p: torch.Tensor, free_ent
         # removing j then k lowers the residual by score_j + score_{k | j} exactly: the best pair among the
         # PAIR_FIRSTS best first entries (a greedy first entry can be the wrong one for a two-class label)
         first = _deletion_scores(p, c, torch.ones_like(p), offset_free)
-        if not bool((free_entries == 2).any()):  # one free entry: the best single deletion
-            top = first.argmax(-1)
-            return torch.stack([top, top], dim=-1).unsqueeze(-2).expand(*top.shape, choices, 2)
-        firsts = first.topk(min(PAIR_FIRSTS, p.shape[-1]), dim=-1).indices                     # (N, K, m)
+        ranked = first.topk(min(max(PAIR_FIRSTS, choices), p.shape[-1]), dim=-1).indices
+        singles = ranked[..., :choices]                   # one free entry: the best single deletions (N, K, choices)
+        if not bool((free_entries == 2).any()):
+            return torch.stack([singles, singles], dim=-1)
+        firsts = ranked[..., :PAIR_FIRSTS]                                                     # (N, K, m)
         count = firsts.shape[-1]
         rest = torch.ones(*firsts.shape, p.shape[-1], dtype=p.dtype, device=p.device)
         rest = rest.scatter(-1, firsts.unsqueeze(-1), 0.0)
@@ -200,8 +211,12 @@ def free_entries_of(problem: Problem, t: torch.Tensor, p: torch.Tensor, free_ent
         top = firsts.gather(-1, pair.unsqueeze(-1))[..., 0]
         second = seconds.gather(-2, pair[..., None, None].expand(*pair.shape, 1, p.shape[-1]))[..., 0, :]
     second = second.topk(choices, dim=-1).indices
-    second = torch.where(free_entries.unsqueeze(-1) == 2, second, top.unsqueeze(-1))
-    return torch.stack([top.unsqueeze(-1).expand_as(second), second], dim=-1)
+    two_class = free_entries.unsqueeze(-1) == 2
+    if problem.scale_known or alpha is not None:
+        top = top.unsqueeze(-1).expand_as(second)
+        return torch.stack([top, torch.where(two_class, second, top)], dim=-1)
+    top = torch.where(two_class, top.unsqueeze(-1), singles)
+    return torch.stack([top, torch.where(two_class, second, singles)], dim=-1)
 
 
 def mask_of(free: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -440,25 +455,27 @@ def evaluate(problem: HeadBatch, free_entries: torch.Tensor, offset_free: torch.
         alpha = multiplier(problem, t, projected_p, projected_c)
     labels = p - c / alpha.unsqueeze(-1)
     residual = _residual_norms(alpha, projected_p, projected_c)
+    # What rounding alone would leave, entry by entry: the victim computed z = W h and p - y in the gradient's
+    # precision u, so z carries ~u |t| sigma |W||v| absolute error, which moves p_i by up to that times
+    # p_i (1 - p_i) (a logit error shared by every class leaves the softmax alone: a saturated class stays 1),
+    # and p_i - y_i is rounded to ~u (p_i + |y_i|); the label y_i itself is exact. Noise that breaks the
+    # rank-one structure reaches each entry of c as ``problem.entry_noise``, i.e. that over |alpha| per label
+    # entry, and the logits through v the same way. The structured entries are compared with their common value
+    # weighted by these errors (a weighted least-squares fit).
+    noise, u = problem.broadcast("entry_noise", p), problem.broadcast("precision", p)
+    logit_error = (u + noise) * t.abs().unsqueeze(-1) * problem.broadcast("a_abs_max", p)
+    expected = (logit_error * p * (1 - p) + u * (p + labels.abs()) + noise / alpha.abs().unsqueeze(-1)
+                + torch.finfo(t.dtype).tiny)
+    weight = project.weight
     # Two trivial answers, no better than a saturated softmax: where the structured entries of the gradient term
-    # are flat to within rounding (p_S ~ 0 and c_S ~ -alpha y_S constant) the normalised residual is 0/0 and the
-    # structure says nothing about t; and where the gradient term c / alpha is below rounding, the label is the
-    # prediction p itself (an unknown scale lets alpha grow without bound).
+    # are flat to within that same rounding (p_S ~ 0 and c_S ~ -alpha y_S constant) the normalised residual is
+    # 0/0 and the structure says nothing about t; and where the gradient term c / alpha is below rounding, the
+    # label is the prediction p itself (an unknown scale lets alpha grow without bound).
     precision = problem.broadcast("precision", t)
     negligible = problem.broadcast("c_max", t) / alpha.abs() <= ROUNDING_SLACK * precision
     informative = (projected_c.norm(dim=-1) > ROUNDING_SLACK * precision
                    + problem.broadcast("rank_one_ratio", t)) & ~negligible
     residual = torch.where(informative, residual, 1.0)
-    # What rounding alone would leave, entry by entry: the victim computed z = W h and p - y in the gradient's
-    # precision u, so z carries ~u |t| sigma |W||v| absolute error, and p_i and y_i ~u of themselves. Noise that
-    # breaks the rank-one structure reaches each entry of c as ``problem.entry_noise``, i.e. that over |alpha|
-    # per label entry, and the logits through v the same way. The structured entries are compared with their
-    # common value weighted by these errors (a weighted least-squares fit).
-    noise = problem.broadcast("entry_noise", p)
-    scale = 1 + t.abs().unsqueeze(-1) * problem.broadcast("a_abs_max", p)
-    expected = ((problem.broadcast("precision", p) + noise) * scale * (p + labels.abs())
-                + noise / alpha.abs().unsqueeze(-1) + torch.finfo(t.dtype).tiny)
-    weight = project.weight
     precision_weight = weight / expected.square()
     common = (labels * precision_weight).sum(-1, keepdim=True) / precision_weight.sum(-1, keepdim=True)
     deviation = (labels - common * offset_free.unsqueeze(-1)) / expected * weight
@@ -472,14 +489,36 @@ def evaluate(problem: HeadBatch, free_entries: torch.Tensor, offset_free: torch.
                   torch.ones_like(valid) if live is None else live)
 
 
+def readings(problem: HeadBatch, structures: Sequence[Structure], t: torch.Tensor, which: torch.Tensor,
+             live: Optional[torch.Tensor] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Candidates ``t`` (N, n) under ``structures[which]`` (``which`` (n,)) and their real ones ``live`` (N, n), as
+    ``(t, which, free, live)`` to :func:`evaluate`: unchanged where the scale is known (``free`` None: the label is
+    known before its free entries are), and otherwise each candidate ``READINGS`` times, consecutively, under each
+    of its best choices of free entries (:func:`free_entries_of`; ``free`` (N, n * READINGS, 2)).
+
+    With an unknown scale the choice fixes ``alpha`` and so the label, and where the softmax is saturated several
+    choices fit to within rounding. A 4-class gradient of a label smoothed with eps 0.003 fits, at its own ``t``,
+    the uniform label (free entry: a class the softmax gives 1e-16) as closely as the truth (free entry: the true
+    class): judging the best reading only gave the uniform label as determined.
+    """
+    if problem.scale_known:
+        return t, which, None, live
+    choices = min(READINGS, problem.num_classes - 1)
+    free = free_entries_of(problem, t, torch.softmax(problem.logits(t), -1), *hypotheses(structures, which),
+                           choices=choices).flatten(1, 2)
+    return (t.repeat_interleave(choices, -1), which.repeat_interleave(choices), free,
+            None if live is None else live.repeat_interleave(choices, -1))
+
+
 def describe(problem: HeadBatch, structures: Sequence[Structure], t: torch.Tensor, which: torch.Tensor,
-             alpha: Optional[torch.Tensor] = None, free: Optional[torch.Tensor] = None,
              live: Optional[torch.Tensor] = None) -> Dict[str, Minima]:
     """:func:`evaluate` candidates ``t`` (N, n), candidate ``k`` under ``structures[which[k]]`` (``which`` (n,),
-    shared by the examples), grouped by structure and sorted best first (:meth:`Minima.order`; one vectorised
-    pass for all structures)."""
-    free_entries, offset_free = hypotheses(structures, which)
-    everything = evaluate(problem, free_entries, offset_free, t, alpha=alpha, free=free, live=live)
+    shared by the examples) and each of its :func:`readings`, grouped by structure and sorted best first
+    (:meth:`Minima.order`; one vectorised pass for all structures); ``live`` (N, n) marks the real candidates
+    (default: all)."""
+    t, which, free, live = readings(problem, structures, t, which, live)
+    everything = evaluate(problem, *hypotheses(structures, which), t, free=free, live=live)
     return {structure.name: everything.take(everything.order((which == index).nonzero().flatten()))
             for index, structure in enumerate(structures)}
 
