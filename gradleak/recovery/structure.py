@@ -65,7 +65,7 @@ ORDER: Tuple[str, ...] = ("hard", "smoothing", "mixup", "mixup_smoothing")
 PAIR_FIRSTS = 4
 #: With an unknown scale, how many choices of the free entries (the best by deletion diagnostics) each candidate
 #: is judged under: the choice fixes ``alpha`` and so the label, and a saturated softmax can leave several choices
-#: tied to within rounding, each a different label that explains the gradient (see :func:`describe`).
+#: tied to within rounding, each a different label that explains the gradient (see :func:`readings`).
 READINGS = 4
 #: How many expected rounding errors the structured entries may spread over and still count as equal (and label
 #: entries stray outside [0, 1]).
@@ -424,7 +424,7 @@ class Minima:
         """Of candidates sorted best first (:meth:`order`), those whose labels differ by more than ``atol``
         (max-abs) from every better real one: minima reached from several starting points count once (the
         others become padding, in place)."""
-        distance = (self.labels.unsqueeze(-3) - self.labels.unsqueeze(-2)).abs().amax(-1)  # (N, n, n)
+        distance = torch.cdist(self.labels, self.labels, p=math.inf)  # (N, n, n) max-abs, no (N, n, n, C) temporary
         earlier_close = ((distance <= atol) & self.live.unsqueeze(-2)).tril(diagonal=-1).any(-1)
         return self.with_live(self.live & ~earlier_close)
 
@@ -494,8 +494,9 @@ def readings(problem: HeadBatch, structures: Sequence[Structure], t: torch.Tenso
              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Candidates ``t`` (N, n) under ``structures[which]`` (``which`` (n,)) and their real ones ``live`` (N, n), as
     ``(t, which, free, live)`` to :func:`evaluate`: unchanged where the scale is known (``free`` None: the label is
-    known before its free entries are), and otherwise each candidate ``READINGS`` times, consecutively, under each
-    of its best choices of free entries (:func:`free_entries_of`; ``free`` (N, n * READINGS, 2)).
+    known before its free entries are), and otherwise each candidate ``k = min(READINGS, C - 1)`` times,
+    consecutively, under each of its ``k`` best choices of free entries (:func:`free_entries_of`; ``free``
+    (N, n * k, 2)).
 
     With an unknown scale the choice fixes ``alpha`` and so the label, and where the softmax is saturated several
     choices fit to within rounding. A 4-class gradient of a label smoothed with eps 0.003 fits, at its own ``t``,
