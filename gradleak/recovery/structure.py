@@ -455,6 +455,15 @@ def evaluate(problem: HeadBatch, free_entries: torch.Tensor, offset_free: torch.
         alpha = multiplier(problem, t, projected_p, projected_c)
     labels = p - c / alpha.unsqueeze(-1)
     residual = _residual_norms(alpha, projected_p, projected_c)
+    # Two trivial answers, no better than a saturated softmax: where the structured entries of the gradient term
+    # are flat to within rounding (p_S ~ 0 and c_S ~ -alpha y_S constant) the normalised residual is 0/0 and the
+    # structure says nothing about t; and where the gradient term c / alpha is below rounding, the label is the
+    # prediction p itself (an unknown scale lets alpha grow without bound).
+    precision = problem.broadcast("precision", t)
+    negligible = problem.broadcast("c_max", t) / alpha.abs() <= ROUNDING_SLACK * precision
+    informative = (projected_c.norm(dim=-1) > ROUNDING_SLACK * precision
+                   + problem.broadcast("rank_one_ratio", t)) & ~negligible
+    residual = torch.where(informative, residual, 1.0)
     # What rounding alone would leave, entry by entry: the victim computed z = W h and p - y in the gradient's
     # precision u, so z carries ~u |t| sigma |W||v| absolute error, which moves p_i by up to that times
     # p_i (1 - p_i) (a logit error shared by every class leaves the softmax alone: a saturated class stays 1),
@@ -462,20 +471,11 @@ def evaluate(problem: HeadBatch, free_entries: torch.Tensor, offset_free: torch.
     # rank-one structure reaches each entry of c as ``problem.entry_noise``, i.e. that over |alpha| per label
     # entry, and the logits through v the same way. The structured entries are compared with their common value
     # weighted by these errors (a weighted least-squares fit).
-    noise, u = problem.broadcast("entry_noise", p), problem.broadcast("precision", p)
+    noise, u = problem.broadcast("entry_noise", p), precision.unsqueeze(-1)
     logit_error = (u + noise) * t.abs().unsqueeze(-1) * problem.broadcast("a_abs_max", p)
     expected = (logit_error * p * (1 - p) + u * (p + labels.abs()) + noise / alpha.abs().unsqueeze(-1)
                 + torch.finfo(t.dtype).tiny)
     weight = project.weight
-    # Two trivial answers, no better than a saturated softmax: where the structured entries of the gradient term
-    # are flat to within that same rounding (p_S ~ 0 and c_S ~ -alpha y_S constant) the normalised residual is
-    # 0/0 and the structure says nothing about t; and where the gradient term c / alpha is below rounding, the
-    # label is the prediction p itself (an unknown scale lets alpha grow without bound).
-    precision = problem.broadcast("precision", t)
-    negligible = problem.broadcast("c_max", t) / alpha.abs() <= ROUNDING_SLACK * precision
-    informative = (projected_c.norm(dim=-1) > ROUNDING_SLACK * precision
-                   + problem.broadcast("rank_one_ratio", t)) & ~negligible
-    residual = torch.where(informative, residual, 1.0)
     precision_weight = weight / expected.square()
     common = (labels * precision_weight).sum(-1, keepdim=True) / precision_weight.sum(-1, keepdim=True)
     deviation = (labels - common * offset_free.unsqueeze(-1)) / expected * weight
