@@ -161,6 +161,21 @@ def test_bad_options(options, match):
         gradleak.recover_from_gradients(model, grads, **options)
 
 
+@pytest.mark.parametrize("options, unknown", [
+    (dict(use_feature_layer=False), "'use_feature_layer'"),  # recover_from_gradients' option, not recover_label's
+    (dict(method="pso", label_format="smoothing", decades=6), "'decades'"),  # the exact search's, not the PSO's
+])
+def test_an_option_no_search_takes_is_named(options, unknown):
+    model = _mlp(hidden_bias=False)
+    grads, _ = _gradients(model, smooth_label(1, 10, 0.1))
+    weight_grad, weight = grads["2.weight"], model[2].weight.detach()
+    with pytest.raises(TypeError, match=f"unknown option {unknown}"):
+        gradleak.recover_label(weight_grad, weight, **options)
+    with pytest.raises(TypeError, match=f"unknown option {unknown}"):
+        gradleak.recover_labels(weight_grad.unsqueeze(0), weight, **options)
+    assert gradleak.recover_label(weight_grad, weight, decades=6.0).determined  # one it takes
+
+
 def test_bad_gradients():
     model = _mlp(hidden_bias=False)
     grads, _ = _gradients(model, smooth_label(1, 10, 0.1))

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import enum
 import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, overload
@@ -748,7 +749,7 @@ def recover_label(weight_grad: torch.Tensor, weight: torch.Tensor, *, bias: Opti
     Returns:
         :class:`RecoveryResult`; ``label`` and ``feature`` in the gradient's dtype and device.
     """
-    check_options(label_format, method, feature_sign, gradient_scale)
+    check_options(label_format, method, feature_sign, gradient_scale, search_options)
     with recovering(weight_grad.numel() if isinstance(weight_grad, torch.Tensor) else 0, method):
         problem = HeadBatch.of(factor_head(weight_grad, weight, bias, bias_grad, rank_one_tol=rank_one_tol,
                                            scale_known=gradient_scale == "known"))
@@ -793,7 +794,7 @@ def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: 
         consistency_tol: how well the layer below must be explained before its answer is used.
         The other options are those of :func:`recover_label`.
     """
-    check_options(label_format, method, feature_sign, gradient_scale)
+    check_options(label_format, method, feature_sign, gradient_scale, search_options)
     found = find_head(model, head)
     with recovering(found[1].weight.numel(), method):
         # a mapping is read as it is: only the head's entries (and the layer below's) are looked up, without a walk
@@ -822,8 +823,19 @@ def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: 
         return result
 
 
-def check_options(label_format: str, method: str, feature_sign: str, gradient_scale: str) -> None:
-    """Reject an unknown option value, or a combination the recovery cannot run, before any work."""
+@functools.lru_cache(maxsize=None)
+def search_option_names(method: str) -> Tuple[str, ...]:
+    """The options the search ``method`` takes by keyword: for "exact", those of
+    :func:`~gradleak.recovery.exact.find_minima` but the ones the recovery sets itself."""
+    search = find_minima if method == "exact" else SEARCHES[method]
+    return tuple(name for name, parameter in inspect.signature(search).parameters.items()
+                 if parameter.kind is parameter.KEYWORD_ONLY and name not in ("same_answer_atol", "sign"))
+
+
+def check_options(label_format: str, method: str, feature_sign: str, gradient_scale: str,
+                  search_options: Mapping[str, object]) -> None:
+    """Reject an unknown option value, or a combination the recovery cannot run, before any work; ``search_options``
+    are the options left over for the search, which must be ones it takes."""
     if label_format not in ("auto",) + LABEL_FORMATS:
         raise ValueError(f"label_format must be one of {('auto',) + LABEL_FORMATS}, got {label_format!r}")
     if method not in SEARCHES:
@@ -835,3 +847,8 @@ def check_options(label_format: str, method: str, feature_sign: str, gradient_sc
     if gradient_scale == "unknown" and method != "exact":
         raise ValueError(f"method={method!r} (the paper's search) assumes the gradient's scale is known; "
                          "with gradient_scale='unknown' use method='exact'")
+    unknown = sorted(set(search_options) - set(search_option_names(method)))
+    if unknown:
+        raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: beside "
+                        f"its own, the recovery passes options to the search method={method!r}, which takes "
+                        f"{', '.join(search_option_names(method))}")

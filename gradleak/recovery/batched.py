@@ -48,7 +48,7 @@ def recover_labels(weight_grads: torch.Tensor, weight: torch.Tensor, *, bias: Op
         ValueError: as :func:`gradleak.recover_label` would for any of the examples (the message names them),
             or when the shapes do not match.
     """
-    check_options(label_format, method, feature_sign, gradient_scale)
+    check_options(label_format, method, feature_sign, gradient_scale, search_options)
     # every pass runs block by block on cache-sized tensors: like one small head, a batch of small heads gains
     # nothing from intra-op threads (on 2 busy cores they made a batch of 1000 10 x 512 heads 50x slower)
     with recovering(weight_grads.shape[1:].numel() if isinstance(weight_grads, torch.Tensor) else 0, method):
