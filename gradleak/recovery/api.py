@@ -823,11 +823,16 @@ def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: 
         return result
 
 
-@functools.lru_cache(maxsize=None)
 def search_option_names(method: str) -> Tuple[str, ...]:
     """The options the search ``method`` takes by keyword: for "exact", those of
     :func:`~gradleak.recovery.exact.find_minima` but the ones the recovery sets itself."""
-    search = find_minima if method == "exact" else SEARCHES[method]
+    return _keyword_options(find_minima if method == "exact" else SEARCHES[method])
+
+
+@functools.lru_cache(maxsize=None)
+def _keyword_options(search: Callable[..., object]) -> Tuple[str, ...]:
+    """``search``'s keyword-only parameters but ``same_answer_atol`` and ``sign`` (read once per function: a search
+    registered again under its name is read afresh)."""
     return tuple(name for name, parameter in inspect.signature(search).parameters.items()
                  if parameter.kind is parameter.KEYWORD_ONLY and name not in ("same_answer_atol", "sign"))
 
