@@ -346,4 +346,3 @@ def test_a_simpler_label_that_fits_a_saturated_mixed_one_exactly_is_not_taken():
         other, other_feature = result.label.double(), result.feature.double()
         reproduced = torch.outer(torch.softmax(weight @ other_feature, -1) - other, other_feature)
         assert float((reproduced - gradient.double()).norm() / gradient.double().norm()) < 1e-6
-

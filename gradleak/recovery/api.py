@@ -403,7 +403,7 @@ def _group_index(sizes: Tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 def _single_minimum(problem: HeadBatch, t: torch.Tensor, structures: Sequence[Structure]) -> _Candidates:
     """One given scalar per example, ``t`` (N,) (closed form, or a search that returns one answer), under each of
-    ``structures``."""
+    ``structures`` and, with an unknown scale, each of its :func:`~gradleak.recovery.structure.readings`."""
     t, which, free, _ = readings(problem, structures, t.unsqueeze(-1).expand(-1, len(structures)),
                                  torch.arange(len(structures), device=t.device))  # structures[i], read every way
     found = evaluate(problem, *hypotheses(structures, which), t, free=free)
@@ -823,7 +823,7 @@ def recover_from_gradients(model: nn.Module, gradients: GradientsLike, *, head: 
         return result
 
 
-def search_option_names(method: str) -> Tuple[str, ...]:
+def _search_option_names(method: str) -> Tuple[str, ...]:
     """The options the search ``method`` takes by keyword: for "exact", those of
     :func:`~gradleak.recovery.exact.find_minima` but the ones the recovery sets itself."""
     return _keyword_options(find_minima if method == "exact" else SEARCHES[method])
@@ -852,8 +852,9 @@ def check_options(label_format: str, method: str, feature_sign: str, gradient_sc
     if gradient_scale == "unknown" and method != "exact":
         raise ValueError(f"method={method!r} (the paper's search) assumes the gradient's scale is known; "
                          "with gradient_scale='unknown' use method='exact'")
-    unknown = sorted(set(search_options) - set(search_option_names(method)))
+    accepted = _search_option_names(method)
+    unknown = sorted(set(search_options) - set(accepted))
     if unknown:
         raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: beside "
                         f"its own, the recovery passes options to the search method={method!r}, which takes "
-                        f"{', '.join(search_option_names(method))}")
+                        f"{', '.join(accepted)}")

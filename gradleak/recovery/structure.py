@@ -145,6 +145,7 @@ def _deletion_scores(p: torch.Tensor, c: torch.Tensor, weight: torch.Tensor, off
     """
     offset = offset_free.to(p.dtype).unsqueeze(-1)
     tiny = torch.finfo(p.dtype).tiny
+    c = c.expand_as(p)
 
     def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return (x * y).sum(-1, keepdim=True)
@@ -153,7 +154,7 @@ def _deletion_scores(p: torch.Tensor, c: torch.Tensor, weight: torch.Tensor, off
         return (values - offset * dot(values, mask) / mask.sum(-1, keepdim=True).clamp_min(1)) * mask
 
     count = weight.sum(-1, keepdim=True)
-    p_c, c_c = centred(p, weight), centred(c.expand_as(p), weight)
+    p_c, c_c = centred(p, weight), centred(c, weight)
     spread = dot(p_c, p_c)
     residual = c_c - p_c * (dot(p_c, c_c) / spread.clamp_min(tiny))
     without = spread - p_c.square() * (1 + offset / (count - 1).clamp_min(1))
@@ -161,7 +162,7 @@ def _deletion_scores(p: torch.Tensor, c: torch.Tensor, weight: torch.Tensor, off
     score = residual.square() / (keep * without / spread.clamp_min(tiny)).clamp_min(tiny)
     dominant = p_c.abs().argmax(-1, keepdim=True)
     rest = weight.scatter(-1, dominant, 0.0)
-    p_rest, c_rest = centred(p, rest), centred(c.expand_as(p), rest)
+    p_rest, c_rest = centred(p, rest), centred(c, rest)
     rest_rss = dot(c_rest, c_rest) - dot(p_rest, c_rest).square() / dot(p_rest, p_rest).clamp_min(tiny)
     return torch.where(weight > 0, score.scatter(-1, dominant, dot(residual, residual) - rest_rss), -1.0)
 
