@@ -58,6 +58,9 @@ class HeadProblem:
         a_abs: ``(C,)`` ``sigma * |W| |v|``: the scale of the sums behind ``a`` (their rounding error is relative
             to it, not to ``a``).
         rank_one_ratio: ``||G - sigma c v^T||_F / ||G||_F``; float rounding gives ~1e-7 (float32), a batch O(1).
+        row_ratio: ``(C,)`` the same residual row by row, ``||G_i - sigma c_i v|| / ||G||_F`` (its norm is
+            ``rank_one_ratio``): a network rounds each ``p_i - y_i`` relative to itself, so a row 1e-9 of the
+            largest carries 1e-9 of its noise, where added noise (DP, a weight delta's rounding) reaches every row.
         row_sum_error: ``|sum_i c_i|``; Theorem 1 makes it 0 when the label sums to one.
         t_min: smallest admissible ``|alpha|`` (``= |t|`` when the scale is known): ``|p_i - y_i| <= 1`` and
             ``sum_i |p_i - y_i| <= 2``.
@@ -80,6 +83,7 @@ class HeadProblem:
     a: torch.Tensor
     a_abs: torch.Tensor
     rank_one_ratio: float
+    row_ratio: torch.Tensor
     row_sum_error: float
     t_min: float
     dtype: torch.dtype
@@ -138,7 +142,7 @@ class HeadBatch:
             None.
         sigma, rank_one_ratio, row_sum_error, t_min, precision: ``(N,)`` float64; derived_error: ``(N,)`` float64
             or None.
-        c, a, a_abs: ``(N, C)`` float64; v: ``(N, d)`` float64.
+        c, a, a_abs, row_ratio: ``(N, C)`` float64; v: ``(N, d)`` float64.
         dtype, scale_known: shared by the batch.
         (Each as in :class:`HeadProblem`.)
     """
@@ -153,6 +157,7 @@ class HeadBatch:
     a: torch.Tensor
     a_abs: torch.Tensor
     rank_one_ratio: torch.Tensor
+    row_ratio: torch.Tensor
     row_sum_error: torch.Tensor
     t_min: torch.Tensor
     dtype: torch.dtype
@@ -162,7 +167,7 @@ class HeadBatch:
 
     #: The fields with one entry per example (the others are shared).
     PER_EXAMPLE: ClassVar[Tuple[str, ...]] = ("weight_grad", "bias_grad", "sigma", "c", "v", "a", "a_abs",
-                                              "rank_one_ratio", "row_sum_error", "t_min", "precision",
+                                              "rank_one_ratio", "row_ratio", "row_sum_error", "t_min", "precision",
                                               "derived_error")
 
     def __len__(self) -> int:
@@ -177,6 +182,29 @@ class HeadBatch:
         """``(N,)``: see :attr:`HeadProblem.entry_noise`."""
         noise = self.rank_one_ratio / (self.num_classes * self.v.shape[-1]) ** 0.5
         return noise if self.derived_error is None else noise + self.derived_error * self.c_max
+
+    @functools.cached_property
+    def class_noise(self) -> torch.Tensor:
+        """``(N, C)``: the noise on each entry of ``c``. A row whose rank-one residual is within
+        ``ROW_ROUNDINGS`` roundings of its own size was rounded relative to itself (a network's ``(p_i - y_i) h``):
+        its noise is its own, ``row_ratio_i / sqrt(d)``. Any other row carries noise from outside the network
+        (DP, local steps, a weight delta's rounding, which can round a small row away entirely and leave it a
+        residual as small as itself): :attr:`entry_noise`, the rows' mean, as for every row before."""
+        shared = self.entry_noise.unsqueeze(-1)
+        if self.derived_error is not None:  # a solve spreads its rounding over every entry (see derived_error)
+            return shared.expand_as(self.c)
+        own = self.row_ratio < ROW_ROUNDINGS * self.precision.unsqueeze(-1) * self.c.abs()
+        return torch.where(own, self.row_ratio / self.v.shape[-1] ** 0.5, shared)
+
+    @functools.cached_property
+    def underflow(self) -> torch.Tensor:
+        """``(N,)`` the smallest normal number of the float type whose rounding the values carry (the type of
+        :attr:`precision`; the gradient's dtype where a precision was set by hand): below it a network's ``p_i``
+        and ``p_i - y_i`` (and the gradient's rows) are rounded to a fixed step, no longer relative to themselves."""
+        out = torch.full_like(self.precision, torch.finfo(self.dtype).tiny)
+        for dtype in _NARROWER_FLOATS:
+            out = torch.where(self.precision == torch.finfo(dtype).eps, torch.finfo(dtype).tiny, out)
+        return out
 
     @functools.cached_property
     def c_max(self) -> torch.Tensor:
@@ -279,6 +307,10 @@ def example_rows(flags: torch.Tensor, size: int) -> str:
     rows = flags.nonzero().flatten().tolist()
     return f" (examples {rows[:10]}{' ...' if len(rows) > 10 else ''})"
 
+
+#: How many roundings of its own size a row's rank-one residual may be for the row to count as rounded relative to
+#: itself (:attr:`HeadBatch.class_noise`).
+ROW_ROUNDINGS = 100.0
 
 #: Float types narrower than float64, narrowest first: a gradient whose values all fit one carries its rounding.
 _NARROWER_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
@@ -434,7 +466,8 @@ def _times(vectors: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
 
 def _factor_block(grad: torch.Tensor, w: torch.Tensor) -> Dict[str, torch.Tensor]:
     """The factorisation of a block of examples' gradients ``grad`` (n, C, d) of the head ``w`` (C, d): their
-    norms, largest rows and the :class:`HeadBatch` fields ``sigma, c, v, a, a_abs, rank_one_ratio`` (n, ...).
+    norms, largest rows and the :class:`HeadBatch` fields ``sigma, c, v, a, a_abs, rank_one_ratio, row_ratio``
+    (n, ...).
 
     Every pass over the (C, d) matrices runs in their own dtype and makes no (C, d) temporary (for a 1000 x 2048
     head, writing one cost more than the whole factorisation): matrix-vector products, and row block by row block
@@ -460,11 +493,12 @@ def _factor_block(grad: torch.Tensor, w: torch.Tensor) -> Dict[str, torch.Tensor
     # cost more than the arithmetic.
     rows = examples_per_block(grad.shape[-1])
     scratch = grad.new_empty((*grad.shape[:-2], min(rows, grad.shape[-2]), grad.shape[-1]))
-    squares = 0
+    row_residuals = []
     for block, part in zip(grad.split(rows, -2), outer.split(rows, -2)):
         residual = torch.addcmul(block, part, low_v.unsqueeze(-2), value=-1, out=scratch[..., :block.shape[-2], :])
-        squares = squares + torch.linalg.vector_norm(residual, dim=(-2, -1)).double().square()
-    rank_one_ratio = squares.sqrt() / norm  # a ratio: the dtype's own sums are accurate enough
+        row_residuals.append(torch.linalg.vector_norm(residual, dim=-1))
+    row_ratio = torch.cat(row_residuals, -1).double() / norm.unsqueeze(-1)  # the dtype's own sums are accurate enough
+    rank_one_ratio = torch.linalg.vector_norm(row_ratio, dim=-1)
     # a = sigma W v; a_abs = sigma |W| |v|, the scale of the sums behind a (their rounding is relative to it)
     v_w = v.to(w.dtype)
     a = sigma.unsqueeze(-1) * _times(v_w, w.T.expand(len(v), -1, -1)).double()
@@ -473,7 +507,7 @@ def _factor_block(grad: torch.Tensor, w: torch.Tensor) -> Dict[str, torch.Tensor
                        for block in w.split(rows)], -1)
     a_abs = sigma.unsqueeze(-1) * a_abs.double()
     return dict(norm=norm, largest=largest, sigma=sigma, c=c, v=v, a=a, a_abs=a_abs,
-                rank_one_ratio=rank_one_ratio)
+                rank_one_ratio=rank_one_ratio, row_ratio=row_ratio)
 
 
 def find_head(model: nn.Module, head: Union[str, nn.Linear, None] = None) -> Tuple[str, nn.Linear]:

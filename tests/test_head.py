@@ -83,3 +83,27 @@ def test_find_head_and_its_gradients():
         head_gradients(model, grads[:2])
     with pytest.raises(ValueError, match="no entry"):
         head_gradients(model, {"0.weight": grads[0]})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_ratios_are_each_rows_rank_one_residual(dtype):
+    """``row_ratio`` is ``||G_i - sigma c_i v|| / ||G||`` row by row (computed here apart, in float64) and its norm
+    is ``rank_one_ratio``. Added noise reaches every row alike; a network's gradient, whose rows are each rounded
+    relative to their own ``p_i - y_i``, leaves each row a residual of a few roundings of that row (a row 1e-12 of
+    the largest: 1e-12 of theirs)."""
+    generator = torch.Generator().manual_seed(3)
+    h = torch.rand(32, generator=generator, dtype=torch.float64)
+    errors = torch.tensor([0.6, -0.45, -0.15 + 2e-12, -2e-12], dtype=torch.float64)
+    weight = torch.randn(4, 32, generator=generator, dtype=dtype)
+    noisy = (torch.outer(errors, h) + 1e-5 * torch.randn(4, 32, generator=generator, dtype=torch.float64)).to(dtype)
+    problem = factor_head(noisy, weight)
+    g = noisy.double()
+    expected = (g - problem.sigma * torch.outer(problem.c, problem.v)).norm(dim=-1) / g.norm()
+    torch.testing.assert_close(problem.row_ratio, expected, rtol=1e-3, atol=0.0)
+    assert float(problem.row_ratio.norm()) == pytest.approx(problem.rank_one_ratio, rel=1e-12)
+    assert float(problem.row_ratio.min()) > 0.3 * float(problem.row_ratio.max())
+    rounded = torch.outer(errors, h).to(dtype)
+    problem = factor_head(rounded, weight)
+    own = rounded.double().norm(dim=-1) / rounded.double().norm()
+    assert bool((problem.row_ratio <= 10 * torch.finfo(dtype).eps * own).all()), (problem.row_ratio, own)
+    assert float(problem.row_ratio.norm()) == pytest.approx(problem.rank_one_ratio, rel=1e-12)

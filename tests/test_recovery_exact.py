@@ -141,3 +141,47 @@ def test_auto_detects_the_format(seed):
         lam = value if result.classes == (min(a, b), max(a, b)) and a < b else 1 - value
         assert result.lam == pytest.approx(lam, abs=1e-4)
     assert math.isfinite(result.margin) or result.margin == math.inf
+
+
+def _head_with_logits(logits, dim=16):
+    """A head whose logits at its feature ``h`` are exactly ``logits`` (C,): ``(W, h)`` in float64."""
+    h = torch.linspace(0.2, 1.5, dim, dtype=torch.float64)
+    return torch.outer(torch.tensor(logits, dtype=torch.float64), h) / h.square().sum(), h
+
+
+@pytest.mark.parametrize("dtype, logits", [
+    (torch.float32, [0.0, -120.0, -135.0, 20.0]),   # p_1, p_2 ~ 1e-61, 1e-68: their rows underflow to 0 in float32
+    (torch.float32, [0.0, -78.0, -82.0, 20.0]),     # p_1, p_2 ~ 3e-43, 5e-45: subnormal rows, a fixed rounding step
+    (torch.float64, [0.0, -380.0, -700.0, 20.0]),   # p down to 2e-313: error squares below the smallest double
+])
+def test_a_softmax_saturated_past_the_dtype_still_gives_the_label(dtype, logits):
+    """A network rounds each row ``(p_i - y_i) h`` of the gradient relative to itself, down to its type's smallest
+    normal number, and to a fixed step below it: the fit test expects no more of a tiny row than that (the truth
+    fits, told the format), and its weighting does not underflow."""
+    weight, h = _head_with_logits(logits)
+    label = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    grad = torch.outer(torch.softmax(weight @ h, -1) - label, h).to(dtype)
+    result = gradleak.recover_label(grad, weight.to(dtype), label_format="hard")
+    assert result.determined, result.message
+    _check(result, label, h, dtype)
+
+
+
+def test_a_continuum_of_smoothed_mixups_is_not_read_as_one_label():
+    """5 classes, an unknown scale, a softmax whose structured classes are below rounding but one (p ~ 1e-81,
+    1e-89, 2.5e-9, 1e-53): ``y_1 = y_2 = y_3`` leaves one equation for the two scalars. Computed here apart: at other
+    feature scales the one equation fixes ``alpha``, and the labels it gives are valid smoothed mixups 0.19 to 0.5
+    from the truth with exactly this gradient's direction. The answer must not be determined."""
+    h = torch.linspace(0.2, 1.5, 16, dtype=torch.float64) - 0.5
+    logits = torch.tensor([-186.0, -204.0, -19.8, -120.0, 0.0], dtype=torch.float64)
+    weight = torch.outer(logits, h) / h.square().sum()
+    label = torch.tensor([0.294, 0, 0, 0, 0.706], dtype=torch.float64) * (1 - 0.003) + 0.003 / 5
+    errors = torch.softmax(weight @ h, -1) - label
+    for factor in (0.95, 1.05, 1.1):
+        p = torch.softmax(factor * logits, -1)
+        other = p - errors * (p[2] - p[1]) / (errors[2] - errors[1])   # y_1 = y_2 fixes 1 / alpha
+        shares = other[1:4]
+        assert float(shares.max() - shares.min()) < 1e-15 and bool((other >= 0).all() & (other <= 1).all())
+        assert bool((other[[0, 4]] >= shares[0]).all()) and float((other - label).abs().max()) > 0.1
+    result = gradleak.recover_label(-0.3 * torch.outer(errors, h), weight, gradient_scale="unknown")
+    assert not result.determined, result

@@ -1,4 +1,7 @@
-"""Label structures as residuals: the deletion diagnostics that choose free entries with an unknown scale."""
+"""Label structures as residuals: the deletion diagnostics that choose free entries with an unknown scale, and the
+grid's residuals."""
+import math
+
 import pytest
 import torch
 
@@ -38,3 +41,30 @@ def test_each_score_is_the_drop_in_residual_when_the_entry_is_refitted_without(l
                 continue
             expected = full - _refit_rss(p, c, [i for i in rows if i != j], offset_free)
             assert float(scores[j]) == pytest.approx(expected, rel=1e-6, abs=1e-9 * full), (seed, j)
+
+
+def test_the_grid_residual_is_right_where_the_free_classes_hold_nearly_all_of_c():
+    """The grid's mixup residual ``||e_S|| / ||c_S||`` (``e = t p - c``, ``S`` all but the label's largest entry and
+    the largest other ``|e_j|``), against the same computed with the free entries masked out, here. Beside a
+    softmax saturated to 1e-13 and below, the two free classes hold all of ``c`` but 1e-26 of its square: taken
+    from sums, ``||c_S||^2`` cancelled to rounding and buried the true basin under residuals of 1e141."""
+    from gradleak.head import HeadBatch, factor_head
+    from gradleak.recovery.exact import log_grid
+    from gradleak.recovery.structure import STRUCTURES, grid_residuals
+
+    h = torch.linspace(0.2, 1.5, 16, dtype=torch.float64)
+    weight = torch.outer(torch.tensor([-147.0, -30.0, -168.0, 0.0], dtype=torch.float64), h) / h.square().sum()
+    label = torch.tensor([0.21, 0.0, 0.0, 0.79], dtype=torch.float64)
+    problem = HeadBatch.of(factor_head(torch.outer(torch.softmax(weight @ h, -1) - label, h), weight))
+    t, _ = log_grid(problem, 32, 8.0, torch.tensor([0]), 2)
+    curve = grid_residuals(problem, t, (STRUCTURES["mixup"],))[0, 0]
+    error = t[0].unsqueeze(-1) * torch.softmax(problem.logits(t[0]), -1) - problem.c
+    top = torch.where(t[0] > 0, error.argmax(-1), error.argmin(-1))
+    free = torch.zeros_like(error, dtype=torch.bool).scatter_(-1, top.unsqueeze(-1), True)
+    second = error.abs().masked_fill(free, -1.0).argmax(-1)
+    free.scatter_(-1, second.unsqueeze(-1), True)
+    c_left = problem.c[0].expand_as(error).masked_fill(free, 0.0)
+    expected = error.masked_fill(free, 0.0).norm(dim=-1) / c_left.norm(dim=-1)
+    torch.testing.assert_close(curve, expected, rtol=1e-6, atol=1e-12)
+    true_t = float(h @ problem.v[0]) / float(problem.sigma[0])
+    assert abs(math.log10(float(t[0, curve.argmin()]) / true_t)) < 2 / 32  # the true basin is the grid's lowest

@@ -488,9 +488,11 @@ def _label_error(problem: HeadBatch, answer: Minima, own: torch.Tensor, structur
                  t_fixed: bool, equations: torch.Tensor, unknowns: int) -> torch.Tensor:
     """``(N,)``: how far the gradient pins each answer's label (max-abs): its standard error under every
     hypothesis that contains the answer (the simplest structure wins only if the more general ones would not
-    move its label either), and at least the rank-one ratio over ``|alpha|`` (the part of the gradient that is
-    not one example's, noise or the drift of several local steps, can shift ``c`` by up to its relative size), or
-    a derived gradient's error on each entry of ``c`` over ``|alpha|``, where that is more.
+    move its label either), those with no equation to spare too (they cannot check the answer, but where the
+    rounding alone moves their exact fit far, as where a nearly linear softmax trades a smoothing mass against an
+    unknown scale, the answer is only as sure as that), and at least the rank-one ratio over ``|alpha|`` (the part
+    of the gradient that is not one example's, noise or the drift of several local steps, can shift ``c`` by up to
+    its relative size), or a derived gradient's error on each entry of ``c`` over ``|alpha|``, where that is more.
     A structure with more free entries than the answer's frees the label's next largest entry too."""
     shift = problem.rank_one_ratio if problem.derived_error is None else \
         torch.maximum(problem.rank_one_ratio, problem.derived_error * problem.c_max)
@@ -503,7 +505,7 @@ def _label_error(problem: HeadBatch, answer: Minima, own: torch.Tensor, structur
     pair = torch.stack([free[:, 0], torch.where(own_entries == 2, free[:, 1], runner)], -1)
     for structure in structures:
         applies = _contains(structure, own_entries, own_offset) \
-            & (structure.degrees_of_freedom(equations, unknowns) >= 1)
+            & (structure.degrees_of_freedom(equations, unknowns) >= 0)
         if not bool(applies.any()):
             continue
         free_here = pair if structure.free_entries == 2 else pair[:, :1].expand(-1, 2)

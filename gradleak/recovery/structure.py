@@ -330,8 +330,11 @@ def grid_residuals(problem: HeadBatch, t: torch.Tensor, structures: Tuple[Struct
     else:
         top = torch.where(t > 0, error.argmax(-1), error.argmin(-1)).unsqueeze(-1)
     # zero the free entries in a copy rather than subtracting them from sums: at large |t| the largest
-    # entry dominates the sum of squares and the subtraction would cancel catastrophically (c's entries are at
-    # most 1 and sum to 0, so its sums without an entry lose at most a factor C of precision: subtracted)
+    # entry dominates the sum of squares and the subtraction would cancel catastrophically. c's sums are taken by
+    # subtraction: its entries sum to 0, so one entry holds at most a factor C more than the rest; two can hold all
+    # of it but rounding only where they are its two largest (a mixup's classes beside a saturated softmax: the rest
+    # 1e-26 of its square, which had cancelled to rounding and buried the true basin under residuals of 1e141),
+    # and there the rest's own sums, made once per example, stand in.
     # every pass over the (N, K, C) grid writes into the softmax's own buffer where it can: a fresh grid-sized
     # tensor is fresh memory, whose page faults cost more than the arithmetic on a 1000-class head
     two_class = any(s.free_entries == 2 for s in structures)
@@ -342,6 +345,10 @@ def grid_residuals(problem: HeadBatch, t: torch.Tensor, structures: Tuple[Struct
     c = c_rows.expand(*t.shape, -1)
     c_top = c.gather(-1, top)[..., 0]
     c_sums = c_rows.sum(-1) - c_top, c_rows.square().sum(-1) - c_top.square()
+    if two_class:
+        largest = problem.c.abs().topk(2, dim=-1).indices.sort(-1).values                      # (N, 2)
+        rest = problem.c.scatter(-1, largest, 0.0)
+        rest_sums = rest.sum(-1, keepdim=True), rest.square().sum(-1, keepdim=True)           # (N, 1) each
     out = []
     for structure in structures:
         (c_total, c_total_sq) = c_sums
@@ -353,6 +360,8 @@ def grid_residuals(problem: HeadBatch, t: torch.Tensor, structures: Tuple[Struct
             total, total_sq = kept_two.sum(-1), norm(kept_two).square()
             c_second = c.gather(-1, second)[..., 0]
             c_total, c_total_sq = c_total - c_second, c_total_sq - c_second.square()
+            pair = (torch.cat([top, second], -1).sort(-1).values == largest.unsqueeze(-2)).all(-1)
+            c_total, c_total_sq = torch.where(pair, rest_sums[0], c_total), torch.where(pair, rest_sums[1], c_total_sq)
         if structure.offset_free:
             size = problem.num_classes - structure.free_entries
             total_sq = total_sq - total.square() / size
@@ -469,15 +478,21 @@ def evaluate(problem: HeadBatch, free_entries: torch.Tensor, offset_free: torch.
     # precision u, so z carries ~u |t| sigma |W||v| absolute error, which moves p_i by up to that times
     # p_i (1 - p_i) (a logit error shared by every class leaves the softmax alone: a saturated class stays 1),
     # and p_i - y_i is rounded to ~u (p_i + |y_i|); the label y_i itself is exact. Noise that breaks the
-    # rank-one structure reaches each entry of c as ``problem.entry_noise``, i.e. that over |alpha| per label
-    # entry, and the logits through v the same way. The structured entries are compared with their common value
-    # weighted by these errors (a weighted least-squares fit).
+    # rank-one structure reaches each entry c_i as its row's (``problem.class_noise``: a row the network rounded
+    # relative to a tiny p_i - y_i is that precise, noise from outside reaches every row), i.e. that over |alpha|
+    # per label entry, and the logits through v as the rows' mean (``problem.entry_noise``); below the smallest
+    # normal number of the victim's float type (``problem.underflow``) nothing is relative any more. The structured
+    # entries are compared with their common value weighted by these errors (a weighted least-squares fit).
     noise, u = problem.broadcast("entry_noise", p), precision.unsqueeze(-1)
     logit_error = (u + noise) * t.abs().unsqueeze(-1) * problem.broadcast("a_abs_max", p)
-    expected = (logit_error * p * (1 - p) + u * (p + labels.abs()) + noise / alpha.abs().unsqueeze(-1)
-                + torch.finfo(t.dtype).tiny)
+    expected = (logit_error * p * (1 - p) + u * (p + labels.abs())
+                + problem.broadcast("class_noise", p, trailing=1) / alpha.abs().unsqueeze(-1)
+                + problem.broadcast("underflow", p))
     weight = project.weight
-    precision_weight = weight / expected.square()
+    # relative to the most precise structured entry: a row rounded relative to a p_i of 1e-160 expects errors whose
+    # squares underflow
+    finest = torch.where(weight > 0, expected, math.inf).amin(-1, keepdim=True).clamp_max(1.0)
+    precision_weight = weight * (finest / expected).square()
     common = (labels * precision_weight).sum(-1, keepdim=True) / precision_weight.sum(-1, keepdim=True)
     deviation = (labels - common * offset_free.unsqueeze(-1)) / expected * weight
     spread = deviation.square().sum(-1).div(weight.sum(-1).clamp_min(1)).sqrt()
@@ -596,14 +611,15 @@ def label_standard_error(problem: HeadBatch, structure: Structure, t: torch.Tens
     ``free`` (N, 2), under ``structure``, from the residual each leaves.
 
     Linearised least squares: the residual vector ``f = P (alpha p(t) - c)`` over the structured entries has
-    Jacobian ``J`` in the free scalars (``t`` unless a closed form fixed it; ``alpha`` when the scale is
-    unknown), the observed residual (at least the gradient's rounding and rank-one noise) estimates the noise
-    per entry, ``s^2 = |f|^2 / (n - k)``, and ``Cov = s^2 (J^T J)^-1`` carries over to ``y = p(t) - c / alpha``
-    through its own Jacobian. A gradient that a label structure explains only roughly (an update of several
-    local steps, noise) or that barely moves the fit along a free scalar (a near-uniform or saturated softmax
-    with an unknown scale) leaves a large error: the label is then not pinned down, whatever its residual. At least
-    one scalar is free: ``t_free``, or an unknown scale (with neither, nothing was fitted, and the label's error is
-    the gradient's own: see :func:`gradleak.recovery.api._label_error`).
+    Jacobian ``J`` in the free scalars (``t`` unless a closed form fixed it; ``alpha`` when the scale is unknown),
+    the observed residual (at least the gradient's rounding and rank-one noise) estimates the noise per entry,
+    ``s^2 = |f|^2 / max(n - k, 1)`` and at least the rounding's (where ``n = k`` the structure has no equation to
+    spare: its exact fit moves with the rounding alone), and ``Cov = s^2 (J^T J)^-1`` carries over to
+    ``y = p(t) - c / alpha`` through its own Jacobian. A gradient that a label structure explains only roughly (an
+    update of several local steps, noise) or that barely moves the fit along a free scalar (a near-uniform or
+    saturated softmax with an unknown scale) leaves a large error: the label is then not pinned down, whatever its
+    residual. At least one scalar is free: ``t_free``, or an unknown scale (with neither, nothing was fitted, and the
+    label's error is the gradient's own: see :func:`gradleak.recovery.api._label_error`).
     """
     t, alpha = t.unsqueeze(-1), alpha.unsqueeze(-1)   # one candidate per example: (N, 1)
     p = torch.softmax(problem.logits(t), -1)
@@ -626,6 +642,14 @@ def label_standard_error(problem: HeadBatch, structure: Structure, t: torch.Tens
     variance = torch.maximum(residual.square().sum(-1) / count.clamp_min(1), floor.square())
     # products as sums (not matmul: see the module doc); k is 1 or 2
     normal = (jacobian.unsqueeze(-1) * jacobian.unsqueeze(-2)).sum(1)                       # (N, k, k)
-    covariance = variance[:, None, None] * torch.linalg.pinv(normal)
+    # A direction the structured entries barely see (a saturated softmax whose structured p_i are below rounding
+    # but one, leaving one equation for two scalars) has a huge variance, not none: the normal matrix's eigenvalues
+    # are floored at eps of the largest, never cut off as a pseudo-inverse would (that had kept a 5-class smoothed
+    # label 0.7 from the truth determined), and an error that overflows is infinite, never NaN.
+    values, vectors = torch.linalg.eigh(normal)
+    info = torch.finfo(normal.dtype)
+    smallest = (info.eps * values.abs().amax(-1, keepdim=True)).clamp_min(info.tiny)
+    scaled = vectors / values.clamp_min(smallest).unsqueeze(-2)                              # V diag(1 / lambda)
+    covariance = variance[:, None, None] * (scaled.unsqueeze(-2) * vectors.unsqueeze(-3)).sum(-1)  # (N, k, k)
     carried = (label_jacobian.unsqueeze(-1) * covariance.unsqueeze(1)).sum(-2)              # (N, C, k)
-    return (carried * label_jacobian).sum(-1).clamp_min(0).sqrt()
+    return (carried * label_jacobian).sum(-1).clamp_min(0).sqrt().nan_to_num(nan=math.inf)
