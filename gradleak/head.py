@@ -189,7 +189,7 @@ class HeadBatch:
         ``ROW_ROUNDINGS`` roundings of its own size was rounded relative to itself (a network's ``(p_i - y_i) h``):
         its noise is its own, ``row_ratio_i / sqrt(d)``. Any other row carries noise from outside the network
         (DP, local steps, a weight delta's rounding, which can round a small row away entirely and leave it a
-        residual as small as itself): :attr:`entry_noise`, the rows' mean, as for every row before."""
+        residual as small as itself): :attr:`entry_noise`, the rows' mean."""
         shared = self.entry_noise.unsqueeze(-1)
         if self.derived_error is not None:  # a solve spreads its rounding over every entry (see derived_error)
             return shared.expand_as(self.c)

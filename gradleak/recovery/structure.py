@@ -489,8 +489,8 @@ def evaluate(problem: HeadBatch, free_entries: torch.Tensor, offset_free: torch.
                 + problem.broadcast("class_noise", p, trailing=1) / alpha.abs().unsqueeze(-1)
                 + problem.broadcast("underflow", p))
     weight = project.weight
-    # relative to the most precise structured entry: a row rounded relative to a p_i of 1e-160 expects errors whose
-    # squares underflow
+    # relative to the most precise structured entry (at most 1; 1 where none is structured): a row rounded relative
+    # to a p_i of 1e-160 expects errors whose squares underflow
     finest = torch.where(weight > 0, expected, math.inf).amin(-1, keepdim=True).clamp_max(1.0)
     precision_weight = weight * (finest / expected).square()
     common = (labels * precision_weight).sum(-1, keepdim=True) / precision_weight.sum(-1, keepdim=True)
