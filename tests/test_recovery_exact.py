@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import gradleak
 from gradleak.labels import mixup_label, smooth_label
+from victims import head_with_logits
 
 SETTINGS = settings(max_examples=int(os.environ.get("GRADLEAK_EXAMPLES", 40)), deadline=None, derandomize="GRADLEAK_EXAMPLES" not in os.environ,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -143,12 +144,6 @@ def test_auto_detects_the_format(seed):
     assert math.isfinite(result.margin) or result.margin == math.inf
 
 
-def _head_with_logits(logits, dim=16):
-    """A head whose logits at its feature ``h`` are exactly ``logits`` (C,): ``(W, h)`` in float64."""
-    h = torch.linspace(0.2, 1.5, dim, dtype=torch.float64)
-    return torch.outer(torch.tensor(logits, dtype=torch.float64), h) / h.square().sum(), h
-
-
 @pytest.mark.parametrize("dtype, logits", [
     (torch.float32, [0.0, -120.0, -135.0, 20.0]),   # p_1, p_2 ~ 1e-61, 1e-68: their rows underflow to 0 in float32
     (torch.float32, [0.0, -78.0, -82.0, 20.0]),     # p_1, p_2 ~ 3e-43, 5e-45: subnormal rows, a fixed rounding step
@@ -158,7 +153,7 @@ def test_a_softmax_saturated_past_the_dtype_still_gives_the_label(dtype, logits)
     """A network rounds each row ``(p_i - y_i) h`` of the gradient relative to itself, down to its type's smallest
     normal number, and to a fixed step below it: the fit test expects no more of a tiny row than that (the truth
     fits, told the format), and its weighting does not underflow."""
-    weight, h = _head_with_logits(logits)
+    weight, h = head_with_logits(logits)
     label = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
     grad = torch.outer(torch.softmax(weight @ h, -1) - label, h).to(dtype)
     result = gradleak.recover_label(grad, weight.to(dtype), label_format="hard")
@@ -166,15 +161,13 @@ def test_a_softmax_saturated_past_the_dtype_still_gives_the_label(dtype, logits)
     _check(result, label, h, dtype)
 
 
-
 def test_a_continuum_of_smoothed_mixups_is_not_read_as_one_label():
     """5 classes, an unknown scale, a softmax whose structured classes are below rounding but one (p ~ 1e-81,
     1e-89, 2.5e-9, 1e-53): ``y_1 = y_2 = y_3`` leaves one equation for the two scalars. Computed here apart: at other
     feature scales the one equation fixes ``alpha``, and the labels it gives are valid smoothed mixups 0.19 to 0.5
     from the truth with exactly this gradient's direction. The answer must not be determined."""
-    h = torch.linspace(0.2, 1.5, 16, dtype=torch.float64) - 0.5
     logits = torch.tensor([-186.0, -204.0, -19.8, -120.0, 0.0], dtype=torch.float64)
-    weight = torch.outer(logits, h) / h.square().sum()
+    weight, h = head_with_logits(logits, offset=-0.5)
     label = torch.tensor([0.294, 0, 0, 0, 0.706], dtype=torch.float64) * (1 - 0.003) + 0.003 / 5
     errors = torch.softmax(weight @ h, -1) - label
     for factor in (0.95, 1.05, 1.1):

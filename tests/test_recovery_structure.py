@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
-from gradleak.recovery.structure import _deletion_scores
+from gradleak.head import HeadBatch, factor_head
+from gradleak.recovery.exact import log_grid
+from gradleak.recovery.structure import STRUCTURES, _deletion_scores, grid_residuals
+from victims import head_with_logits
 
 
 def _refit_rss(p: torch.Tensor, c: torch.Tensor, rows: list, offset_free: bool) -> float:
@@ -48,12 +51,7 @@ def test_the_grid_residual_is_right_where_the_free_classes_hold_nearly_all_of_c(
     the largest other ``|e_j|``), against the same computed with the free entries masked out, here. Beside a
     softmax saturated to 1e-13 and below, the two free classes hold all of ``c`` but 1e-26 of its square: taken
     from sums, ``||c_S||^2`` cancelled to rounding and buried the true basin under residuals of 1e141."""
-    from gradleak.head import HeadBatch, factor_head
-    from gradleak.recovery.exact import log_grid
-    from gradleak.recovery.structure import STRUCTURES, grid_residuals
-
-    h = torch.linspace(0.2, 1.5, 16, dtype=torch.float64)
-    weight = torch.outer(torch.tensor([-147.0, -30.0, -168.0, 0.0], dtype=torch.float64), h) / h.square().sum()
+    weight, h = head_with_logits([-147.0, -30.0, -168.0, 0.0])
     label = torch.tensor([0.21, 0.0, 0.0, 0.79], dtype=torch.float64)
     problem = HeadBatch.of(factor_head(torch.outer(torch.softmax(weight @ h, -1) - label, h), weight))
     t, _ = log_grid(problem, 32, 8.0, torch.tensor([0]), 2)

@@ -36,3 +36,10 @@ def paired(found, truth):
     pairs = cosine.argmax(dim=0)
     assert sorted(pairs.tolist()) == list(range(truth.shape[0]))
     return pairs, float(cosine[pairs, torch.arange(len(pairs))].min())
+
+
+def head_with_logits(logits, *, dim=16, offset=0.0):
+    """A head whose logits at its feature ``h`` are exactly ``logits`` (C,): ``(W (C, dim), h (dim,))`` in float64,
+    ``h`` evenly spaced over ``[0.2, 1.5] + offset`` (an offset below -0.2 gives it both signs)."""
+    h = torch.linspace(0.2, 1.5, dim, dtype=torch.float64) + offset
+    return torch.outer(torch.as_tensor(logits, dtype=torch.float64), h) / h.square().sum(), h
