@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import time
 
 import numpy as np
@@ -21,22 +20,18 @@ import torch
 from tqdm.auto import tqdm
 
 from gradleak.data import DATASETS, load_samples
-from gradleak.experiments.batch import BATCH_FORMATS, attack, batch_rng, grade, victim_batch, victim_model
+from gradleak.experiments.batch import (BATCH_FORMATS, add_batch_options, attack, batch_rng, grade, victim_batch,
+                                       victim_model)
+from gradleak.experiments.common import write_rows
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
-    parser.add_argument("--network", default="lenet")
-    parser.add_argument("--init", default="default", choices=["default", "paper"])
+    add_batch_options(parser, network="lenet", batch_sizes=[2, 4, 8])
     parser.add_argument("--weights", default="untrained", help="a checkpoint with a head bias, or untrained")
     parser.add_argument("--formats", nargs="+", default=list(BATCH_FORMATS), choices=BATCH_FORMATS)
-    parser.add_argument("--batch-sizes", dest="batch_sizes", nargs="+", type=int, default=[2, 4, 8])
-    parser.add_argument("--samples", type=int, default=5, help="batches per format and B")
-    parser.add_argument("--seed", type=int, default=2023, help="the experiment's seed")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="bench-batch-dtype.csv")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,10 +52,7 @@ def main() -> None:
             rows.append(dict(network=args.network, format=label_format, batch_size=size, sample=sample, dtype=name,
                              examples=graded["examples_success"] is True, determined=bool(graded["determined"]),
                              confident_wrong=graded["confident_wrong"] is True, seconds=seconds))
-    with open(args.out, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.out, rows)
     print(f"\n{args.network} ({args.init if args.weights == 'untrained' else 'trained'}), {args.dataset}: "
           f"batches whose examples all came back / determined / confident wrong, {args.samples} per cell\n")
     header = f"{'format':12} {'B':>3} {'float32':>12} {'float64':>12} {'float32 s':>10} {'float64 s':>10}"

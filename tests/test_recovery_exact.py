@@ -178,3 +178,31 @@ def test_a_continuum_of_smoothed_mixups_is_not_read_as_one_label():
         assert bool((other[[0, 4]] >= shares[0]).all()) and float((other - label).abs().max()) > 0.1
     result = gradleak.recover_label(-0.3 * torch.outer(errors, h), weight, gradient_scale="unknown")
     assert not result.determined, result
+
+
+def test_a_label_flat_near_the_answer_and_moving_far_from_it_is_not_determined():
+    """10 classes, an unknown scale, the truth's softmax 0.995 on class 0 and below 1e-10 on the smoothed classes
+    (``--seed 20`` of the random heads drew one). Every larger feature scale saturates the softmax further and
+    fits the gradient as well: computed here apart, the smoothed classes' labels stay equal to 7e-8 of
+    themselves (float32's rounding), and the labels move 2.5e-3 from the truth. Near the saturated end the label
+    hardly moves with ``t``, so a probe scaled by the slope there sees nothing. In float64 the smoothed classes
+    tell the scales apart, and the truth is determined."""
+    logits = torch.tensor([0.0, -52, -31, -5.3, -34, -41, -46, -23, -49, -29], dtype=torch.float64)
+    weight, h = head_with_logits(logits)
+    label = torch.zeros(10, dtype=torch.float64)
+    label[3], label[9] = 0.456, 0.544
+    label = label * (1 - 0.0144) + 0.0144 / 10
+    errors = torch.softmax(weight @ h, -1) - label
+    smoothed = [0, 1, 2, 4, 5, 6, 7, 8]
+    for factor in (1.5, 2.0, 4.0):
+        p = torch.softmax(factor * logits, -1)
+        other = p - errors * (p[0] - p[1]) / (errors[0] - errors[1])   # y_0 = y_1 fixes 1 / alpha
+        shares = other[smoothed]
+        assert float((shares.max() - shares.min()) / shares.mean()) < 1e-7 and bool((other >= 0).all())
+        assert float((other - label).abs().max()) > 2e-3
+    grad = -0.1 * torch.outer(errors, h)
+    result = gradleak.recover_label(grad.float(), weight.float(), gradient_scale="unknown")
+    assert not result.determined, result
+    exact = gradleak.recover_label(grad, weight, gradient_scale="unknown")
+    assert exact.determined, exact.message
+    _check(exact, label, h, torch.float64)

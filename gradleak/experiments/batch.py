@@ -22,6 +22,7 @@ within 1e-3 and every feature at cosine above 0.999 after pairing them with the 
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 import time
@@ -253,6 +254,18 @@ def _victim_setup(dataset: str, network: str, weights: Optional[str], init: Opti
     model, side, init_name = victim_model(dataset, network, weights, init, seed, image_size)
     images, labels = load_samples(dataset, size=side)
     return model, images, labels, init_name
+
+
+def add_batch_options(parser: argparse.ArgumentParser, *, network: str, batch_sizes: Sequence[int]) -> None:
+    """The options that pick this experiment's batches, for the scripts that draw them again (``benchmarks/``):
+    ``--dataset --network --init --batch-sizes --samples --seed --threads``, defaults as given."""
+    parser.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
+    parser.add_argument("--network", default=network)
+    parser.add_argument("--init", default="default", choices=["default", "paper"])
+    parser.add_argument("--batch-sizes", dest="batch_sizes", nargs="+", type=int, default=list(batch_sizes))
+    parser.add_argument("--samples", type=int, default=5, help="batches per format and B")
+    parser.add_argument("--seed", type=int, default=2023, help="the experiment's seed")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 
 
 def victim_model(dataset: str, network: str, weights: Optional[str] = "untrained", init: Optional[str] = "default",

@@ -393,6 +393,14 @@ class ResumableCSV:
         self.done.update(self._key(row) for row in rows)
 
 
+def write_rows(path: PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``rows`` (dicts with the same keys, at least one) as a CSV at ``path``, their keys the header."""
+    with Path(path).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else repr(value)

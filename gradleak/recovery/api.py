@@ -26,14 +26,21 @@ from ..labels import LABEL_FORMATS
 from .base import SEARCHES
 from .exact import find_minima, search_evaluations
 from .feature_layer import find_feature_layer, scale_from_feature_layer
-from .structure import (FORMAT_STRUCTURES, ORDER, ROUNDING_SLACK, STRUCTURES, Minima, Structure, evaluate, hypotheses,
-                        label_standard_error, mask_of, readings)
+from .structure import (FORMAT_STRUCTURES, ORDER, ROUNDING_SLACK, STRUCTURES, Minima, Structure, evaluate,
+                        fitted_labels, hypotheses, label_standard_error, mask_of, readings)
 
 FEATURE_SIGNS = ("auto", "nonnegative", "any")
 #: Heads with fewer weights than this are recovered on one intra-op thread (see :func:`threads_for`).
 PARALLEL_HEAD_ENTRIES = 1 << 18
 #: Beyond this rank-one ratio (accepted only with ``rank_one_tol=None``) no answer is reported as determined.
 NOISY_RANK_ONE_RATIO = 0.1
+#: How far ``t`` is moved, either way, looking for a label ``step`` away along it (:func:`_label_steps_along_t`).
+#: Up to 4096 times, in steps of 2^(1/3): a saturated softmax moves the label only far from the answer.
+SCAN_RATIOS = 2.0 ** (torch.arange(1, 37, dtype=torch.float64) / 3)
+#: Rounds of regula falsi that bring each side's scan point nearer to where the label has moved by ``step``.
+STEP_REFINEMENTS = 4
+#: ... aimed at this many times ``step``, so that they end at ``step`` or a little past it, never short of it.
+AIM_PAST_STEP = 1.02
 GRADIENT_SCALES = ("known", "unknown")
 
 
@@ -416,16 +423,49 @@ def _contains(general: Structure, free_entries: torch.Tensor, offset_free: torch
     return (general.free_entries >= free_entries) & (int(general.offset_free) >= offset_free.long())
 
 
+def _explains(found: Minima, tol: torch.Tensor) -> torch.Tensor:
+    """``(N, n)``: whether each candidate is another explanation of the gradient (check 1 of :func:`_decide`): a
+    valid label whose structured entries hold to within ``ROUNDING_SLACK`` roundings, and that fits (residual
+    below ``tol`` (N,)) or whose structured entries are flat to within rounding (they say nothing about the
+    scalars); not the trivial answer of a saturated softmax (a gradient term below rounding: the label is the
+    prediction ``p`` itself, which any gradient nears)."""
+    holds = found.live & found.valid & (found.rounding_units <= ROUNDING_SLACK)
+    return holds & ((found.residual <= tol.unsqueeze(-1)) | (~found.informative & ~found.negligible))
+
+
+def _explained_along_t(problem: HeadBatch, answer: Minima, structures: Sequence[Structure], *, tol: torch.Tensor,
+                       step: float) -> torch.Tensor:
+    """``(N,)``: whether a valid label farther than ``step`` from each answer (``(N, 1)`` candidates) explains the
+    gradient (:func:`_explains`) under any structure somewhere along ``t``: at ``SCAN_RATIOS`` either side of the
+    answer's ``t`` (``alpha`` refitted, free entries chosen at each point).
+
+    The search's minima need not hold every such label. A structure with fewer equations than unknowns fits
+    exactly all along a curve of ``(t, alpha)``, and the minima a search returns for it are arbitrary points of
+    that curve (with 4 classes and an unknown scale a hard label was determined while a smoothed mixup with 0.85
+    on another class gave the same gradient a little further along ``t``); and on a saturated softmax the search
+    can settle in one basin and miss another (a uniform label was determined, 0.88 off, where the true smoothed
+    label fit at 1.5 times its ``t``).
+    """
+    count, device = len(problem), problem.c.device
+    ratios = SCAN_RATIOS.to(answer.t)
+    scan = answer.t[:, :1] * torch.cat([ratios.flip(0).reciprocal(), ratios])        # (N, 2K), nearest in the middle
+    width = scan.shape[-1]
+    which = torch.arange(len(structures), device=device).repeat_interleave(width).expand(count, -1)
+    found = evaluate(problem, *hypotheses(structures, which), scan.repeat(1, len(structures)))
+    far = (found.labels - answer.labels).abs().amax(-1) > step
+    return (_explains(found, tol) & far).any(-1)
+
+
 def _fits_as_well(neighbours: Minima, answer: Minima, *, tol: torch.Tensor, ambiguity_ratio: float,
                   same_answer_atol: float) -> torch.Tensor:
     """``(N, m)``: whether each valid neighbouring label explains the gradient about as well as the answer
-    (``(N, 1)`` candidates): it is another label, and its structure says nothing (uninformative), or it fits with
-    about the answer's rounding units or residual."""
+    (``(N, 1)`` candidates): it is another label, and its structure says nothing (uninformative, not the trivial
+    answer: see :func:`_explains`), or it fits with about the answer's rounding units or residual."""
     other = (neighbours.labels - answer.labels).abs().amax(-1) > same_answer_atol
     fits = (neighbours.residual <= tol.unsqueeze(-1)) \
         & ((neighbours.rounding_units <= answer.rounding_units.clamp_min(1.0))
            | (neighbours.residual < ambiguity_ratio * answer.residual))
-    return neighbours.live & neighbours.valid & other & (~neighbours.informative | fits)
+    return neighbours.live & neighbours.valid & other & ((~neighbours.informative & ~neighbours.negligible) | fits)
 
 
 def _flat_neighbourhood(problem: HeadBatch, answer: Minima, own: torch.Tensor, structures: Sequence[Structure],
@@ -438,15 +478,14 @@ def _flat_neighbourhood(problem: HeadBatch, answer: Minima, own: torch.Tensor, s
 
     ``p - y = c / alpha``: moving ``1 / alpha`` by ``step / max|c|`` moves the label by ``step`` where the
     softmax is saturated, and by more elsewhere. With a known scale ``t = alpha`` moves along (unless a closed
-    form fixed it); with an unknown one ``t`` (``alpha`` refitted) and ``alpha`` (``t`` held) move separately,
-    ``t`` by the amount that moves the label by ``step`` to first order. If one of them fits too, the gradient
-    is compatible with a continuum of labels (a saturated softmax makes the residual flat), and the answer is
-    not determined to ``step``, however small its own residual.
+    form fixed it); with an unknown one ``alpha`` (``t`` held) and ``t`` (``alpha`` refitted) move separately,
+    ``t`` to where the label has moved by ``step`` (:func:`_label_steps_along_t`). If one of them fits too, the
+    gradient is compatible with a continuum of labels (a saturated softmax makes the residual flat), and the
+    answer is not determined to ``step``, however small its own residual.
     """
     count, device = len(problem), problem.c.device
     if problem.scale_known and t_fixed:  # the answer has no free scalar to move along
         return torch.zeros(count, dtype=torch.bool, device=device)
-    own_entries, own_offset = hypotheses(structures, own)
     own_free = answer.free[:, 0]
     best_t, best_alpha = answer.t[:, 0], answer.alpha[:, 0]
 
@@ -470,18 +509,63 @@ def _flat_neighbourhood(problem: HeadBatch, answer: Minima, own: torch.Tensor, s
     # the inadmissible ones are padding: any valid scalar stands in for them
     alphas = torch.where(admissible, 1.0 / inverse, best_alpha.unsqueeze(-1))
     if problem.scale_known:
-        flat = moved(alphas, live=admissible)
-    else:
-        flat = moved(best_t.unsqueeze(-1).expand(-1, 2), alpha=alphas, live=admissible)
-        if not t_fixed:
-            probe = 1e-6 * best_t.abs()
-            shifted = evaluate(problem, own_entries.unsqueeze(-1), own_offset.unsqueeze(-1),
-                               (best_t + probe).unsqueeze(-1), free=own_free.unsqueeze(1))
-            rate = (shifted.labels - answer.labels).abs().amax(-1)[:, 0] / probe
-            half = 0.5 * best_t.abs()
-            delta = torch.where(rate > 0, torch.minimum(step / rate, half), half)
-            flat |= moved(torch.stack([best_t + delta, best_t - delta], -1))
+        return moved(alphas, live=admissible)
+    flat = moved(best_t.unsqueeze(-1).expand(-1, 2), alpha=alphas, live=admissible)
+    if not t_fixed:
+        t, crossed = _label_steps_along_t(problem, answer, hypotheses(structures, own)[1], step)
+        flat |= moved(torch.where(crossed, t, best_t.unsqueeze(-1)), live=crossed)
     return flat
+
+
+def _label_steps_along_t(problem: HeadBatch, answer: Minima, own_offset: torch.Tensor, step: float
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(t, crossed)``, (N, 2) each: on either side of each answer's ``t`` (towards 0, and away), a ``t`` at which
+    the label under the answer's own structure and free entries (``alpha`` refitted) has moved by ``step``
+    (max-abs) or a little more, the nearest to within :data:`STEP_REFINEMENTS` rounds of regula falsi; and whether
+    the label moves that far within ``SCAN_RATIOS`` (and above ``t_lower``).
+
+    Measured on a geometric scan, not extrapolated from the slope at the answer: a saturated softmax leaves the
+    label flat near the answer and moves it only far away (a 10-class smoothed mixup with an unknown scale was
+    read 2.7e-3 off at ``t = -7.2``; the truth, at ``-0.84``, and every ``t`` between fit the gradient as well,
+    while the slope at ``-7.2`` was below rounding). Never nearer than ``step``: a label 9e-4 away that fits is
+    within the resolution the answer claims.
+    """
+    best_t = answer.t[:, 0]
+    count = len(problem)
+
+    def distance(log_ratio: torch.Tensor) -> torch.Tensor:
+        # the label's max-abs distance from the answer's at t = best_t * exp(log_ratio), log_ratio (N, ...)
+        t = best_t.view(-1, *[1] * (log_ratio.dim() - 1)) * log_ratio.exp()
+        width = t[0].numel()
+        labels = fitted_labels(problem, own_offset.unsqueeze(-1).expand(-1, width), t.reshape(count, width),
+                               answer.free[:, :1].expand(-1, width, -1))
+        return (labels - answer.labels).abs().amax(-1).view_as(t)
+
+    ratios = SCAN_RATIOS.to(best_t).log()
+    scan = torch.stack([-ratios, ratios]).expand(count, -1, -1)          # (N, 2, K): log of t / best_t
+    moved = distance(scan)
+    reached = (moved >= step) & (best_t[:, None, None].abs() * scan.exp() >= problem.t_lower[:, None, None])
+    # the bracket: the first scan point that moved the label by step, and the one before it (the answer itself,
+    # moved by 0, before the first)
+    first = reached.int().argmax(-1, keepdim=True)
+    moved, scan = (torch.cat([torch.zeros_like(x[..., :1]), x], -1) for x in (moved, scan))
+    low, high = scan.gather(-1, first).squeeze(-1), scan.gather(-1, first + 1).squeeze(-1)
+    low_moved, high_moved = moved.gather(-1, first).squeeze(-1), moved.gather(-1, first + 1).squeeze(-1)
+    # regula falsi aimed a little past step (the Illinois rule halves the weight of an end kept twice, so that
+    # neither end stalls): the far end lands between step and about the aim
+    aim = AIM_PAST_STEP * step
+    low_miss, high_miss, kept = low_moved - aim, high_moved - aim, torch.zeros_like(low, dtype=torch.long)
+    for _ in range(STEP_REFINEMENTS):
+        fraction = (low_miss / (low_miss - high_miss)).clamp(0.0, 1.0).nan_to_num(1.0)
+        middle = low + fraction * (high - low)
+        middle_moved = distance(middle)
+        above = middle_moved >= step
+        middle_miss = middle_moved - aim
+        low, high = torch.where(above, low, middle), torch.where(above, middle, high)
+        kept = torch.where(above, kept.clamp_max(0) - 1, kept.clamp_min(0) + 1)  # < 0: low kept; > 0: high kept
+        low_miss = torch.where(above, torch.where(kept < -1, 0.5 * low_miss, low_miss), middle_miss)
+        high_miss = torch.where(above, middle_miss, torch.where(kept > 1, 0.5 * high_miss, high_miss))
+    return best_t.unsqueeze(-1) * high.exp(), reached.any(-1)
 
 
 def _label_error(problem: HeadBatch, answer: Minima, own: torch.Tensor, structures: Sequence[Structure], *,
@@ -546,17 +630,18 @@ def _decide(problem: HeadBatch, candidates: _Candidates, *, tol: torch.Tensor, a
        residual at least ``ambiguity_ratio`` times larger (``margin``), and no other valid label (farther than
        ``10 * same_answer_atol``) explains the gradient too: under any structure, with or without an equation to
        spare, its structured entries hold to within rounding and it fits, or they are flat and say nothing about
-       the scalars. Below the rounding, which residual is smaller says nothing: a saturated softmax fitted a
-       wrong pair of classes 500 times more closely than the true pair, and a smoothed label exactly where the
-       true one was mixed; a structure that cannot be checked can still hold the truth;
+       the scalars (:func:`_explains`); among the search's minima, and along ``t`` where those may miss one
+       (:func:`_explained_along_t`). Below the rounding, which residual is smaller says nothing: a saturated
+       softmax fitted a wrong pair of classes 500 times more closely than the true pair, and a smoothed label
+       exactly where the true one was mixed; a structure that cannot be checked can still hold the truth;
     2. no label ``10 * same_answer_atol`` away along the free scalars fits about as well under any structure
        (:func:`_flat_neighbourhood`, :func:`_fits_as_well`): no flat valley, no saturated softmax;
     3. the label's error (:func:`_label_error`) times ``ambiguity_ratio`` stays below that same resolution;
     4. a two-class answer gives each class a weight above that resolution (otherwise the label is one class's,
        and which class is "second" is arbitrary: a mixup forced on a smoothed label).
 
-    Without any fit, the simplest structure below ``tol`` is the best guess, reported as undetermined. The
-    neighbourhood and the label error are computed only for the examples that pass 1.
+    Without any fit, the simplest structure below ``tol`` is the best guess, reported as undetermined. The scan
+    along ``t``, the neighbourhood and the label error are computed only for the examples that pass the rest.
     """
     unknowns = int(not t_fixed) + int(not problem.scale_known)
     equations = _equations(problem)
@@ -571,10 +656,7 @@ def _decide(problem: HeadBatch, candidates: _Candidates, *, tol: torch.Tensor, a
     keep = found.live & (found.t * restrict.unsqueeze(-1) >= 0)
     valid = keep & found.valid
     holds = valid & (found.rounding_units <= ROUNDING_SLACK)  # every structured entry, to within its rounding
-    # another explanation of the gradient, with or without an equation to spare: fitted, or one whose structured
-    # entries are flat to within rounding (they say nothing about the scalars); not the trivial answer of a
-    # saturated softmax (a gradient term below rounding: the label p itself, which any gradient nears)
-    explains = holds & ((found.residual <= tol.unsqueeze(-1)) | (~found.informative & ~found.negligible))
+    explains = keep & _explains(found, tol)  # another explanation, with or without an equation to spare
     candidate = valid & spare
     uninformative, invalid = valid & ~spare, keep & ~found.valid
     has_candidate = candidate.any(-1)
@@ -619,6 +701,17 @@ def _decide(problem: HeadBatch, candidates: _Candidates, *, tol: torch.Tensor, a
                                            equations=equations[pending], unknowns=unknowns)
         later = torch.where(flat, _Reason.FLAT, torch.where(ambiguity_ratio * label_error[pending] > step,
                                                             _Reason.IMPRECISE, _Reason.DETERMINED))
+        # With a known scale the label at each t needs no fit, and the search's grid sees every basin of a
+        # structure with an equation to spare; an unknown scale's fit of alpha and choice of free entries at each t,
+        # or a structure that fits all along a curve, leave labels its minima miss. Example by example: an
+        # example's answer does not depend on the others recovered with it.
+        curves = torch.stack([structure.degrees_of_freedom(equations[pending], unknowns) < 0
+                              for structure in structures], -1).any(-1)
+        rows = (curves | (not problem.scale_known)).nonzero().flatten()
+        if not t_fixed and len(rows):
+            explained = _explained_along_t(part.select(rows), part_answer[rows], structures,
+                                           tol=tol[pending][rows], step=step)
+            later[rows] = torch.where(explained, _Reason.EXPLAINED_TOO, later[rows])
         later = torch.where((later == _Reason.DETERMINED) & (minor[pending] <= step), _Reason.ONE_CLASS, later)
         reason[pending] = later
     tried = torch.full((len(problem), len(ORDER)), math.nan, dtype=torch.float64, device=found.t.device)

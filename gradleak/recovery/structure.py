@@ -445,6 +445,38 @@ class Minima:
         return Minima(**{f.name: torch.cat([getattr(p, f.name) for p in parts], dim=1) for f in fields(Minima)})
 
 
+@dataclass(frozen=True)
+class _Fit:
+    """The label of candidates ``t`` (N, n) with given free entries, and what :func:`evaluate` judges it by:
+    ``alpha`` (N, n), ``labels`` (N, n, C), the structure's ``project``, and the projected ``p`` and ``c``."""
+
+    alpha: torch.Tensor
+    labels: torch.Tensor
+    project: "Projection"
+    p: torch.Tensor
+    c: torch.Tensor
+
+    @staticmethod
+    def of(problem: HeadBatch, t: torch.Tensor, p: torch.Tensor, free: torch.Tensor, offset_free: torch.Tensor,
+           alpha: Optional[torch.Tensor] = None) -> "_Fit":
+        """``p`` (N, n, C) the softmax at ``t``, ``free`` (N, n, 2), ``offset_free`` (N, n); ``alpha`` refitted
+        unless given."""
+        project = Projection.of(mask_of(free, problem.num_classes), offset_free, t.dtype)
+        c = _c_like(problem, p)
+        projected_p, projected_c = project(p), project(c)
+        if alpha is None:
+            alpha = multiplier(problem, t, projected_p, projected_c)
+        return _Fit(alpha, p - c / alpha.unsqueeze(-1), project, projected_p, projected_c)
+
+
+def fitted_labels(problem: HeadBatch, offset_free: torch.Tensor, t: torch.Tensor, free: torch.Tensor
+                  ) -> torch.Tensor:
+    """The labels ``(N, n, C)`` of candidates ``t`` (N, n) with free entries ``free`` (N, n, 2) under a structure
+    whose offset is free or not (``offset_free``, ``(N, n)`` or ``(n,)``), ``alpha`` refitted: :func:`evaluate`'s
+    labels without its judgement, for a scan that needs only how far the label moves."""
+    return _Fit.of(problem, t, torch.softmax(problem.logits(t), dim=-1), free, offset_free.expand_as(t)).labels
+
+
 def evaluate(problem: HeadBatch, free_entries: torch.Tensor, offset_free: torch.Tensor, t: torch.Tensor,
              alpha: Optional[torch.Tensor] = None, free: Optional[torch.Tensor] = None,
              live: Optional[torch.Tensor] = None) -> Minima:
@@ -456,14 +488,9 @@ def evaluate(problem: HeadBatch, free_entries: torch.Tensor, offset_free: torch.
     if free is None or bool((free < 0).any()):
         chosen = free_entries_of(problem, t, p, free_entries, offset_free, alpha=alpha)[..., 0, :]
         free = chosen if free is None else torch.where(free < 0, chosen, free)
-    mask = mask_of(free, problem.num_classes)
     offset_free = offset_free.expand_as(t)
-    project = Projection.of(mask, offset_free, t.dtype)
-    c = _c_like(problem, p)
-    projected_p, projected_c = project(p), project(c)
-    if alpha is None:
-        alpha = multiplier(problem, t, projected_p, projected_c)
-    labels = p - c / alpha.unsqueeze(-1)
+    fit = _Fit.of(problem, t, p, free, offset_free, alpha)
+    alpha, labels, project, projected_p, projected_c = fit.alpha, fit.labels, fit.project, fit.p, fit.c
     residual = _residual_norms(alpha, projected_p, projected_c)
     # Two trivial answers, no better than a saturated softmax: where the structured entries of the gradient term
     # are flat to within rounding (p_S ~ 0 and c_S ~ -alpha y_S constant) the normalised residual is 0/0 and the
