@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 from scripts import load_benchmark
+from victims import genuine_smoothed_mixups
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +99,9 @@ def _labels_along_the_scale(weight, feature, label):
                                   -1)
     found = []
     for rest in itertools.combinations(range(len(label)), 2):
-        free = [j for j in range(len(label)) if j not in rest]
         other = probabilities - errors * ((probabilities[:, rest[0]] - probabilities[:, rest[1]])
                                           / (errors[rest[0]] - errors[rest[1]])).unsqueeze(-1)
-        genuine = ((other >= 0) & (other <= 1)).all(-1) & (other[:, free] >= other[:, rest[:1]]).all(-1)
-        found.append(other[genuine & ((other - label).abs().amax(-1) > 1e-3)])
+        found.append(other[genuine_smoothed_mixups(other, rest, label)])
     return torch.cat(found)
 
 

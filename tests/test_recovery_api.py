@@ -9,6 +9,7 @@ from torch import nn
 import gradleak
 from gradleak.labels import mixup_label, smooth_label
 from gradleak.recovery import SEARCHES
+from victims import genuine_smoothed_mixups
 
 
 def _mlp(head_bias=False, hidden_bias=True, activation=nn.ReLU, seed=0):
@@ -296,10 +297,7 @@ def _smoothed_mixups_with_the_same_gradient(weight, feature, label):
                 difference = needed(middle)[list(rest)]
                 low, high = (middle, high) if float((difference[0] - difference[1]) * gap[i]) > 0 else (low, middle)
             other = needed(middle)
-            common = float(other[list(rest)].mean())
-            free = [j for j in range(num_classes) if j not in rest]
-            if bool(((other >= 0) & (other <= 1)).all()) and all(float(other[j]) >= common for j in free) \
-                    and float((other - label).abs().max()) > 1e-3:
+            if bool(genuine_smoothed_mixups(other.unsqueeze(0), rest, label)):
                 found.append(other)
     return found
 

@@ -43,3 +43,13 @@ def head_with_logits(logits, *, dim=16, offset=0.0):
     ``h`` evenly spaced over ``[0.2, 1.5] + offset`` (an offset below -0.2 gives it both signs)."""
     h = torch.linspace(0.2, 1.5, dim, dtype=torch.float64) + offset
     return torch.outer(torch.as_tensor(logits, dtype=torch.float64), h) / h.square().sum(), h
+
+
+def genuine_smoothed_mixups(labels, rest, truth):
+    """``(M,)``: which of ``labels`` (M, C), equal on the classes ``rest``, are genuine smoothed mixups other than
+    ``truth``: entries in [0, 1], each free class at least the rest's common share, and more than 1e-3 from
+    ``truth`` (max-abs)."""
+    free = [j for j in range(labels.shape[-1]) if j not in rest]
+    common = labels[:, list(rest)].mean(-1, keepdim=True)
+    return (((labels >= 0) & (labels <= 1)).all(-1) & (labels[:, free] >= common).all(-1)
+            & ((labels - truth).abs().amax(-1) > 1e-3))

@@ -426,11 +426,9 @@ def _contains(general: Structure, free_entries: torch.Tensor, offset_free: torch
 def _explains(found: Minima, tol: torch.Tensor) -> torch.Tensor:
     """``(N, n)``: whether each candidate is another explanation of the gradient (check 1 of :func:`_decide`): a
     valid label whose structured entries hold to within ``ROUNDING_SLACK`` roundings, and that fits (residual
-    below ``tol`` (N,)) or whose structured entries are flat to within rounding (they say nothing about the
-    scalars); not the trivial answer of a saturated softmax (a gradient term below rounding: the label is the
-    prediction ``p`` itself, which any gradient nears)."""
+    below ``tol`` (N,)) or whose structure says nothing about the scalars (:attr:`Minima.flat_structure`)."""
     holds = found.live & found.valid & (found.rounding_units <= ROUNDING_SLACK)
-    return holds & ((found.residual <= tol.unsqueeze(-1)) | (~found.informative & ~found.negligible))
+    return holds & ((found.residual <= tol.unsqueeze(-1)) | found.flat_structure)
 
 
 def _explained_along_t(problem: HeadBatch, answer: Minima, structures: Sequence[Structure], *, tol: torch.Tensor,
@@ -459,13 +457,13 @@ def _explained_along_t(problem: HeadBatch, answer: Minima, structures: Sequence[
 def _fits_as_well(neighbours: Minima, answer: Minima, *, tol: torch.Tensor, ambiguity_ratio: float,
                   same_answer_atol: float) -> torch.Tensor:
     """``(N, m)``: whether each valid neighbouring label explains the gradient about as well as the answer
-    (``(N, 1)`` candidates): it is another label, and its structure says nothing (uninformative, not the trivial
-    answer: see :func:`_explains`), or it fits with about the answer's rounding units or residual."""
+    (``(N, 1)`` candidates): it is another label, and its structure says nothing (:attr:`Minima.flat_structure`),
+    or it fits with about the answer's rounding units or residual."""
     other = (neighbours.labels - answer.labels).abs().amax(-1) > same_answer_atol
     fits = (neighbours.residual <= tol.unsqueeze(-1)) \
         & ((neighbours.rounding_units <= answer.rounding_units.clamp_min(1.0))
            | (neighbours.residual < ambiguity_ratio * answer.residual))
-    return neighbours.live & neighbours.valid & other & ((~neighbours.informative & ~neighbours.negligible) | fits)
+    return neighbours.live & neighbours.valid & other & (neighbours.flat_structure | fits)
 
 
 def _flat_neighbourhood(problem: HeadBatch, answer: Minima, own: torch.Tensor, structures: Sequence[Structure],
@@ -705,13 +703,14 @@ def _decide(problem: HeadBatch, candidates: _Candidates, *, tol: torch.Tensor, a
         # structure with an equation to spare; an unknown scale's fit of alpha and choice of free entries at each t,
         # or a structure that fits all along a curve, leave labels its minima miss. Example by example: an
         # example's answer does not depend on the others recovered with it.
-        curves = torch.stack([structure.degrees_of_freedom(equations[pending], unknowns) < 0
-                              for structure in structures], -1).any(-1)
-        rows = (curves | (not problem.scale_known)).nonzero().flatten()
-        if not t_fixed and len(rows):
-            explained = _explained_along_t(part.select(rows), part_answer[rows], structures,
-                                           tol=tol[pending][rows], step=step)
-            later[rows] = torch.where(explained, _Reason.EXPLAINED_TOO, later[rows])
+        if not t_fixed:
+            curves = torch.stack([structure.degrees_of_freedom(equations[pending], unknowns) < 0
+                                  for structure in structures], -1).any(-1)
+            rows = (curves | (not problem.scale_known)).nonzero().flatten()
+            if len(rows):
+                explained = _explained_along_t(part.select(rows), part_answer[rows], structures,
+                                               tol=tol[pending][rows], step=step)
+                later[rows] = torch.where(explained, _Reason.EXPLAINED_TOO, later[rows])
         later = torch.where((later == _Reason.DETERMINED) & (minor[pending] <= step), _Reason.ONE_CLASS, later)
         reason[pending] = later
     tried = torch.full((len(problem), len(ORDER)), math.nan, dtype=torch.float64, device=found.t.device)

@@ -398,6 +398,13 @@ class Minima:
     free: torch.Tensor
     live: torch.Tensor
 
+    @property
+    def flat_structure(self) -> torch.Tensor:
+        """``(N, n)``: the structure says nothing about the scalars because its structured entries are flat to
+        within rounding, not because the gradient term is (the trivial answer, the prediction ``p`` itself, which
+        any gradient nears)."""
+        return ~self.informative & ~self.negligible
+
     def _map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "Minima":
         return Minima(**{f.name: function(getattr(self, f.name)) for f in fields(self)})
 
