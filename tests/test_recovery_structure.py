@@ -1,5 +1,6 @@
 """Label structures as residuals: the deletion diagnostics that choose free entries with an unknown scale, and the
 grid's residuals."""
+import itertools
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from gradleak.head import HeadBatch, factor_head
 from gradleak.recovery.exact import log_grid
-from gradleak.recovery.structure import STRUCTURES, _deletion_scores, grid_residuals
+from gradleak.recovery.structure import STRUCTURES, _deletion_scores, grid_residuals, readings, residuals
 from victims import head_with_logits
 
 
@@ -66,3 +67,41 @@ def test_the_grid_residual_is_right_where_the_free_classes_hold_nearly_all_of_c(
     torch.testing.assert_close(curve, expected, rtol=1e-6, atol=1e-12)
     true_t = float(h @ problem.v[0]) / float(problem.sigma[0])
     assert abs(math.log10(float(t[0, curve.argmin()]) / true_t)) < 2 / 32  # the true basin is the grid's lowest
+
+
+def test_residuals_with_held_free_entries_are_the_masked_centred_fit_of_those_entries():
+    """``residuals(..., free=...)`` against the same computed here: ``||P (t p - c)|| / ||P c||`` with ``P`` zeroing
+    the held free entries and centring the rest (a known scale: ``alpha = t``). At the true ``t`` the true pair
+    fits exactly and another pair does not."""
+    weight, h = head_with_logits([2.0, -1.0, 0.5, 1.5, -0.3, 0.0])
+    label = torch.tensor([0.6, 0.02, 0.02, 0.32, 0.02, 0.02], dtype=torch.float64)
+    problem = HeadBatch.of(factor_head(torch.outer(torch.softmax(weight @ h, -1) - label, h), weight))
+    true_t = float(h @ problem.v[0]) / float(problem.sigma[0])
+    t = torch.tensor([[true_t, 0.8 * true_t, 1.3 * true_t]], dtype=torch.float64)
+    for pair in ((0, 3), (0, 1)):
+        free = torch.tensor(pair).expand(1, 3, 2)
+        got = residuals(problem, t, torch.full((3,), 2), torch.ones(3, dtype=torch.bool), free=free)[0]
+        rest = [j for j in range(6) if j not in pair]
+        error = (t[0].unsqueeze(-1) * torch.softmax(problem.logits(t)[0], -1) - problem.c[0])[:, rest]
+        c = problem.c[0, rest]
+        expected = (error - error.mean(-1, keepdim=True)).norm(dim=-1) / (c - c.mean()).norm()
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-15)
+        assert (float(got[0]) < 1e-12) == (pair == (0, 3))
+
+
+def test_with_few_classes_and_an_unknown_scale_every_choice_of_free_entries_is_a_reading():
+    """4 classes: each candidate is read under all 6 pairs of a two-class structure and all 4 single classes of a
+    one-class one (padded to 6 with candidates that are not live); with a known scale the label needs no choice."""
+    weight, h = head_with_logits([1.0, -0.5, 0.2, 0.0])
+    gradient = torch.outer(torch.softmax(weight @ h, -1) - torch.tensor([0.7, 0.1, 0.1, 0.1], dtype=torch.float64), h)
+    structures = [STRUCTURES["smoothing"], STRUCTURES["mixup_smoothing"]]
+    problem = HeadBatch.of(factor_head(gradient, weight, scale_known=False))
+    t, which, free, live = readings(problem, structures, torch.tensor([[1.0, 1.0]], dtype=torch.float64),
+                                    torch.tensor([0, 1]))
+    assert t.shape == (1, 12) and which.tolist() == [0] * 6 + [1] * 6
+    singles = {tuple(f) for f, real in zip(free[0, :6].tolist(), live[0, :6].tolist()) if real}
+    assert singles == {(j, j) for j in range(4)} and live[0, :6].sum() == 4
+    assert {tuple(sorted(f)) for f in free[0, 6:].tolist()} == set(itertools.combinations(range(4), 2))
+    assert bool(live[0, 6:].all())
+    known = HeadBatch.of(factor_head(gradient, weight))
+    assert readings(known, structures, torch.ones(1, 2, dtype=torch.float64), torch.tensor([0, 1]))[2] is None

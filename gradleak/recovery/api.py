@@ -27,7 +27,8 @@ from .base import SEARCHES
 from .exact import find_minima, search_evaluations
 from .feature_layer import find_feature_layer, scale_from_feature_layer
 from .structure import (FORMAT_STRUCTURES, ORDER, ROUNDING_SLACK, STRUCTURES, Minima, Structure, evaluate,
-                        fitted_labels, hypotheses, label_standard_error, mask_of, readings)
+                        fitted_labels, gauss_newton, hypotheses, label_standard_error, mask_of, readings,
+                        residuals)
 
 FEATURE_SIGNS = ("auto", "nonnegative", "any")
 #: Heads with fewer weights than this are recovered on one intra-op thread (see :func:`threads_for`).
@@ -41,6 +42,13 @@ SCAN_RATIOS = 2.0 ** (torch.arange(1, 37, dtype=torch.float64) / 3)
 STEP_REFINEMENTS = 4
 #: ... aimed at this many times ``step``, so that they end at ``step`` or a little past it, never short of it.
 AIM_PAST_STEP = 1.02
+#: Where a second root of an answer's own structure is looked for (:func:`_second_root_near`): ``t`` times these,
+#: 2^(1/96) (0.7 %) apart and up to 2^(1/4) (19 %, 2.4 steps of the search's default grid) either way.
+NEAR_RATIOS = 2.0 ** (torch.arange(-24, 25, dtype=torch.float64) / 96)
+#: How many of that scan's lowest local minima (the answer's own point left out) are refined, by this many
+#: Gauss-Newton steps.
+NEAR_STARTS = 2
+NEAR_REFINEMENTS = 5
 GRADIENT_SCALES = ("known", "unknown")
 
 
@@ -411,9 +419,9 @@ def _group_index(sizes: Tuple[int, ...], device: torch.device) -> torch.Tensor:
 def _single_minimum(problem: HeadBatch, t: torch.Tensor, structures: Sequence[Structure]) -> _Candidates:
     """One given scalar per example, ``t`` (N,) (closed form, or a search that returns one answer), under each of
     ``structures`` and, with an unknown scale, each of its :func:`~gradleak.recovery.structure.readings`."""
-    t, which, free, _ = readings(problem, structures, t.unsqueeze(-1).expand(-1, len(structures)),
-                                 torch.arange(len(structures), device=t.device))  # structures[i], read every way
-    found = evaluate(problem, *hypotheses(structures, which), t, free=free)
+    t, which, free, live = readings(problem, structures, t.unsqueeze(-1).expand(-1, len(structures)),
+                                    torch.arange(len(structures), device=t.device))  # structures[i], read every way
+    found = evaluate(problem, *hypotheses(structures, which), t, free=free, live=live)
     return _Candidates(tuple(structures), found, (t.shape[-1] // len(structures),) * len(structures))
 
 
@@ -450,6 +458,41 @@ def _explained_along_t(problem: HeadBatch, answer: Minima, structures: Sequence[
     width = scan.shape[-1]
     which = torch.arange(len(structures), device=device).repeat_interleave(width).expand(count, -1)
     found = evaluate(problem, *hypotheses(structures, which), scan.repeat(1, len(structures)))
+    far = (found.labels - answer.labels).abs().amax(-1) > step
+    return (_explains(found, tol) & far).any(-1)
+
+
+def _second_root_near(problem: HeadBatch, answer: Minima, own: torch.Tensor, structures: Sequence[Structure], *,
+                      tol: torch.Tensor, step: float) -> torch.Tensor:
+    """``(N,)``: whether a second root of each answer's own residual (its structure and free entries, ``(N, 1)``
+    candidates of structures ``structures[own]``) lies near it, with a valid label farther than ``step`` that
+    explains the gradient (:func:`_explains`): the lowest local minima of a fine scan of ``t`` (``NEAR_RATIOS``),
+    refined by Gauss-Newton.
+
+    The search's grid sees one basin where two lie within a step or two of each other, and refining it finds one
+    of them: a 5-class saturated smoothed mixup had exact roots 1.6 % apart in ``t``, labels 2.8e-3 apart, and the
+    one found, the wrong one, was determined (its standard error is a simple root's, and the neighbours
+    :func:`_flat_neighbourhood` looks at, 1e-3 away, do not fit).
+    """
+    own_entries, own_offset = hypotheses(structures, own)
+    ratios = NEAR_RATIOS.to(answer.t)
+    t = answer.t[:, :1] * ratios                                                        # (N, K)
+
+    def held(width: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # the answer's structure and free entries for ``width`` candidates each
+        return (own_entries.unsqueeze(-1).expand(-1, width), own_offset.unsqueeze(-1).expand(-1, width),
+                answer.free.expand(-1, width, -1))
+
+    entries, offset, free = held(t.shape[-1])
+    curve = residuals(problem, t, entries, offset, free=free)
+    lowest = (curve[:, 1:-1] <= curve[:, :-2]) & (curve[:, 1:-1] <= curve[:, 2:])
+    lowest = torch.nn.functional.pad(lowest, (1, 1)) & (ratios != 1)     # the ends are no minima; nor the answer
+    starts = torch.where(lowest, curve, math.inf).topk(NEAR_STARTS, dim=-1, largest=False).indices
+    entries, offset, free = held(NEAR_STARTS)
+    live = lowest.gather(-1, starts)
+    refined = gauss_newton(problem, t.gather(-1, starts), mask_of(free, problem.num_classes), offset,
+                           steps=NEAR_REFINEMENTS, live=live)
+    found = evaluate(problem, entries, offset, refined, free=free, live=live)
     far = (found.labels - answer.labels).abs().amax(-1) > step
     return (_explains(found, tol) & far).any(-1)
 
@@ -628,8 +671,9 @@ def _decide(problem: HeadBatch, candidates: _Candidates, *, tol: torch.Tensor, a
        residual at least ``ambiguity_ratio`` times larger (``margin``), and no other valid label (farther than
        ``10 * same_answer_atol``) explains the gradient too: under any structure, with or without an equation to
        spare, its structured entries hold to within rounding and it fits, or they are flat and say nothing about
-       the scalars (:func:`_explains`); among the search's minima, and along ``t`` where those may miss one
-       (:func:`_explained_along_t`). Below the rounding, which residual is smaller says nothing: a saturated
+       the scalars (:func:`_explains`); among the search's minima, along ``t`` where those may miss one
+       (:func:`_explained_along_t`), and beside the answer, where the search's grid sees one basin for two roots
+       (:func:`_second_root_near`). Below the rounding, which residual is smaller says nothing: a saturated
        softmax fitted a wrong pair of classes 500 times more closely than the true pair, and a smoothed label
        exactly where the true one was mixed; a structure that cannot be checked can still hold the truth;
     2. no label ``10 * same_answer_atol`` away along the free scalars fits about as well under any structure
@@ -699,11 +743,14 @@ def _decide(problem: HeadBatch, candidates: _Candidates, *, tol: torch.Tensor, a
                                            equations=equations[pending], unknowns=unknowns)
         later = torch.where(flat, _Reason.FLAT, torch.where(ambiguity_ratio * label_error[pending] > step,
                                                             _Reason.IMPRECISE, _Reason.DETERMINED))
-        # With a known scale the label at each t needs no fit, and the search's grid sees every basin of a
-        # structure with an equation to spare; an unknown scale's fit of alpha and choice of free entries at each t,
-        # or a structure that fits all along a curve, leave labels its minima miss. Example by example: an
-        # example's answer does not depend on the others recovered with it.
+        # Labels the search's minima miss, example by example (an example's answer does not depend on the others
+        # recovered with it): a second root beside the answer, within a step or two of the grid, whatever the
+        # scale; and anywhere along t where the scale is unknown (alpha's fit and the choice of free entries at each
+        # t) or a structure fits all along a curve. With a known scale the label at each t needs no fit, and the
+        # grid sees every other basin of a structure with an equation to spare.
         if not t_fixed:
+            near = _second_root_near(part, part_answer, part_own, structures, tol=tol[pending], step=step)
+            later = torch.where(near, _Reason.EXPLAINED_TOO, later)
             curves = torch.stack([structure.degrees_of_freedom(equations[pending], unknowns) < 0
                                   for structure in structures], -1).any(-1)
             rows = (curves | (not problem.scale_known)).nonzero().flatten()

@@ -67,6 +67,10 @@ PAIR_FIRSTS = 4
 #: is judged under: the choice fixes ``alpha`` and so the label, and a saturated softmax can leave several choices
 #: tied to within rounding, each a different label that explains the gradient (see :func:`readings`).
 READINGS = 4
+#: ... but with at most this many classes every choice is a reading (at most 10 pairs): there a structure can have no
+#: equation to spare once ``alpha`` and ``t`` are fitted, and then every choice fits exactly and their ranking says
+#: nothing about which holds the truth (see :func:`readings`).
+EVERY_READING_CLASSES = 5
 #: How many expected rounding errors the structured entries may spread over and still count as equal (and label
 #: entries stray outside [0, 1]).
 ROUNDING_SLACK = 100.0
@@ -273,17 +277,19 @@ def _piece_residuals(problem: HeadBatch, t: torch.Tensor, p: torch.Tensor, mask:
 
 
 @_one_or_many
-def residuals(problem: Problem, t: torch.Tensor, free_entries: torch.Tensor, offset_free: torch.Tensor
-              ) -> torch.Tensor:
+def residuals(problem: Problem, t: torch.Tensor, free_entries: torch.Tensor, offset_free: torch.Tensor,
+              free: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Normalised residuals ``r(t)`` of shape ``(N, K)`` (exact, masked; see the module docstring).
 
     Args:
         t: ``(N, K)`` candidate scalars (float64, non-zero).
         free_entries, offset_free: ``(N, K)`` or ``(K,)``: the hypothesis of each candidate (int 1 or 2, bool).
+        free: ``(N, K, 2)`` the free entries, held instead of chosen at each ``t`` (default: chosen).
         A :class:`HeadProblem` takes them without the leading ``N`` (and returns ``(K,)``).
     """
     p = torch.softmax(problem.logits(t), -1)
-    free = free_entries_of(problem, t, p, free_entries, offset_free)[..., 0, :]
+    if free is None:
+        free = free_entries_of(problem, t, p, free_entries, offset_free)[..., 0, :]
     return _piece_residuals(problem, t, p, mask_of(free, problem.num_classes), offset_free)
 
 
@@ -544,22 +550,47 @@ def readings(problem: HeadBatch, structures: Sequence[Structure], t: torch.Tenso
              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Candidates ``t`` (N, n) under ``structures[which]`` (``which`` (n,)) and their real ones ``live`` (N, n), as
     ``(t, which, free, live)`` to :func:`evaluate`: unchanged where the scale is known (``free`` None: the label is
-    known before its free entries are), and otherwise each candidate ``k = min(READINGS, C - 1)`` times,
-    consecutively, under each of its ``k`` best choices of free entries (:func:`free_entries_of`; ``free``
-    (N, n * k, 2)).
+    known before its free entries are), and otherwise each candidate ``k`` times, consecutively, under each of
+    ``k`` choices of free entries (``free`` (N, n * k, 2)): its ``k = min(READINGS, C - 1)`` best
+    (:func:`free_entries_of`), or with at most ``EVERY_READING_CLASSES`` classes every choice (the one-class
+    structures' fewer choices padded with ones that are not ``live``).
 
     With an unknown scale the choice fixes ``alpha`` and so the label, and where the softmax is saturated several
     choices fit to within rounding. A 4-class gradient of a label smoothed with eps 0.003 fits, at its own ``t``,
     the uniform label (free entry: a class the softmax gives 1e-16) as closely as the truth (free entry: the true
-    class): judging the best reading only gave the uniform label as determined.
+    class): judging the best reading only gave the uniform label as determined. Where a structure has no equation
+    to spare every choice fits exactly: with 4 classes, a head bias and an unknown scale, a mixup 0.055 from the
+    truth was determined while the true smoothed mixup's pair of classes, not among the best three choices, gave
+    the truth exactly.
     """
     if problem.scale_known:
         return t, which, None, live
-    choices = min(READINGS, problem.num_classes - 1)
-    free = free_entries_of(problem, t, torch.softmax(problem.logits(t), -1), *hypotheses(structures, which),
-                           choices=choices).flatten(1, 2)
-    return (t.repeat_interleave(choices, -1), which.repeat_interleave(choices), free,
-            None if live is None else live.repeat_interleave(choices, -1))
+    if problem.num_classes <= EVERY_READING_CLASSES:
+        table, real = _every_choice(tuple(s.free_entries for s in structures), problem.num_classes, t.device)
+        choices = table.shape[1]
+        free = table[which].expand(len(problem), -1, -1, -1).flatten(1, 2)
+        real = real[which].flatten().expand(len(problem), -1)
+        live = real if live is None else real & live.repeat_interleave(choices, -1)
+    else:
+        choices = min(READINGS, problem.num_classes - 1)
+        free = free_entries_of(problem, t, torch.softmax(problem.logits(t), -1), *hypotheses(structures, which),
+                               choices=choices).flatten(1, 2)
+        live = None if live is None else live.repeat_interleave(choices, -1)
+    return t.repeat_interleave(choices, -1), which.repeat_interleave(choices), free, live
+
+
+@functools.lru_cache(maxsize=64)
+def _every_choice(free_entries: Tuple[int, ...], num_classes: int, device: torch.device
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every choice of free entries of structures with ``free_entries`` each, padded to as many for each:
+    ``(choices, real)``, ``(S, k, 2)`` and ``(S, k)`` (False for padding), made once per layout."""
+    classes = torch.arange(num_classes, device=device)
+    options = {1: classes.unsqueeze(-1).expand(-1, 2), 2: torch.combinations(classes, 2)}
+    width = max(len(options[count]) for count in free_entries)
+    padded = [torch.cat([options[count], options[count][-1:].expand(width - len(options[count]), 2)])
+              for count in free_entries]
+    real = [torch.arange(width, device=device) < len(options[count]) for count in free_entries]
+    return torch.stack(padded), torch.stack(real)
 
 
 def describe(problem: HeadBatch, structures: Sequence[Structure], t: torch.Tensor, which: torch.Tensor,
