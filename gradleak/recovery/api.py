@@ -487,6 +487,8 @@ def _second_root_near(problem: HeadBatch, answer: Minima, own: torch.Tensor, str
     curve = residuals(problem, t, entries, offset, free=free)
     lowest = (curve[:, 1:-1] <= curve[:, :-2]) & (curve[:, 1:-1] <= curve[:, 2:])
     lowest = torch.nn.functional.pad(lowest, (1, 1)) & (ratios != 1)     # the ends are no minima; nor the answer
+    if not bool(lowest.any()):  # the common case: one root, the answer's, in sight
+        return lowest[:, 0]
     starts = torch.where(lowest, curve, math.inf).topk(NEAR_STARTS, dim=-1, largest=False).indices
     entries, offset, free = held(NEAR_STARTS)
     live = lowest.gather(-1, starts)
