@@ -35,9 +35,10 @@ FEATURE_SIGNS = ("auto", "nonnegative", "any")
 PARALLEL_HEAD_ENTRIES = 1 << 18
 #: Beyond this rank-one ratio (accepted only with ``rank_one_tol=None``) no answer is reported as determined.
 NOISY_RANK_ONE_RATIO = 0.1
-#: How far ``t`` is moved, either way, looking for a label ``step`` away along it (:func:`_label_steps_along_t`).
-#: Up to 4096 times, in steps of 2^(1/3): a saturated softmax moves the label only far from the answer.
-SCAN_RATIOS = 2.0 ** (torch.arange(1, 37, dtype=torch.float64) / 3)
+#: The logs of how far ``t`` is moved, either way, looking for a label ``step`` away along it
+#: (:func:`_label_steps_along_t`) and for another label that explains the gradient (:func:`_explained_along_t`, the
+#: same points): up to 4096 times, in steps of 2^(1/3); a saturated softmax moves the label only far from the answer.
+SCAN_LOG_RATIOS = torch.arange(1, 37, dtype=torch.float64) / 3 * math.log(2.0)
 #: Rounds of regula falsi that bring each side's scan point nearer to where the label has moved by ``step``.
 STEP_REFINEMENTS = 4
 #: ... aimed at this many times ``step``, so that they end at ``step`` or a little past it, never short of it.
@@ -442,7 +443,7 @@ def _explains(found: Minima, tol: torch.Tensor) -> torch.Tensor:
 def _explained_along_t(problem: HeadBatch, answer: Minima, structures: Sequence[Structure], *, tol: torch.Tensor,
                        step: float) -> torch.Tensor:
     """``(N,)``: whether a valid label farther than ``step`` from each answer (``(N, 1)`` candidates) explains the
-    gradient (:func:`_explains`) under any structure somewhere along ``t``: at ``SCAN_RATIOS`` either side of the
+    gradient (:func:`_explains`) under any structure somewhere along ``t``: at ``SCAN_LOG_RATIOS`` either side of the
     answer's ``t`` (``alpha`` refitted, free entries chosen at each point).
 
     The search's minima need not hold every such label. A structure with fewer equations than unknowns fits
@@ -453,8 +454,8 @@ def _explained_along_t(problem: HeadBatch, answer: Minima, structures: Sequence[
     label fit at 1.5 times its ``t``).
     """
     count, device = len(problem), problem.c.device
-    ratios = SCAN_RATIOS.to(answer.t)
-    scan = answer.t[:, :1] * torch.cat([ratios.flip(0).reciprocal(), ratios])        # (N, 2K), nearest in the middle
+    ratios = SCAN_LOG_RATIOS.to(answer.t)
+    scan = answer.t[:, :1] * torch.cat([-ratios.flip(0), ratios]).exp()              # (N, 2K), nearest in the middle
     width = scan.shape[-1]
     which = torch.arange(len(structures), device=device).repeat_interleave(width).expand(count, -1)
     found = evaluate(problem, *hypotheses(structures, which), scan.repeat(1, len(structures)))
@@ -565,7 +566,7 @@ def _label_steps_along_t(problem: HeadBatch, answer: Minima, own_offset: torch.T
     """``(t, crossed)``, (N, 2) each: on either side of each answer's ``t`` (towards 0, and away), a ``t`` at which
     the label under the answer's own structure and free entries (``alpha`` refitted) has moved by ``step``
     (max-abs) or a little more, the nearest to within :data:`STEP_REFINEMENTS` rounds of regula falsi; and whether
-    the label moves that far within ``SCAN_RATIOS`` (and above ``t_lower``).
+    the label moves that far within ``SCAN_LOG_RATIOS`` (and above ``t_lower``).
 
     Measured on a geometric scan, not extrapolated from the slope at the answer: a saturated softmax leaves the
     label flat near the answer and moves it only far away (a 10-class smoothed mixup with an unknown scale was
@@ -584,7 +585,7 @@ def _label_steps_along_t(problem: HeadBatch, answer: Minima, own_offset: torch.T
                                answer.free[:, :1].expand(-1, width, -1))
         return (labels - answer.labels).abs().amax(-1).view_as(t)
 
-    ratios = SCAN_RATIOS.to(best_t).log()
+    ratios = SCAN_LOG_RATIOS.to(best_t)
     scan = torch.stack([-ratios, ratios]).expand(count, -1, -1)          # (N, 2, K): log of t / best_t
     moved = distance(scan)
     reached = (moved >= step) & (best_t[:, None, None].abs() * scan.exp() >= problem.t_lower[:, None, None])
