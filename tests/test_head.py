@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradleak.head import factor_head, find_head, head_gradients
+from gradleak.head import HeadBatch, factor_head, find_head, head_gradients
 
 
 def _rank_one(C=6, d=9, seed=0):
@@ -107,3 +107,19 @@ def test_row_ratios_are_each_rows_rank_one_residual(dtype):
     own = rounded.double().norm(dim=-1) / rounded.double().norm()
     assert bool((problem.row_ratio <= 10 * torch.finfo(dtype).eps * own).all()), (problem.row_ratio, own)
     assert float(problem.row_ratio.norm()) == pytest.approx(problem.rank_one_ratio, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_candidates_softmax_is_torchs(dtype):
+    """``HeadBatch.softmax`` (written out for speed) against ``torch.softmax`` of the same logits: with and without
+    a bias, at scalars from nearly linear to saturated past float64's range on all but one class."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(10, 32, generator=generator, dtype=dtype)
+    feature = torch.rand(32, generator=generator, dtype=dtype)
+    gradient = torch.outer(torch.softmax(weight @ feature, -1) - torch.eye(10, dtype=dtype)[2], feature)
+    bias = torch.randn(10, generator=generator, dtype=dtype)
+    for problem in (HeadBatch.of(factor_head(gradient, weight)),
+                    HeadBatch.of(factor_head(gradient, weight, bias, gradient.sum(-1) / feature.sum()))):
+        t = torch.tensor([[-1e3, -1.0, 1e-3, 0.5, 30.0, 1e4]], dtype=torch.float64)
+        expected = torch.softmax(problem.logits(t), -1)
+        torch.testing.assert_close(problem.softmax(t), expected, rtol=1e-14, atol=1e-300)

@@ -114,8 +114,7 @@ def find_minima(problem: HeadBatch, structures: Sequence[Structure], *, points_p
     t0, live, which = t0[:, used], live[:, used], which[used]
     free_entries, offset_free = hypotheses(structures, which)
     choices = min(second_class_choices, problem.num_classes - 1)
-    free = free_entries_of(problem, t0, torch.softmax(problem.logits(t0), -1), free_entries, offset_free,
-                           choices=choices)  # (N, K, choices, 2)
+    free = free_entries_of(problem, t0, problem.softmax(t0), free_entries, offset_free, choices=choices)  # (N, K, k, 2)
     # one-class structures have a single way to choose their free entry: refine them once
     keep = torch.ones(free.shape[1:3], dtype=torch.bool, device=t0.device)
     keep[:, 1:] = (free_entries == 2).unsqueeze(-1)
@@ -125,7 +124,7 @@ def find_minima(problem: HeadBatch, structures: Sequence[Structure], *, points_p
     free_entries, offset_free = free_entries[columns], offset_free[columns]
     t = gauss_newton(problem, t0, mask_of(free, problem.num_classes), offset_free, steps=refine_steps, live=live)
     # polish: near the answer the best free entries are clear; refine again with them
-    free = free_entries_of(problem, t, torch.softmax(problem.logits(t), -1), free_entries, offset_free)[..., 0, :]
+    free = free_entries_of(problem, t, problem.softmax(t), free_entries, offset_free)[..., 0, :]
     t = gauss_newton(problem, t, mask_of(free, problem.num_classes), offset_free, steps=refine_steps, live=live)
     return {name: found.distinct(same_answer_atol)
             for name, found in describe(problem, structures, t, which, live=live).items()}

@@ -287,7 +287,7 @@ def residuals(problem: Problem, t: torch.Tensor, free_entries: torch.Tensor, off
         free: ``(N, K, 2)`` the free entries, held instead of chosen at each ``t`` (default: chosen).
         A :class:`HeadProblem` takes them without the leading ``N`` (and returns ``(K,)``).
     """
-    p = torch.softmax(problem.logits(t), -1)
+    p = problem.softmax(t)
     if free is None:
         free = free_entries_of(problem, t, p, free_entries, offset_free)[..., 0, :]
     return _piece_residuals(problem, t, p, mask_of(free, problem.num_classes), offset_free)
@@ -487,7 +487,7 @@ def fitted_labels(problem: HeadBatch, offset_free: torch.Tensor, t: torch.Tensor
     """The labels ``(N, n, C)`` of candidates ``t`` (N, n) with free entries ``free`` (N, n, 2) under a structure
     whose offset is free or not (``offset_free``, ``(N, n)`` or ``(n,)``), ``alpha`` refitted: :func:`evaluate`'s
     labels without its judgement, for a scan that needs only how far the label moves."""
-    return _Fit.of(problem, t, torch.softmax(problem.logits(t), dim=-1), free, offset_free.expand_as(t)).labels
+    return _Fit.of(problem, t, problem.softmax(t), free, offset_free.expand_as(t)).labels
 
 
 def evaluate(problem: HeadBatch, free_entries: torch.Tensor, offset_free: torch.Tensor, t: torch.Tensor,
@@ -497,7 +497,7 @@ def evaluate(problem: HeadBatch, free_entries: torch.Tensor, offset_free: torch.
     ``offset_free`` (``(N, n)`` or ``(n,)``), in their order. ``alpha`` (N, n) and ``free`` (N, n, 2) fix the
     candidates' ``alpha`` and free entries instead of choosing them (free entries set to -1 are chosen); ``live``
     (N, n) marks the real candidates (default: all)."""
-    p = torch.softmax(problem.logits(t), dim=-1)
+    p = problem.softmax(t)
     if free is None or bool((free < 0).any()):
         chosen = free_entries_of(problem, t, p, free_entries, offset_free, alpha=alpha)[..., 0, :]
         free = chosen if free is None else torch.where(free < 0, chosen, free)
@@ -573,8 +573,8 @@ def readings(problem: HeadBatch, structures: Sequence[Structure], t: torch.Tenso
         live = real if live is None else real & live.repeat_interleave(choices, -1)
     else:
         choices = min(READINGS, problem.num_classes - 1)
-        free = free_entries_of(problem, t, torch.softmax(problem.logits(t), -1), *hypotheses(structures, which),
-                               choices=choices).flatten(1, 2)
+        free = free_entries_of(problem, t, problem.softmax(t), *hypotheses(structures, which), choices=choices)
+        free = free.flatten(1, 2)
         live = None if live is None else live.repeat_interleave(choices, -1)
     return t.repeat_interleave(choices, -1), which.repeat_interleave(choices), free, live
 
@@ -646,7 +646,7 @@ def gauss_newton(problem: HeadBatch, t: torch.Tensor, mask: torch.Tensor, offset
     moving = torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
     previous = None
     for _ in range(steps):
-        projected_p, projected_dp, _ = _linearised(problem, torch.softmax(problem.logits(t), dim=-1), project)
+        projected_p, projected_dp, _ = _linearised(problem, problem.softmax(t), project)
         alpha = multiplier(problem, t, projected_p, projected_c)
         error = alpha.unsqueeze(-1) * projected_p - projected_c
         jacobian = _slope(problem, alpha, projected_p, projected_dp)
@@ -687,7 +687,7 @@ def label_standard_error(problem: HeadBatch, structure: Structure, t: torch.Tens
     label's error is the gradient's own: see :func:`gradleak.recovery.api._label_error`).
     """
     t, alpha = t.unsqueeze(-1), alpha.unsqueeze(-1)   # one candidate per example: (N, 1)
-    p = torch.softmax(problem.logits(t), -1)
+    p = problem.softmax(t)
     c = _c_like(problem, p)
     project = Projection.of(mask_of(free.unsqueeze(1), problem.num_classes),
                             torch.full_like(t, structure.offset_free, dtype=torch.bool), t.dtype)
