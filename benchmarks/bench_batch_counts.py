@@ -14,7 +14,6 @@ Prints a table and writes a CSV.
 from __future__ import annotations
 
 import argparse
-import csv
 
 import torch
 from tqdm.auto import tqdm
@@ -23,7 +22,7 @@ import gradleak
 from gradleak.batch.baselines import ilrg
 from gradleak.data import load_samples
 from gradleak.experiments.batch import victim_model
-from gradleak.experiments.common import markdown_table
+from gradleak.experiments.common import markdown_table, write_rows
 
 FORMATS = ("hard", "smoothing")
 EPS_RANGE = (0.01, 0.3)
@@ -75,10 +74,7 @@ def main() -> None:
                         f"{mode}_confident_wrong": (ours.counts_determined and not right)
                         or (ours.determined and not (right and eps_right))})
         rows.append(row)
-    with open(args.out, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.out, rows)
     table = []
     for size in args.batch_sizes:
         for label_format in args.formats:

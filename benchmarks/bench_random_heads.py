@@ -17,7 +17,6 @@ Prints a table and writes a CSV.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 from typing import Dict, List
 
@@ -25,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 import gradleak
-from gradleak.experiments.common import markdown_table
+from gradleak.experiments.common import markdown_table, write_rows
 
 CLASSES = (3, 4, 5, 10, 10, 10, 20, 100)
 DIMS = (8, 64, 256)
@@ -99,10 +98,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)
     rows = [judge(draw_case(generator)) for _ in tqdm(range(args.cases), desc="random heads")]
-    with open(args.out, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.out, rows)
     groups: List[tuple] = [("all", lambda r: True)]
     groups += [(f"{low}-{high} classes", lambda r, low=low, high=high: low <= r["classes"] <= high)
                for low, high in ((3, 5), (10, 100))]

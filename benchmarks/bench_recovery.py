@@ -23,7 +23,6 @@ first ``--compare`` examples), with the largest label difference between the two
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 import gradleak
 from gradleak.data import load_samples
 from gradleak.client import soft_cross_entropy
-from gradleak.experiments.common import draw_trials, victim, victim_input
+from gradleak.experiments.common import draw_trials, victim, victim_input, write_rows
 from gradleak.models import build_model
 from gradleak.recovery.batched import recover_labels
 
@@ -95,10 +94,7 @@ def main() -> None:
                                                                          feature.cpu(), dim=0))
                     rows.append(dict(config=title, format=label_format, method=method, ms=ms, label_error=error,
                                      feature_cosine=cosine, success=error < 1e-3 and cosine > 0.999))
-    with open(args.out, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.out, rows)
     print(f"\ndevice: {args.device}; torch threads: {args.threads}; {args.samples} samples per configuration and "
           "format; same gradients for every method\n")
     header = f"{'configuration':36} {'format':9} {'method':10} {'median ms':>10} {'success':>8} {'x faster than pso':>18}"

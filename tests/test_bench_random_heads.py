@@ -91,16 +91,16 @@ def test_the_heads_once_answered_wrong_are_not_now(bench, seed):
         assert not row["wrong"], (seed, index, row)
 
 
-def _labels_along_the_scale(weight, feature, label):
+def _labels_along_the_scale(weight, feature, label, bias=0.0, scales=None):
     """Other smoothed mixups that give the gradient of ``label`` at some feature scale and gradient scale, found
-    apart from gradleak: ``G = u e h^T = (u / v)(softmax(s W h) - y')(s h)^T`` holds with ``y' = softmax(s W h) -
-    e v / s``, so with an unknown gradient scale every feature scale ``s`` has a label, and ``v`` is fixed by the
-    two structured entries of a 4-class smoothed mixup being equal. Returns those labels (a scan of ``s`` over
-    1e-2..1e2) that are genuine smoothed mixups (entries in [0, 1], the free two at least the common share) and
-    lie more than 1e-3 from ``label``."""
-    errors = torch.softmax(weight @ feature, -1) - label
-    probabilities = torch.softmax(torch.logspace(-2, 2, 4001, dtype=torch.float64).unsqueeze(-1) * (weight @ feature),
-                                  -1)
+    apart from gradleak: ``G = u e h^T = (u / v)(softmax(s W h + b) - y')(s h)^T`` holds with ``y' = softmax(s W h
+    + b) - e v / s``, so with an unknown gradient scale every feature scale ``s`` has a label, and ``v`` is fixed by
+    the two structured entries of a 4-class smoothed mixup being equal. Returns those labels (a scan of ``s``,
+    ``scales`` (S,), default over 1e-2..1e2) that are genuine smoothed mixups (entries in [0, 1], the free two at
+    least the common share) and lie more than 1e-3 from ``label``."""
+    scales = torch.logspace(-2, 2, 4001, dtype=torch.float64) if scales is None else scales
+    errors = torch.softmax(weight @ feature + bias, -1) - label
+    probabilities = torch.softmax(scales.unsqueeze(-1) * (weight @ feature) + bias, -1)
     found = []
     for rest in itertools.combinations(range(len(label)), 2):
         other = probabilities - errors * ((probabilities[:, rest[0]] - probabilities[:, rest[1]])
@@ -131,18 +131,13 @@ def _drawn_one(bench, seed, index):
 
 def test_with_a_head_bias_and_an_unknown_scale_every_pair_of_free_classes_is_judged(bench):
     """``--seed 25`` head 2199: a 4-class smoothed mixup with a head bias (which fixes the feature) and an unknown
-    scale, read at commit 6cff74a as a mixup 0.055 off. Apart from gradleak: with the feature known, every gradient
-    scale ``v`` gives the label ``p - e / v``, and a smoothed mixup's two structured classes fix ``v``; another pair
-    of free classes than the truth's gives a genuine smoothed mixup too, so the gradient cannot tell."""
+    scale, read at commit 6cff74a as a mixup 0.055 off. Apart from gradleak: with the feature known (its scale 1),
+    every gradient scale gives a label, and a smoothed mixup's two structured classes fix it; another pair of free
+    classes than the truth's gives a genuine smoothed mixup too, so the gradient cannot tell."""
     case = _drawn_one(bench, 25, 2199)
     assert (case["classes"], case["head_bias"], case["gradient_scale"]) == (4, True, "unknown")
-    p = torch.softmax(case["weight"].double() @ case["feature"] + case["options"]["bias"].double(), -1)
-    errors = p - case["label"]
-    others = []
-    for free in itertools.combinations(range(4), 2):
-        rest = [j for j in range(4) if j not in free]
-        other = (p - errors * (p[rest[0]] - p[rest[1]]) / (errors[rest[0]] - errors[rest[1]])).unsqueeze(0)
-        others += [other] if bool(genuine_smoothed_mixups(other, rest, case["label"])) else []
+    others = _labels_along_the_scale(case["weight"].double(), case["feature"], case["label"],
+                                     bias=case["options"]["bias"].double(), scales=torch.ones(1, dtype=torch.float64))
     assert len(others) == 1 and float(others[0].amax()) > 0.8
     assert not bench.judge(case)["determined"]
 

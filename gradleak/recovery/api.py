@@ -440,6 +440,13 @@ def _explains(found: Minima, tol: torch.Tensor) -> torch.Tensor:
     return holds & ((found.residual <= tol.unsqueeze(-1)) | found.flat_structure)
 
 
+def _explained_elsewhere(found: Minima, answer: Minima, tol: torch.Tensor, step: float) -> torch.Tensor:
+    """``(N,)``: whether any of the candidates ``found`` (N, n) is a label farther than ``step`` (max-abs) from each
+    answer (``(N, 1)`` candidates) that explains the gradient (:func:`_explains`)."""
+    far = (found.labels - answer.labels).abs().amax(-1) > step
+    return (_explains(found, tol) & far).any(-1)
+
+
 def _explained_along_t(problem: HeadBatch, answer: Minima, structures: Sequence[Structure], *, tol: torch.Tensor,
                        step: float) -> torch.Tensor:
     """``(N,)``: whether a valid label farther than ``step`` from each answer (``(N, 1)`` candidates) explains the
@@ -459,8 +466,7 @@ def _explained_along_t(problem: HeadBatch, answer: Minima, structures: Sequence[
     width = scan.shape[-1]
     which = torch.arange(len(structures), device=device).repeat_interleave(width).expand(count, -1)
     found = evaluate(problem, *hypotheses(structures, which), scan.repeat(1, len(structures)))
-    far = (found.labels - answer.labels).abs().amax(-1) > step
-    return (_explains(found, tol) & far).any(-1)
+    return _explained_elsewhere(found, answer, tol, step)
 
 
 def _second_root_near(problem: HeadBatch, answer: Minima, own: torch.Tensor, structures: Sequence[Structure], *,
@@ -495,9 +501,7 @@ def _second_root_near(problem: HeadBatch, answer: Minima, own: torch.Tensor, str
     live = lowest.gather(-1, starts)
     refined = gauss_newton(problem, t.gather(-1, starts), mask_of(free, problem.num_classes), offset,
                            steps=NEAR_REFINEMENTS, live=live)
-    found = evaluate(problem, entries, offset, refined, free=free, live=live)
-    far = (found.labels - answer.labels).abs().amax(-1) > step
-    return (_explains(found, tol) & far).any(-1)
+    return _explained_elsewhere(evaluate(problem, entries, offset, refined, free=free, live=live), answer, tol, step)
 
 
 def _fits_as_well(neighbours: Minima, answer: Minima, *, tol: torch.Tensor, ambiguity_ratio: float,
@@ -752,15 +756,14 @@ def _decide(problem: HeadBatch, candidates: _Candidates, *, tol: torch.Tensor, a
         # t) or a structure fits all along a curve. With a known scale the label at each t needs no fit, and the
         # grid sees every other basin of a structure with an equation to spare.
         if not t_fixed:
-            near = _second_root_near(part, part_answer, part_own, structures, tol=tol[pending], step=step)
-            later = torch.where(near, _Reason.EXPLAINED_TOO, later)
+            explained = _second_root_near(part, part_answer, part_own, structures, tol=tol[pending], step=step)
             curves = torch.stack([structure.degrees_of_freedom(equations[pending], unknowns) < 0
                                   for structure in structures], -1).any(-1)
             rows = (curves | (not problem.scale_known)).nonzero().flatten()
             if len(rows):
-                explained = _explained_along_t(part.select(rows), part_answer[rows], structures,
-                                               tol=tol[pending][rows], step=step)
-                later[rows] = torch.where(explained, _Reason.EXPLAINED_TOO, later[rows])
+                explained[rows] |= _explained_along_t(part.select(rows), part_answer[rows], structures,
+                                                      tol=tol[pending][rows], step=step)
+            later = torch.where(explained, _Reason.EXPLAINED_TOO, later)
         later = torch.where((later == _Reason.DETERMINED) & (minor[pending] <= step), _Reason.ONE_CLASS, later)
         reason[pending] = later
     tried = torch.full((len(problem), len(ORDER)), math.nan, dtype=torch.float64, device=found.t.device)
