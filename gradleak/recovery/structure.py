@@ -246,6 +246,10 @@ class Projection:
         return Projection(weight, weight * (offset_free.to(dtype).unsqueeze(-1)
                                             / weight.sum(-1, keepdim=True).clamp_min(1)))
 
+    def select(self, rows: torch.Tensor) -> "Projection":
+        """The projectors of the candidates ``rows`` (of the leading dimension)."""
+        return Projection(self.weight[rows], None if self.centre is None else self.centre[rows])
+
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
         masked = values * self.weight
         return masked if self.centre is None else masked - masked.sum(-1, keepdim=True) * self.centre
@@ -635,39 +639,52 @@ def gauss_newton(problem: HeadBatch, t: torch.Tensor, mask: torch.Tensor, offset
     the caller ranks everything by residual afterwards. An example stops moving once all its real candidates
     (``live``, default all) have settled: what the others in the batch still do never changes its answer.
 
+    Only the real candidates of the examples still moving are computed, as one flat batch of candidates (half of
+    a batch's candidates can be padding, and most examples settle before the last step); each candidate's
+    arithmetic is the same whichever others are computed beside it. Padding keeps its ``t``.
+
     Returns:
         The refined scalars ``(N, K)``.
     """
-    project = Projection.of(mask, offset_free, t.dtype)
-    projected_c = project(_c_like(problem, mask))  # fixed while the structured entries are
-    t_lower, tiny = problem.broadcast("t_lower", t), torch.finfo(t.dtype).tiny
-    sign = t.sign()  # every step keeps it
-    padding = torch.zeros_like(t, dtype=torch.bool) if live is None else ~live
-    moving = torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
-    previous = None
+    examples, columns = (torch.ones_like(t, dtype=torch.bool) if live is None else live).nonzero(as_tuple=True)
+    rows = problem.select(examples, features=False)     # candidate k of the flat batch is example examples[k]
+    place = torch.arange(len(examples), device=t.device)  # where the candidates still moving sit in the flat batch
+    refined = t[examples, columns].unsqueeze(1)           # (M, 1)
+    project = Projection.of(mask[examples, columns].unsqueeze(1),
+                            offset_free.expand_as(t)[examples, columns].unsqueeze(1), t.dtype)
+    projected_c = project(_c_like(rows, project.weight))  # fixed while the structured entries are
+    tiny = torch.finfo(t.dtype).tiny
+    current, sign, previous = refined, refined.sign(), None  # every step keeps the sign
     for _ in range(steps):
-        projected_p, projected_dp, _ = _linearised(problem, problem.softmax(t), project)
-        alpha = multiplier(problem, t, projected_p, projected_c)
+        projected_p, projected_dp, _ = _linearised(rows, rows.softmax(current), project)
+        alpha = multiplier(rows, current, projected_p, projected_c)
         error = alpha.unsqueeze(-1) * projected_p - projected_c
-        jacobian = _slope(problem, alpha, projected_p, projected_dp)
-        if not problem.scale_known:  # variable projection: the part along P p is alpha's to absorb
+        jacobian = _slope(rows, alpha, projected_p, projected_dp)
+        if not rows.scale_known:  # variable projection: the part along P p is alpha's to absorb
             jacobian = jacobian - projected_p * (jacobian * projected_p).sum(-1, keepdim=True) \
                 / projected_p.square().sum(-1, keepdim=True).clamp_min(tiny)
         size = error.norm(dim=-1)
         step = -(error * jacobian).sum(-1) / (jacobian * jacobian).sum(-1).clamp_min(tiny)
-        limit = 0.5 * t.abs()
-        moved = t + step.clamp(-limit, limit)
-        moved = sign * torch.maximum(sign * moved, t_lower)  # |t| >= t_lower, same sign
+        limit = 0.5 * current.abs()
+        moved = current + step.clamp(-limit, limit)
+        moved = sign * torch.maximum(sign * moved, rows.broadcast("t_lower", current))  # |t| >= t_lower, same sign
         # stop once every candidate has converged, or stopped converging fast (then it is not near a zero)
-        settled = (moved - t).abs() <= 1e-13 * limit
+        settled = (moved - current).abs() <= 1e-13 * limit
         if previous is not None:
             settled |= size > 0.5 * previous
-        t = torch.where(moving.unsqueeze(-1), moved, t)
-        previous = size
-        moving &= ~(settled | padding).all(-1)
-        if not bool(moving.any()):
+        refined[place] = moved
+        current, previous = moved, size
+        unsettled = torch.zeros(len(problem), dtype=torch.long, device=t.device).index_add_(
+            0, examples[place], (~settled[:, 0]).long())
+        keep = unsettled[examples[place]] > 0  # the candidates of the examples still moving
+        if not bool(keep.any()):
             break
-    return t
+        if not bool(keep.all()):
+            place, rows, project = place[keep], rows.select(keep, features=False), project.select(keep)
+            projected_c, current, sign, previous = projected_c[keep], current[keep], sign[keep], previous[keep]
+    out = t.clone()
+    out[examples, columns] = refined[:, 0]
+    return out
 
 
 def label_standard_error(problem: HeadBatch, structure: Structure, t: torch.Tensor, alpha: torch.Tensor,
