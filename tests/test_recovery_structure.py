@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from gradleak.head import HeadBatch, factor_head
+from gradleak.head import HeadBatch, factor_head, factor_heads
 from gradleak.recovery.exact import log_grid
-from gradleak.recovery.structure import STRUCTURES, _deletion_scores, grid_residuals, readings, residuals
+from gradleak.recovery.structure import (STRUCTURES, _deletion_scores, gauss_newton, grid_residuals, mask_of,
+                                         readings, residuals)
 from victims import head_with_logits
 
 
@@ -105,3 +106,28 @@ def test_with_few_classes_and_an_unknown_scale_every_choice_of_free_entries_is_a
     assert bool(live[0, 6:].all())
     known = HeadBatch.of(factor_head(gradient, weight))
     assert readings(known, structures, torch.ones(1, 2, dtype=torch.float64), torch.tensor([0, 1]))[2] is None
+
+
+@pytest.mark.parametrize("scale_known", [True, False])
+def test_gauss_newton_refines_each_example_as_if_alone_and_leaves_padding(scale_known):
+    """Three examples of one head, 4 candidate ``t`` each, some of them padding (not ``live``): each example's real
+    candidates come out as they do when that example is refined alone with only them, the padding keeps its ``t``,
+    and candidates started near the truth reach it (the true pair of free classes held)."""
+    weight, _ = head_with_logits([2.0, -1.0, 0.5, 1.5, -0.3, 0.0])
+    features = [torch.linspace(0.2, 1.5, 16, dtype=torch.float64) * scale for scale in (1.0, 0.6, 1.7)]
+    label = torch.tensor([0.6, 0.02, 0.02, 0.32, 0.02, 0.02], dtype=torch.float64)
+    gradients = torch.stack([torch.outer(torch.softmax(weight @ h, -1) - label, h) for h in features])
+    problem = factor_heads(gradients, weight, scale_known=scale_known)
+    truth = torch.stack([h @ problem.v[i] / problem.sigma[i] for i, h in enumerate(features)])
+    start = truth.unsqueeze(-1) * torch.tensor([1.03, 0.96, 1.2, 0.5], dtype=torch.float64)
+    live = torch.tensor([[True, True, True, True], [True, False, True, False], [False, False, True, False]])
+    mask = mask_of(torch.tensor([0, 3]).expand(3, 4, 2), 6)
+    offset_free = torch.ones(4, dtype=torch.bool)
+    refined = gauss_newton(problem, start, mask, offset_free, steps=6, live=live)
+    assert torch.equal(refined[~live], start[~live])
+    for i in range(3):
+        alone = gauss_newton(problem.select(torch.tensor([i])), start[i, live[i]].unsqueeze(0),
+                             mask[i, live[i]].unsqueeze(0), offset_free[live[i]], steps=6)
+        assert torch.equal(refined[i, live[i]], alone[0])
+    near = live & (start / truth.unsqueeze(-1) - 1).abs().lt(0.05)
+    torch.testing.assert_close(refined[near], truth.unsqueeze(-1).expand_as(start)[near], rtol=1e-10, atol=0)

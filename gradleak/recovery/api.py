@@ -490,8 +490,8 @@ def _second_root_near(problem: HeadBatch, answer: Minima, own: torch.Tensor, str
         return (own_entries.unsqueeze(-1).expand(-1, width), own_offset.unsqueeze(-1).expand(-1, width),
                 answer.free.expand(-1, width, -1))
 
-    entries, offset, free = held(t.shape[-1])
-    curve = residuals(problem, t, entries, offset, free=free)
+    entries, offset, free = held(1)
+    curve = residuals(problem, t, entries, offset, free=free)  # the scan holds one structure per example
     lowest = (curve[:, 1:-1] <= curve[:, :-2]) & (curve[:, 1:-1] <= curve[:, 2:])
     lowest = torch.nn.functional.pad(lowest, (1, 1)) & (ratios != 1)     # the ends are no minima; nor the answer
     if not bool(lowest.any()):  # the common case: one root, the answer's, in sight

@@ -274,9 +274,11 @@ def _residual_norms(alpha: torch.Tensor, projected_p: torch.Tensor, projected_c:
 
 def _piece_residuals(problem: HeadBatch, t: torch.Tensor, p: torch.Tensor, mask: torch.Tensor,
                      offset_free: torch.Tensor) -> torch.Tensor:
-    """Normalised residuals ``(N, K)`` with the structured entries fixed by ``mask`` (N, K, C)."""
+    """Normalised residuals ``(N, K)`` with the structured entries fixed by ``mask`` (N, K, C), or by ``mask``
+    (N, 1, C) and ``offset_free`` (N, 1) shared by an example's candidates (``c`` is then projected once per
+    example)."""
     project = Projection.of(mask, offset_free, t.dtype)
-    projected_p, projected_c = project(p), project(_c_like(problem, p))
+    projected_p, projected_c = project(p), project(_c_like(problem, project.weight))
     return _residual_norms(multiplier(problem, t, projected_p, projected_c), projected_p, projected_c)
 
 
@@ -288,7 +290,8 @@ def residuals(problem: Problem, t: torch.Tensor, free_entries: torch.Tensor, off
     Args:
         t: ``(N, K)`` candidate scalars (float64, non-zero).
         free_entries, offset_free: ``(N, K)`` or ``(K,)``: the hypothesis of each candidate (int 1 or 2, bool).
-        free: ``(N, K, 2)`` the free entries, held instead of chosen at each ``t`` (default: chosen).
+        free: ``(N, K, 2)`` the free entries, held instead of chosen at each ``t`` (default: chosen); ``(N, 1, 2)``,
+            with ``offset_free`` ``(N, 1)``, holds the same ones for all of an example's candidates.
         A :class:`HeadProblem` takes them without the leading ``N`` (and returns ``(K,)``).
     """
     p = problem.softmax(t)
@@ -332,13 +335,14 @@ def grid_residuals(problem: HeadBatch, t: torch.Tensor, structures: Tuple[Struct
         return torch.stack([residuals(problem, t, torch.full_like(t, s.free_entries, dtype=torch.long),
                                       torch.full_like(t, s.offset_free, dtype=torch.bool)) for s in structures], 1)
     error = _grid_softmax(problem, t, t).sub_(problem.broadcast("c", t))  # alpha y = t p - c
-    # the label's largest entry: error's largest where t > 0, its smallest where t < 0
+    # the label's largest entry: error's largest where t > 0, its smallest where t < 0 (the first of equal ones, as
+    # argmax gives; over few classes max's indices take 3/4 of argmax's time)
     if bool((t > 0).all()):
-        top = error.argmax(-1, keepdim=True)
+        top = error.max(-1, keepdim=True).indices
     elif bool((t < 0).all()):
-        top = error.argmin(-1, keepdim=True)
+        top = error.min(-1, keepdim=True).indices
     else:
-        top = torch.where(t > 0, error.argmax(-1), error.argmin(-1)).unsqueeze(-1)
+        top = torch.where(t > 0, error.max(-1).indices, error.min(-1).indices).unsqueeze(-1)
     # zero the free entries in a copy rather than subtracting them from sums: at large |t| the largest
     # entry dominates the sum of squares and the subtraction would cancel catastrophically. c's sums are taken by
     # subtraction: its entries sum to 0, so one entry holds at most a factor C more than the rest; two can hold all
@@ -365,7 +369,7 @@ def grid_residuals(problem: HeadBatch, t: torch.Tensor, structures: Tuple[Struct
         if structure.free_entries == 1:
             total, total_sq = sums
         else:
-            second = _second_free_score(error, top, structure.offset_free).argmax(-1, keepdim=True)
+            second = _second_free_score(error, top, structure.offset_free).max(-1, keepdim=True).indices
             kept_two = kept.scatter(-1, second, 0.0)
             total, total_sq = kept_two.sum(-1), norm(kept_two).square()
             c_second = c.gather(-1, second)[..., 0]
