@@ -651,8 +651,11 @@ def gauss_newton(problem: HeadBatch, t: torch.Tensor, mask: torch.Tensor, offset
         The refined scalars ``(N, K)``.
     """
     examples, columns = (torch.ones_like(t, dtype=torch.bool) if live is None else live).nonzero(as_tuple=True)
-    rows = problem.select(examples, features=False)     # candidate k of the flat batch is example examples[k]
+    # candidate k of the flat batch is example examples[k] (one example's fields broadcast against its candidates
+    # as they are: no gathering, and it never stops part of the way)
+    rows = problem if len(problem) == 1 else problem.select(examples, features=False)
     place = torch.arange(len(examples), device=t.device)  # where the candidates still moving sit in the flat batch
+    owner = examples                                      # and their examples
     refined = t[examples, columns].unsqueeze(1)           # (M, 1)
     project = Projection.of(mask[examples, columns].unsqueeze(1),
                             offset_free.expand_as(t)[examples, columns].unsqueeze(1), t.dtype)
@@ -679,12 +682,13 @@ def gauss_newton(problem: HeadBatch, t: torch.Tensor, mask: torch.Tensor, offset
         refined[place] = moved
         current, previous = moved, size
         unsettled = torch.zeros(len(problem), dtype=torch.long, device=t.device).index_add_(
-            0, examples[place], (~settled[:, 0]).long())
-        keep = unsettled[examples[place]] > 0  # the candidates of the examples still moving
+            0, owner, (~settled[:, 0]).long())
+        keep = unsettled[owner] > 0  # the candidates of the examples still moving
         if not bool(keep.any()):
             break
         if not bool(keep.all()):
-            place, rows, project = place[keep], rows.select(keep, features=False), project.select(keep)
+            place, owner, rows, project = (place[keep], owner[keep], rows.select(keep, features=False),
+                                           project.select(keep))
             projected_c, current, sign, previous = projected_c[keep], current[keep], sign[keep], previous[keep]
     out = t.clone()
     out[examples, columns] = refined[:, 0]
