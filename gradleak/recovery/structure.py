@@ -374,7 +374,8 @@ def grid_residuals(problem: HeadBatch, t: torch.Tensor, structures: Tuple[Struct
             total, total_sq = kept_two.sum(-1), norm(kept_two).square()
             c_second = c.gather(-1, second)[..., 0]
             c_total, c_total_sq = c_total - c_second, c_total_sq - c_second.square()
-            pair = (torch.cat([top, second], -1).sort(-1).values == largest.unsqueeze(-2)).all(-1)
+            pair = ((torch.minimum(top, second) == largest[:, None, :1])
+                    & (torch.maximum(top, second) == largest[:, None, 1:]))[..., 0]
             c_total, c_total_sq = torch.where(pair, rest_sums[0], c_total), torch.where(pair, rest_sums[1], c_total_sq)
         if structure.offset_free:
             size = problem.num_classes - structure.free_entries
