@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradleak.head import HeadBatch, factor_head, find_head, head_gradients
+from gradleak.head import HeadBatch, factor_head, factor_heads, find_head, head_gradients
 
 
 def _rank_one(C=6, d=9, seed=0):
@@ -123,3 +123,19 @@ def test_the_candidates_softmax_is_torchs(dtype):
         t = torch.tensor([[-1e3, -1.0, 1e-3, 0.5, 30.0, 1e4]], dtype=torch.float64)
         expected = torch.softmax(problem.logits(t), -1)
         torch.testing.assert_close(problem.softmax(t), expected, rtol=1e-14, atol=1e-300)
+
+
+def test_a_selection_without_features_carries_every_other_field_of_its_rows():
+    """``select(rows, features=False)``, the batch Gauss-Newton refines candidates on: rows repeated and reordered
+    at will, every per-example field but the (C, d) and (d,) ones equal to the full selection's, and those left out
+    (None), so that nothing reads a feature it was not given."""
+    gradients = torch.stack([_rank_one(seed=seed)[0] for seed in range(3)])
+    weight = _rank_one()[1]
+    problem = factor_heads(gradients, weight)
+    rows = torch.tensor([2, 0, 0, 1, 2])
+    full, lean = problem.select(rows), problem.select(rows, features=False)
+    assert lean.weight_grad is None and lean.v is None and full.v is not None
+    for name in HeadBatch.PER_EXAMPLE:
+        if name not in ("weight_grad", "v") and getattr(full, name) is not None:
+            assert torch.equal(getattr(lean, name), getattr(full, name)), name
+    assert torch.equal(lean.c, problem.c[rows]) and torch.equal(lean.t_lower, problem.t_lower[rows])
