@@ -680,8 +680,8 @@ def gauss_newton(problem: HeadBatch, t: torch.Tensor, mask: torch.Tensor, offset
         settled = (moved - current).abs() <= 1e-13 * limit
         if previous is not None:
             settled |= size > 0.5 * previous
+        current, previous = moved, size  # before the write below: current starts as refined itself
         refined[place] = moved
-        current, previous = moved, size
         unsettled = torch.zeros(len(problem), dtype=torch.long, device=t.device).index_add_(
             0, owner, (~settled[:, 0]).long())
         keep = unsettled[owner] > 0  # the candidates of the examples still moving
