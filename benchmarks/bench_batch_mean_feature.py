@@ -10,7 +10,10 @@ the batch's true features and counts, holds the counts, and fits eps by least sq
 
 - exactly, from every example's own prediction (eps then comes back to the gradient's rounding);
 - at the class means, given the batch's true mean feature;
-- at the class means, given the head's estimate of the mean feature (what ``recover_batch`` works from);
+- at the class means, given the head's estimate of the mean feature (what ``recover_batch`` starts from);
+- the class means fitted to both of the head's gradients to second order in the examples' spread along the
+  batch's mean logits, from the last estimate (:func:`gradleak.batch.spread.fit_spread`, what ``recover_batch``
+  answers with);
 
 the class means being refitted with each new eps until eps settles. Beside them, ``recover_batch``'s own eps (its
 counts found, not held). The batches are the batch experiment's (``gradleak experiment batch``: same network,
@@ -29,6 +32,7 @@ from tqdm.auto import tqdm
 
 from gradleak.batch.api import recover_batch
 from gradleak.batch.mass import class_mean_logits, class_prediction_mass, fit_counts, mean_feature
+from gradleak.batch.spread import fit_spread
 from gradleak.data import DATASETS, load_samples
 from gradleak.experiments.batch import add_batch_options, batch_rng, victim_batch, victim_model
 from gradleak.experiments.common import write_rows
@@ -36,18 +40,18 @@ from gradleak.head import head_gradients
 
 #: Rounds of refitting the class means with the last eps (the change in eps is below 1e-9 well before).
 ROUNDS = 30
-WAYS = ("exact", "true_mean", "estimated_mean")
+WAYS = ("exact", "true_mean", "estimated_mean", "second_order")
 
 
 def settled_eps(logits_grad, bias_grad, bias, feature_logits, counts, size):
-    """eps (float) with ``counts`` (C,) held, the class means refitted with each round's eps from the mean feature's
-    logits ``feature_logits`` (C,) until eps settles."""
+    """``(eps, class mean logits (C, C))`` with ``counts`` (C,) held, the class means refitted with each round's eps
+    from the mean feature's logits ``feature_logits`` (C,) until eps settles."""
     eps = torch.zeros(1, dtype=torch.float64)
     for _ in range(ROUNDS):
         logits = class_mean_logits(logits_grad, bias_grad, feature_logits[None], counts[None], eps)
         prediction = class_prediction_mass(bias, logits, counts[None])[0]
         eps = torch.tensor([fit_counts(prediction - size * bias_grad, counts, None, size).eps], dtype=torch.float64)
-    return float(eps)
+    return float(eps), logits[0]
 
 
 def batch_row(model, images, labels, num_classes, size, sample, seed):
@@ -60,9 +64,11 @@ def batch_row(model, images, labels, num_classes, size, sample, seed):
     exact = torch.softmax(features @ weight.T + bias, -1).sum(0)
     empty = counts == 0
     estimated = mean_feature(logits_grad, bias_grad, empty if bool(empty.any()) else None)
+    estimated_eps, class_logits = settled_eps(logits_grad, bias_grad, bias, estimated, counts, size)
     eps = {"exact": fit_counts(exact - size * bias_grad, counts, None, size).eps,
-           "true_mean": settled_eps(logits_grad, bias_grad, bias, features.mean(0) @ weight.T, counts, size),
-           "estimated_mean": settled_eps(logits_grad, bias_grad, bias, estimated, counts, size)}
+           "true_mean": settled_eps(logits_grad, bias_grad, bias, features.mean(0) @ weight.T, counts, size)[0],
+           "estimated_mean": estimated_eps,
+           "second_order": fit_spread(logits_grad, bias_grad, bias, class_logits, counts, estimated_eps, size).eps}
     found = recover_batch(model, gradients, batch_size=size)
     row = {"B": size, "sample": sample, "eps": truth["eps"], "classes_held": int((counts > 0).sum()),
            **{f"error_{way}": abs(eps[way] - truth["eps"]) for way in WAYS},
@@ -86,8 +92,8 @@ def main() -> None:
     print(f"{args.network} ({args.init} init), smoothed batches, eps error with the true counts held: median "
           f"(largest) over {args.samples} batches per B; within 1e-3: how many")
     print("| B | exact summed predictions | class means, true mean feature | class means, estimated mean feature "
-          "| recover_batch (counts found) |")
-    print("|---|---|---|---|---|")
+          "| second order in the spread | recover_batch (counts found) |")
+    print("|---|---|---|---|---|---|")
     for size in args.batch_sizes:
         cells = []
         for column in [f"error_{way}" for way in WAYS] + ["error_recover_batch"]:

@@ -17,6 +17,7 @@ from .mass import (LatticeFit, class_mean_logits, class_prediction_mass, fit_cou
                    in_spacings, lattice_starts, lattice_starts_unknown_scale, mean_feature, nearby_counts,
                    prediction_mass, refit_lattice)
 from .split import BatchSplit, split_batch
+from .spread import SPREAD_UNKNOWNS, fit_spread, spread_unknowns
 
 #: How far (in examples, times ``1 - eps``) a class mass may sit from its lattice point and still fix the counts:
 #: a tenth of the spacing. An estimate that is off by a sizeable fraction of an example lands between lattice
@@ -267,6 +268,7 @@ class _Refinement:
         residual: ``(K,)`` how far the last round's class mass sits from its lattice point, in examples.
         prediction: ``(K, C)`` the last estimates of the summed predictions.
         feature_classes: ``(K, C)`` the classes the last estimate of each start's mean feature combined.
+        class_logits: ``(K, C, C)`` the last round's class mean logits (:func:`~gradleak.batch.mass.class_mean_logits`).
     """
 
     counts_seen: torch.Tensor
@@ -275,6 +277,7 @@ class _Refinement:
     residual: torch.Tensor
     prediction: torch.Tensor
     feature_classes: torch.Tensor
+    class_logits: torch.Tensor
 
     @property
     def distance(self) -> torch.Tensor:
@@ -312,7 +315,8 @@ def _refine(starts: List[LatticeFit], parts: Dict[str, torch.Tensor], size: int,
                                                                  inverse_scale=inverse_scale)
         counts_seen.append(counts)
         eps_seen.append(eps)
-    return _Refinement(torch.stack(counts_seen), torch.stack(eps_seen), inverse_scale, residual, prediction, classes)
+    return _Refinement(torch.stack(counts_seen), torch.stack(eps_seen), inverse_scale, residual, prediction, classes,
+                       logits)
 
 
 def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_format: str, scale_known: bool,
@@ -374,18 +378,29 @@ def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_forma
                        f"against {distance:.2g}, from another start of the refinement"
                        + ("" if scale_known else " or at another gradient scale") + "): the counts are ambiguous")
     on_lattice = not reasons
-    moved = max(eps_seen) - min(eps_seen)
-    eps_error = max(fit.eps_error, moved)
+    eps, extra = fit.eps, {}
+    eps_error = max(fit.eps_error, max(eps_seen) - min(eps_seen))
+    smoothed = not hard and not (label_format == "auto" and eps <= AMBIGUITY_RATIO * eps_error)
+    if smoothed and spread_unknowns(fit.counts, scale_known) <= SPREAD_UNKNOWNS:
+        # a smoothed answer's eps from the class means fitted to second order in the examples' spread, and known no
+        # better than it moved to there. The fit assumes the counts' smoothed labels: it gives eps only, and the
+        # class mass stays the estimate that holds whatever the labels are (on LeNet's mixup pairs the fit had
+        # pulled it onto a lattice point, 0.05-0.29 examples off; on batch mixup it had moved eps, read as hard)
+        spread = fit_spread(parts["weight_grad"] @ parts["weight"].T, parts["bias_grad"], parts["bias"],
+                            run.class_logits[best], fit.counts, fit.eps, size,
+                            inverse_scale=None if scale_known else fit.inverse_scale)
+        eps = spread.eps
+        eps_error = max(eps_error, max(eps_seen + [eps]) - min(eps_seen + [eps]))
+        extra = {"spread": spread.spread, "spread_misfit": spread.misfit, "first_order_misfit": spread.start_misfit}
     if not hard and AMBIGUITY_RATIO * eps_error > EPS_TOL:
         reasons.append(f"eps is pinned only to +-{eps_error:.2g}" + (
             ": the classes hold B/C examples each, and such counts do not separate eps" if math.isinf(eps_error)
             else " (from how far the class mass sits from its lattice point)" if eps_error == fit.eps_error
             else " (it moved that much as the summed predictions were refined)"))
-    detected = "hard" if hard or (label_format == "auto" and fit.eps <= AMBIGUITY_RATIO * eps_error) \
-        else "smoothing"
+    detected = "smoothing" if smoothed else "hard"
     last_feature = mean_feature(parts["weight_grad"], parts["bias_grad"], run.feature_classes[best])
-    return BatchRecoveryResult(mass, fit.counts, fit.eps if detected == "smoothing" else 0.0, [], not reasons,
+    return BatchRecoveryResult(mass, fit.counts, eps if detected == "smoothing" else 0.0, [], not reasons,
                                on_lattice, "; ".join(reasons), label_format=detected, method="class_mass",
                                lattice_residual=fit.residual, eps_error=eps_error,
-                               gradient_scale=1.0 / fit.inverse_scale, extra={"mean_feature": last_feature},
+                               gradient_scale=1.0 / fit.inverse_scale, extra={"mean_feature": last_feature, **extra},
                                **common)

@@ -17,7 +17,8 @@ Once counts and eps are fitted, each class's mean feature follows from its row o
 logits are needed: :func:`class_mean_logits`), and the summed predictions are refined with each class's examples
 at their own mean (:func:`class_prediction_mass`): that keeps the spread of the logits between classes, which the
 batch's mean feature drops (on LeNet with the paper's init at B = 16 the hard counts came back in 6 batches of 10
-instead of 2). The spread within a class stays out of reach: the head's gradient mixes it with the labels.
+instead of 2). The spread within a class is not in this estimate: once the counts are known,
+:mod:`gradleak.batch.spread` fits its main direction, with every class mean, to both of the head's gradients.
 
 The estimate is good when the examples' predictions are alike (untrained networks); its error grows with the
 spread of the logits and with ``B``. Integer counts make it checkable: with label smoothing every class mass is
