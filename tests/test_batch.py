@@ -233,10 +233,11 @@ def test_the_lattice_starts_are_refined_together_as_each_alone(cifar10):
             known = scale == 1.0
             starts = lattice_starts(predicted - 32 * parts["bias_grad"], 32) if known else \
                 lattice_starts_unknown_scale(predicted, parts["bias_grad"], 32)
-            together = _refine(starts, parts, 32, hard=False, scale_known=known)
+            logits_grad = parts["weight_grad"] @ weight.T
+            together = _refine(starts, parts, logits_grad, 32, hard=False, scale_known=known)
             assert len(starts) > 1 and together.counts_seen.shape == (5, len(starts), 10)
             for k, start in enumerate(starts):
-                alone = _refine([start], parts, 32, hard=False, scale_known=known)
+                alone = _refine([start], parts, logits_grad, 32, hard=False, scale_known=known)
                 assert torch.equal(alone.counts_seen[:, 0], together.counts_seen[:, k])
                 close = functools.partial(torch.allclose, rtol=1e-12, atol=1e-12)
                 assert close(alone.eps_seen[:, 0], together.eps_seen[:, k])

@@ -285,15 +285,14 @@ class _Refinement:
         return in_spacings(self.residual, self.eps_seen[-1])
 
 
-def _refine(starts: List[LatticeFit], parts: Dict[str, torch.Tensor], size: int, hard: bool, scale_known: bool
-            ) -> _Refinement:
+def _refine(starts: List[LatticeFit], parts: Dict[str, torch.Tensor], logits_grad: torch.Tensor, size: int,
+            hard: bool, scale_known: bool) -> _Refinement:
     """:data:`MASS_ROUNDS` rounds from each of the lattice fits ``starts`` of the estimate at the batch's mean
     feature, all starts at once: each round refines the summed predictions with the last round's counts and eps
     (the mean feature over the classes they leave empty, each class's examples at their own mean) and fits the
     lattice again (near the scale found, when unknown). Only logits are formed: the weight gradient enters as
-    ``G W^T`` (C, C), once."""
-    weight, bias, weight_grad, bias_grad = parts["weight"], parts["bias"], parts["weight_grad"], parts["bias_grad"]
-    logits_grad = weight_grad @ weight.T                                                   # G W^T (C, C)
+    ``logits_grad``, ``G W^T`` (C, C), formed once by the caller."""
+    bias, bias_grad = parts["bias"], parts["bias_grad"]
     counts = torch.stack([start.counts for start in starts])
     eps = counts.new_tensor([start.eps for start in starts], dtype=bias.dtype)
     inverse_scale = counts.new_tensor([start.inverse_scale for start in starts], dtype=bias.dtype)
@@ -344,7 +343,8 @@ def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_forma
     first, signal = (predicted - size * parts["bias_grad"], None) if scale_known else (predicted, parts["bias_grad"])
     starts = lattice_starts(first, size, hard=hard) if scale_known else \
         lattice_starts_unknown_scale(first, signal, size, hard=hard)
-    run = _refine(starts, parts, size, hard, scale_known)
+    logits_grad = parts["weight_grad"] @ parts["weight"].T                                 # G W^T (C, C)
+    run = _refine(starts, parts, logits_grad, size, hard, scale_known)
     distances = run.distance
     best = int(distances.argmin())
     last = run.counts_seen[-1]
@@ -386,9 +386,8 @@ def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_forma
         # better than it moved to there. The fit assumes the counts' smoothed labels: it gives eps only, and the
         # class mass stays the estimate that holds whatever the labels are (on LeNet's mixup pairs the fit had
         # pulled it onto a lattice point, 0.05-0.29 examples off; on batch mixup it had moved eps, read as hard)
-        spread = fit_spread(parts["weight_grad"] @ parts["weight"].T, parts["bias_grad"], parts["bias"],
-                            run.class_logits[best], fit.counts, fit.eps, size,
-                            inverse_scale=None if scale_known else fit.inverse_scale)
+        spread = fit_spread(logits_grad, parts["bias_grad"], parts["bias"], run.class_logits[best], fit.counts,
+                            fit.eps, size, inverse_scale=None if scale_known else fit.inverse_scale)
         eps = spread.eps
         eps_error = max(eps_error, max(eps_seen + [eps]) - min(eps_seen + [eps]))
         extra = {"spread": spread.spread, "spread_misfit": spread.misfit, "first_order_misfit": spread.start_misfit}

@@ -57,7 +57,6 @@ class SpreadFit:
     Attributes:
         eps: the smoothing mass, in [0, 1).
         inverse_scale: ``u`` (1 at a known scale).
-        prediction: ``(C,)`` the summed predictions at the fit.
         spread: ``s``, the variance of the examples' logits along the batch's mean logits (in units of them).
         misfit: the head's gradients' relative misfit at the fit (each of ``G W^T`` and ``dL/db`` relative to its
             norm, together); ``start_misfit`` at the first-order estimate it started from.
@@ -65,7 +64,6 @@ class SpreadFit:
 
     eps: float
     inverse_scale: float
-    prediction: torch.Tensor
     spread: float
     misfit: float
     start_misfit: float
@@ -151,8 +149,6 @@ def fit_spread(logits_grad: torch.Tensor, bias_grad: torch.Tensor, bias: torch.T
                 break
         else:
             damping *= STIFFEN
-    mu, s, smoothing, u = unpack(x[None])
-    p, _, _ = predictions(mu, s)
-    return SpreadFit(eps=float(smoothing.clamp(0.0, 0.999)), inverse_scale=float(u),
-                     prediction=(weights @ p)[0], spread=float(s), misfit=float(cost.sqrt()),
-                     start_misfit=float(start_cost.sqrt()))
+    _, s, smoothing, u = unpack(x[None])
+    return SpreadFit(eps=float(smoothing.clamp(0.0, 0.999)), inverse_scale=float(u), spread=float(s),
+                     misfit=float(cost.sqrt()), start_misfit=float(start_cost.sqrt()))
