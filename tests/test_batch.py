@@ -83,6 +83,25 @@ def test_no_confident_wrong_answer_where_the_estimate_is_rough(cifar10, size):
             assert result.message
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_small_eps_is_told_from_hard_labels_by_the_second_order_fit(cifar10, seed):
+    """An untrained ResNet18 at B = 32 with eight classes held, so that the second-order fit pins eps: an eps of
+    0.015 lies within three of the first estimate's error bars of 0, and read that way 3 of these 4 batches were
+    taken for hard labels. Held at eps = 0, the fit misses the smoothed batch AMBIGUITY_RATIO times more than with eps
+    free, and the hard batch not: each is read in its own format, with an error bar that covers eps's error."""
+    images, _ = cifar10
+    model = build_model("resnet18", 10, head_bias=True, seed=0)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.cat([images[torch.randperm(images.shape[0], generator=generator)[:16]] for _ in range(2)])
+    classes = torch.randint(8, (32,), generator=generator)
+    for eps in (0.0, 0.015):
+        result = gradleak.recover_batch(model, _batch(model, x, classes, eps)[0], batch_size=32, split=False)
+        assert torch.equal(result.counts, torch.bincount(classes, minlength=10))
+        assert (result.extra["hard_misfit"] > AMBIGUITY_RATIO * result.extra["spread_misfit"]) == (eps > 0)
+        assert result.label_format == ("smoothing" if eps else "hard")
+        assert abs(result.eps - eps) <= result.eps_error
+
+
 def test_counts_that_change_as_the_estimate_is_refined_are_not_pinned():
     """LeNet with the paper's init (large logits that differ between examples) at B = 16: the refinement can swing
     the estimate by whole examples from round to round, and in five of these 80 batches on one machine (hard labels,

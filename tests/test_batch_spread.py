@@ -3,7 +3,8 @@ truth is known: every class's examples about its mean, spread along the batch's 
 import pytest
 import torch
 
-from gradleak.batch.spread import SPREAD_UNKNOWNS, fit_spread, spread_unknowns
+from gradleak.batch.api import AMBIGUITY_RATIO
+from gradleak.batch.spread import SPREAD_UNKNOWNS, fit_spread, spread_identified, spread_unknowns
 
 NUM_CLASSES, DIM = 10, 64
 
@@ -65,6 +66,55 @@ def test_an_unknown_scale_is_fitted_with_the_rest():
                      batch["batch_size"], inverse_scale=-40.0)
     assert fit.inverse_scale == pytest.approx(-50.0, rel=1e-9)
     assert abs(fit.eps - 0.07) < 1e-9
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.01, 0.2])
+def test_held_at_eps_0_the_fit_misses_smoothed_labels_only(eps):
+    """Eight classes held: the fit's unknowns are pinned. With eps held at 0 it meets a hard batch as closely as
+    with eps free (the spread's higher orders are what both leave), and misses a smoothed one by far more."""
+    batch = synthetic_batch(COUNTS, eps=eps, spread=0.01, seed=4)
+    start = (batch["logits_grad"], batch["bias_grad"], batch["bias"], batch["class_logits"], COUNTS, 0.0,
+             batch["batch_size"])
+    free, hard = fit_spread(*start), fit_spread(*start, hard=True)
+    assert spread_identified(COUNTS, scale_known=True)
+    assert abs(free.eps - eps) < 1e-4
+    assert (hard.misfit > AMBIGUITY_RATIO * free.misfit) == (eps > 0)
+
+
+def test_a_rival_stops_once_it_comes_close_enough():
+    """A rival fit need only show that it comes within ``enough``: it stops there, no lower than the fit run to the
+    end, and a hard batch's rival at eps = 0 gets there before it has settled."""
+    batch = synthetic_batch(COUNTS, eps=0.0, spread=0.01, seed=4)
+    start = (batch["logits_grad"], batch["bias_grad"], batch["bias"], batch["class_logits"], COUNTS, 0.0,
+             batch["batch_size"])
+    free, settled = fit_spread(*start), fit_spread(*start, hard=True)
+    stopped = fit_spread(*start, hard=True, enough=AMBIGUITY_RATIO * free.misfit)
+    assert settled.misfit <= stopped.misfit <= AMBIGUITY_RATIO * free.misfit < stopped.start_misfit
+    assert stopped.misfit > settled.misfit
+
+
+def test_with_every_class_held_eps_is_not_identified():
+    """Every class held: ``C^2 + 2`` unknowns against ``C^2 - 1`` independent equations. Smoothed labels are met to
+    rounding with eps held at 0 as well, so the fit cannot tell the formats apart there."""
+    counts = COUNTS.clamp_min(1)
+    batch = synthetic_batch(counts, eps=0.2, spread=0.0, seed=4)
+    start = (batch["logits_grad"], batch["bias_grad"], batch["bias"], batch["class_logits"], counts, 0.0,
+             batch["batch_size"])
+    assert not spread_identified(counts, scale_known=True)
+    assert fit_spread(*start, hard=True).misfit < 1e-12
+
+
+def test_the_misfit_is_relative_to_the_gradients_at_the_scale_fitted():
+    """The same batch observed at two scales: the fits, relative to the gradients at the scale each finds, miss by
+    the same amount, so a misfit means the same whatever the update's scale (a spread leaves one to compare)."""
+    fits = []
+    for scale in (-0.02, -2.0):
+        batch = synthetic_batch(COUNTS, eps=0.07, spread=0.02, seed=3, scale=scale)
+        fits.append(fit_spread(batch["logits_grad"], batch["bias_grad"], batch["bias"], batch["class_logits"],
+                               COUNTS, 0.05, batch["batch_size"], inverse_scale=0.8 / scale))
+    assert fits[0].misfit > 1e-8
+    assert fits[0].misfit == pytest.approx(fits[1].misfit, rel=1e-6)
+    assert fits[0].start_misfit == pytest.approx(fits[1].start_misfit, rel=1e-6)
 
 
 def test_the_unknowns_counted_bound_the_fit():
