@@ -89,8 +89,7 @@ def test_a_rival_stops_once_it_comes_close_enough():
              batch["batch_size"])
     free, settled = fit_spread(*start), fit_spread(*start, hard=True)
     stopped = fit_spread(*start, hard=True, enough=AMBIGUITY_RATIO * free.misfit)
-    assert settled.misfit <= stopped.misfit <= AMBIGUITY_RATIO * free.misfit < stopped.start_misfit
-    assert stopped.misfit > settled.misfit
+    assert settled.misfit < stopped.misfit <= AMBIGUITY_RATIO * free.misfit < stopped.start_misfit
 
 
 def test_with_every_class_held_eps_is_not_identified():
