@@ -38,6 +38,12 @@ def synthetic_batch(counts, eps, spread, seed, scale=1.0):
 COUNTS = torch.tensor([3, 2, 4, 0, 1, 2, 3, 0, 1, 4])
 
 
+def fit_args(batch, eps=0.0):
+    """:func:`fit_spread`'s positional arguments for ``batch``, from its true class means and ``eps``."""
+    return (batch["logits_grad"], batch["bias_grad"], batch["bias"], batch["class_logits"], batch["counts"], eps,
+            batch["batch_size"])
+
+
 def test_with_every_example_at_its_class_mean_the_fit_is_exact():
     batch = synthetic_batch(COUNTS, eps=0.13, spread=0.0, seed=0)
     start = batch["class_logits"] + 0.05 * torch.randn(NUM_CLASSES, NUM_CLASSES, dtype=torch.float64,
@@ -73,8 +79,7 @@ def test_held_at_eps_0_the_fit_misses_smoothed_labels_only(eps):
     """Eight classes held: the fit's unknowns are pinned. With eps held at 0 it meets a hard batch as closely as
     with eps free (the spread's higher orders are what both leave), and misses a smoothed one by far more."""
     batch = synthetic_batch(COUNTS, eps=eps, spread=0.01, seed=4)
-    start = (batch["logits_grad"], batch["bias_grad"], batch["bias"], batch["class_logits"], COUNTS, 0.0,
-             batch["batch_size"])
+    start = fit_args(batch)
     free, hard = fit_spread(*start), fit_spread(*start, hard=True)
     assert spread_identified(COUNTS, scale_known=True)
     assert abs(free.eps - eps) < 1e-4
@@ -85,8 +90,7 @@ def test_a_rival_stops_once_it_comes_close_enough():
     """A rival fit need only show that it comes within ``enough``: it stops there, no lower than the fit run to the
     end, and a hard batch's rival at eps = 0 gets there before it has settled."""
     batch = synthetic_batch(COUNTS, eps=0.0, spread=0.01, seed=4)
-    start = (batch["logits_grad"], batch["bias_grad"], batch["bias"], batch["class_logits"], COUNTS, 0.0,
-             batch["batch_size"])
+    start = fit_args(batch)
     free, settled = fit_spread(*start), fit_spread(*start, hard=True)
     stopped = fit_spread(*start, hard=True, enough=AMBIGUITY_RATIO * free.misfit)
     assert settled.misfit < stopped.misfit <= AMBIGUITY_RATIO * free.misfit < stopped.start_misfit
@@ -97,8 +101,7 @@ def test_with_every_class_held_eps_is_not_identified():
     rounding with eps held at 0 as well, so the fit cannot tell the formats apart there."""
     counts = COUNTS.clamp_min(1)
     batch = synthetic_batch(counts, eps=0.2, spread=0.0, seed=4)
-    start = (batch["logits_grad"], batch["bias_grad"], batch["bias"], batch["class_logits"], counts, 0.0,
-             batch["batch_size"])
+    start = fit_args(batch)
     assert not spread_identified(counts, scale_known=True)
     assert fit_spread(*start, hard=True).misfit < 1e-12
 

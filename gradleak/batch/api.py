@@ -409,10 +409,9 @@ def _class_mass(parts: Dict[str, Optional[torch.Tensor]], size: int, label_forma
             ": the classes hold B/C examples each, and such counts do not separate eps" if math.isinf(eps_error)
             else " (from how far the class mass sits from its lattice point)" if eps_error == fit.eps_error
             else " (it moved that much as the summed predictions were refined)"))
-    detected = "smoothing" if smoothed else "hard"
     last_feature = mean_feature(parts["weight_grad"], parts["bias_grad"], run.feature_classes[best])
-    return BatchRecoveryResult(mass, fit.counts, eps if detected == "smoothing" else 0.0, [], not reasons,
-                               on_lattice, "; ".join(reasons), label_format=detected, method="class_mass",
-                               lattice_residual=fit.residual, eps_error=eps_error,
+    return BatchRecoveryResult(mass, fit.counts, eps if smoothed else 0.0, [], not reasons, on_lattice,
+                               "; ".join(reasons), label_format="smoothing" if smoothed else "hard",
+                               method="class_mass", lattice_residual=fit.residual, eps_error=eps_error,
                                gradient_scale=1.0 / fit.inverse_scale, extra={"mean_feature": last_feature, **extra},
                                **common)

@@ -29,9 +29,9 @@ largest error 2.4e-7 and 7.0e-5, against 5.1e-7 and 8.1e-5). The fit assumes the
 
 Held at eps = 0 (``hard``), the same fit is the rival of smoothed labels: on the batch experiment's ResNet18
 batches of B = 16, 32 and 64 (20 smoothed and 20 hard ones each), hard batches are met 1.00-1.25 times as closely
-with eps free as at 0, smoothed ones 10.9 times and more (from eps 0.014 up). That holds only where the gradients pin the unknowns (:func:`spread_identified`): of
-the ``C^2 + C`` equations ``C^2 - 1`` are independent, and with every class held the fit at eps = 0 meets smoothed
-labels to rounding.
+with eps free as at 0, smoothed ones 10.9 times and more (from eps 0.014 up). That holds only where the gradients
+pin the unknowns (:func:`spread_identified`): of the ``C^2 + C`` equations ``C^2 - 1`` are independent, and with
+every class held the fit at eps = 0 meets smoothed labels to rounding.
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def fit_spread(logits_grad: torch.Tensor, bias_grad: torch.Tensor, bias: torch.T
 
     def relative_misfit(cost: torch.Tensor, x: torch.Tensor) -> float:
         # relative to the gradients at the scale of x (u times those observed): misfits then compare across scales
-        return float(cost.sqrt()) / (1.0 if inverse_scale is None else abs(float(x[-1])))
+        return float(cost.sqrt()) / abs(float(unpack(x[None])[3]))
 
     x, residual = start, misfit(start[None])[0]
     cost = residual.square().sum()
