@@ -215,6 +215,47 @@ def test_lattice_starts_are_distinct_counts_nearest_first():
         assert distances == sorted(distances)
 
 
+def test_counts_far_from_the_mass_still_sum_to_the_batch():
+    """A mass with entries of -3 and +3 at B = 4 (an unknown scale's scan reaches such masses): one round of moving
+    the rounding's deficit leaves it off B at every eps (only entries above zero can give an example up), so it
+    takes the largest remainders of its nearest non-negative values summing to B, checked here by the optimality
+    conditions (every entry kept is its value less one common shift, every entry dropped at most that shift)."""
+    from gradleak.batch.mass import _largest_remainders, _onto_simplex
+
+    values = torch.tensor([[-3.0, 3.2, 2.6, 3.4, -1.0, 0.4, -2.0, 2.9, 1.8, -2.5],
+                           [0.2, 0.1, 0.3, 0.2, 0.1, 0.3, 0.2, 0.1, 0.3, 0.2]], dtype=torch.float64)
+    nearest = _onto_simplex(values, 4)
+    assert torch.allclose(nearest.sum(-1), torch.full((2,), 4.0, dtype=torch.float64), atol=1e-12)
+    for row, point in zip(values, nearest):
+        kept = point > 0
+        shift = row[kept] - point[kept]
+        assert float(shift.max() - shift.min()) < 1e-12 and bool((row[~kept] <= shift[0] + 1e-12).all())
+    counts = _largest_remainders(values, 4)
+    assert counts.sum(-1).tolist() == [4, 4] and bool((counts >= 0).all())
+    remainders, up = nearest - nearest.floor(), counts > nearest.floor()
+    assert bool((counts - nearest.floor()).le(1).all())
+    assert all(float(r[u].min()) >= float(r[~u].max()) for r, u in zip(remainders, up))  # the largest ones go up
+    fit = fit_lattice(values[0], 4)
+    assert torch.equal(fit.counts, counts[0].long()) and fit.residual > 1
+
+
+def test_an_unknown_scale_never_gives_counts_off_the_batch_size(cifar10):
+    """The experiment's LeNet batch of 4 mixup pairs (sample 0) as a weight update at an unknown scale: the scan
+    over scales had reached counts summing to 11 for a batch of 4, and the split raised on them. The answer is
+    counts that sum to B (or none), flagged: mixup pairs sit on no lattice."""
+    from gradleak.experiments.batch import batch_rng, victim_batch, victim_model
+
+    model, side, _ = victim_model("cifar10", "lenet")
+    images, classes = load_samples("cifar10", size=side)
+    gradients, _ = victim_batch(model, images, classes, 10, "mixup-pairs", 4, batch_rng(2023, "mixup-pairs", 4, 0))
+    update = {name: -0.05 * grad for name, grad in gradients.items()}
+    result = gradleak.recover_batch(model, update, batch_size=4, gradient_scale="unknown")
+    assert result.counts is None or int(result.counts.sum()) == 4
+    assert not result.determined
+    scanned = lattice_starts_unknown_scale(result.class_mass, update["head.bias"].double(), 4)
+    assert all(int(fit.counts.sum()) == 4 and bool((fit.counts >= 0).all()) for fit in scanned)
+
+
 def test_the_refinement_starts_from_several_lattice_points():
     """The experiment's ResNet18 batch of 64 smoothed labels (sample 3): every example at the batch's mean feature
     puts the class mass about half a lattice spacing from its nearest count vectors, and the nearest is wrong; the

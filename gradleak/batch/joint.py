@@ -41,6 +41,7 @@ from typing import Tuple
 import torch
 
 from .by_labels import LabelSplit, _spans
+from .least_squares import levenberg_marquardt
 from .mass import mean_feature
 
 #: Starts of the solve, spread around the mean feature.
@@ -76,11 +77,9 @@ AMBIGUITY_RATIO = 3.0
 #: LeNet: 2e-6 to 2e-5, where the labels were 3e-6 to 2e-5 from the truth). A batch whose examples carry more than
 #: this is refused: their labels would not be pinned within 1e-3, the precision the batch answers are given to.
 CARRIED_MOST = 1e-3 / AMBIGUITY_RATIO
-#: A start is done when a step gains less than this part of its cost (SETTLED_GAIN once it has converged), or its
-#: damping exceeds MOST_DAMPING.
+#: A start is done when a step gains less than this part of its cost (more once it has converged, see
+#: :mod:`gradleak.batch.least_squares`).
 STALLED = 1e-12
-SETTLED_GAIN = 1e-2
-MOST_DAMPING = 1e10
 #: Initial ``theta = 1 - eps``.
 THETA_START = 0.9
 
@@ -280,32 +279,9 @@ def _levenberg_marquardt(system: JointSystem, x: torch.Tensor, iterations: int, 
                          settled: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Minimise ``||system.residuals(x)||`` from every start ``x`` (K, P) at once, for at most ``iterations`` steps,
     or :data:`EARLY_ITERATIONS` when no start is below ``give_up`` by then; a start below ``settled`` is done once a
-    step gains less than :data:`SETTLED_GAIN` of its cost: ``(x, residual norms (K,))``."""
-    r = system.residuals(x)
-    cost = r.square().sum(-1)
-    damping, done = torch.full_like(cost, 1e-3), torch.zeros_like(cost, dtype=torch.bool)
-    identity = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    for iteration in range(iterations):
-        if iteration == EARLY_ITERATIONS and not bool((cost < give_up ** 2).any()):
-            break
-        normal, pull = system.normal_equations(x, r)
-        scaled = damping[:, None, None] * (normal.diagonal(dim1=-2, dim2=-1).diag_embed() + 1e-12 * identity)
-        step = -torch.linalg.solve(normal + scaled, pull.unsqueeze(-1)).squeeze(-1)
-        trial = x + step
-        trial_r = system.residuals(trial)
-        trial_cost = trial_r.square().sum(-1)
-        better = trial_cost < cost
-        gain = torch.where(better, cost - trial_cost, 0.0)
-        stalled = (better & (gain <= STALLED * cost)) | ((cost <= settled ** 2) & (gain <= SETTLED_GAIN * cost))
-        x = torch.where(better[:, None], trial, x)
-        r = torch.where(better[:, None], trial_r, r)
-        cost = torch.where(better, trial_cost, cost)
-        damping = torch.where(better, (damping / 3).clamp_min(1e-12), damping * 4)
-        # a start is done when its steps no longer gain (at the gradient's rounding) or keep failing
-        done = done | stalled | (damping > MOST_DAMPING)
-        if bool(done.all()):
-            break
-    return x, cost.sqrt()
+    step gains little (:func:`gradleak.batch.least_squares.levenberg_marquardt`): ``(x, residual norms (K,))``."""
+    return levenberg_marquardt(system.residuals, system.normal_equations, x, iterations, stalled=STALLED,
+                               give_up=give_up, give_up_after=EARLY_ITERATIONS, settled=settled)
 
 
 def _distance(a: torch.Tensor, best: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

@@ -123,7 +123,8 @@ class LatticeFit:
 
 def _round_to_sum(values: torch.Tensor, total: int) -> torch.Tensor:
     """Non-negative integers ``(..., C)`` nearest to ``values`` whose rows sum to ``total``: round, then move each
-    row's deficit onto the entries that rounding moved the most the other way."""
+    row's deficit onto the entries that rounding moved the most the other way. A row far from every count vector
+    can be left off ``total`` (only entries above zero can give an example up): see :func:`_largest_remainders`."""
     counts = values.round().clamp(0, total)
     deficit = total - counts.sum(-1, keepdim=True)
     gap = values - counts
@@ -131,6 +132,24 @@ def _round_to_sum(values: torch.Tensor, total: int) -> torch.Tensor:
     down_rank = _ranks(torch.where(counts > 0, gap, torch.full_like(gap, torch.inf)))
     counts = counts + (up_rank < deficit).to(counts.dtype) - (down_rank < -deficit).to(counts.dtype)
     return counts.clamp_min(0)
+
+
+def _largest_remainders(values: torch.Tensor, total: int) -> torch.Tensor:
+    """Non-negative integers ``(K, C)`` summing to ``total`` for rows of ``values`` (K, C) however far from every
+    count vector: the largest remainders of the nearest non-negative values with that sum (:func:`_onto_simplex`)."""
+    share = _onto_simplex(values, total)
+    floor = share.floor()
+    return floor + (_ranks(floor - share) < total - floor.sum(-1, keepdim=True)).to(floor.dtype)
+
+
+def _onto_simplex(values: torch.Tensor, total: float) -> torch.Tensor:
+    """The nearest point (Euclidean) to each row of ``values`` (K, C) with entries at least 0 summing to ``total``:
+    ``max(v - t, 0)``, with the shift ``t`` read off the sorted row."""
+    ordered = values.sort(-1, descending=True).values
+    shifts = (ordered.cumsum(-1) - total) / torch.arange(1, values.shape[-1] + 1, dtype=values.dtype,
+                                                         device=values.device)
+    kept = (ordered > shifts).sum(-1, keepdim=True)  # the entries above the shift: a prefix of the sorted row
+    return (values - shifts.gather(-1, kept - 1)).clamp_min(0.0)
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
@@ -156,9 +175,14 @@ def _grid_lattice(mass: torch.Tensor, batch_size: int, hard: bool) -> Tuple[torc
     share = batch_size / mass.shape[-1]
     eps = mass.new_zeros(1) if hard else torch.linspace(0.0, 0.99, EPS_GRID, dtype=mass.dtype, device=mass.device)
     counts = _round_to_sum((mass[:, None] - eps[:, None] * share) / (1 - eps[:, None]), batch_size)
+    # a mass whose rounding lands off B at every eps (an unknown scale's scan reaches masses with entries of -3 and
+    # +3 at B = 4, where rounding had given counts summing to 11) takes the largest remainders at eps = 0
+    lost = (counts.sum(-1) != batch_size).all(-1)
+    if bool(lost.any()):
+        counts[lost, 0] = _largest_remainders(mass[lost], batch_size)
     _, refit, _, _, lattice = _on_lattice(mass[:, None], counts, None, batch_size, hard)
     residual = in_spacings((mass[:, None] - lattice).abs().amax(-1), refit)
-    # rounding cannot always be moved onto B (eps near 1 blows the values up): such counts are no lattice point
+    # elsewhere rounding that cannot be moved onto B (eps near 1 blows the values up) is no lattice point
     return counts, torch.where(counts.sum(-1) == batch_size, residual, torch.inf)
 
 

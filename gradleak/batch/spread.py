@@ -40,18 +40,16 @@ from typing import Optional
 
 import torch
 
+from .least_squares import levenberg_marquardt
+
 #: Levenberg-Marquardt steps at most.
 SPREAD_STEPS = 30
 #: Largest number of unknowns fitted (a dense ``(C^2 + C) x unknowns`` Jacobian): every held class's mean logits
 #: and the scalars. Ten classes need at most 103; a hundred classes with more than three of them held exceed it
 #: and keep the first-order estimate.
 SPREAD_UNKNOWNS = 400
-#: A step is taken when it lowers the misfit; the damping starts here, relative to the normal matrix's diagonal,
-#: and is divided (taken) or multiplied (refused) by these.
-START_DAMPING = 1e-3
-EASE, STIFFEN = 3.0, 4.0
-#: The fit stops when a step gains less than this part of the misfit.
-SETTLED_GAIN = 1e-10
+#: The fit is done when a step gains less than this part of the misfit.
+STALLED = 1e-10
 #: The imaginary step of the Jacobian's complex-step derivatives (any tiny value gives the same columns).
 COMPLEX_STEP = 1e-30
 
@@ -140,38 +138,21 @@ def fit_spread(logits_grad: torch.Tensor, bias_grad: torch.Tensor, bias: torch.T
         return torch.cat([((rows - u * rows_target) / rows_norm).flatten(1),
                           (errors.sum(-2) - u[..., 0] * mass_target) / mass_norm], -1)
 
-    def jacobian(x: torch.Tensor) -> torch.Tensor:
-        # (C^2 + C, unknowns) by complex steps: the misfit is analytic in x, and a step of i h along each unknown
-        # gives its column as Im(misfit) / h, exact to rounding for any small h (no difference cancels)
-        steps = x + COMPLEX_STEP * 1j * torch.eye(len(x), dtype=x.dtype, device=x.device)
-        return misfit(steps).imag.T / COMPLEX_STEP
+    def normal_equations(x: torch.Tensor, residual: torch.Tensor):
+        # J^T J and J^T r at points x (T, unknowns), the Jacobian by complex steps: the misfit is analytic in x, and
+        # a step of i h along each unknown gives its column as Im(misfit) / h, exact to rounding for any small h
+        # (no difference cancels)
+        steps = x.unsqueeze(1) + COMPLEX_STEP * 1j * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        jacobian = misfit(steps.flatten(0, 1)).imag.unflatten(0, steps.shape[:2]) / COMPLEX_STEP  # (T, unknowns, R)
+        return jacobian @ jacobian.transpose(-1, -2), (jacobian @ residual.unsqueeze(-1))[..., 0]
 
-    def relative_misfit(cost: torch.Tensor, x: torch.Tensor) -> float:
+    def relative(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         # relative to the gradients at the scale of x (u times those observed): misfits then compare across scales
-        return float(cost.sqrt()) / abs(float(unpack(x[None])[3]))
+        return norm / unpack(x)[3].flatten().abs()
 
-    x, residual = start, misfit(start[None])[0]
-    cost = residual.square().sum()
-    start_cost, damping = cost, START_DAMPING
-    for _ in range(SPREAD_STEPS):
-        if relative_misfit(cost, x) <= enough:
-            break
-        matrix = jacobian(x)
-        normal = matrix.T @ matrix
-        gradient = matrix.T @ residual
-        info = torch.finfo(normal.dtype)
-        diagonal = normal.diagonal().clamp_min((info.eps * normal.diagonal().max()).clamp_min(info.tiny))
-        step = torch.linalg.solve(normal + damping * torch.diag(diagonal), -gradient)
-        trial = x + step
-        trial_residual = misfit(trial[None])[0]
-        trial_cost = trial_residual.square().sum()
-        if bool(trial_cost < cost):
-            gain = float((cost - trial_cost) / cost)
-            x, residual, cost, damping = trial, trial_residual, trial_cost, damping / EASE
-            if gain < SETTLED_GAIN:
-                break
-        else:
-            damping *= STIFFEN
-    _, s, smoothing, u = unpack(x[None])
+    x, norm = levenberg_marquardt(misfit, normal_equations, start[None], SPREAD_STEPS, stalled=STALLED,
+                                  finished=lambda x, norm: relative(x, norm) <= enough)
+    start_misfit = relative(start[None], torch.linalg.vector_norm(misfit(start[None]), dim=-1))
+    _, s, smoothing, u = unpack(x)
     return SpreadFit(eps=float(smoothing.clamp(0.0, 0.999)), inverse_scale=float(u), spread=float(s),
-                     misfit=relative_misfit(cost, x), start_misfit=relative_misfit(start_cost, start))
+                     misfit=float(relative(x, norm)), start_misfit=float(start_misfit))
