@@ -69,7 +69,9 @@ def levenberg_marquardt(residuals: Residuals, normal_equations: NormalEquations,
         gain = torch.where(better, cost - trial_cost, 0.0)
         x = torch.where(better[:, None], trial, x)
         r = torch.where(better[:, None], trial_r, r)
-        done = done | (better & (gain <= stalled * cost)) | ((cost <= settled ** 2) & (gain <= SETTLED_GAIN * cost))
+        done = done | (better & (gain <= stalled * cost))
+        if settled > 0:
+            done = done | ((cost <= settled ** 2) & (gain <= SETTLED_GAIN * cost))
         cost = torch.where(better, trial_cost, cost)
         damping = torch.where(better, (damping / EASE).clamp_min(LEAST_DAMPING), damping * STIFFEN)
         done = done | (damping > MOST_DAMPING)

@@ -151,7 +151,7 @@ def fit_spread(logits_grad: torch.Tensor, bias_grad: torch.Tensor, bias: torch.T
         return norm / unpack(x)[3].flatten().abs()
 
     x, norm = levenberg_marquardt(misfit, normal_equations, start[None], SPREAD_STEPS, stalled=STALLED,
-                                  finished=lambda x, norm: relative(x, norm) <= enough)
+                                  finished=(lambda x, norm: relative(x, norm) <= enough) if enough > 0 else None)
     start_misfit = relative(start[None], torch.linalg.vector_norm(misfit(start[None]), dim=-1))
     _, s, smoothing, u = unpack(x)
     return SpreadFit(eps=float(smoothing.clamp(0.0, 0.999)), inverse_scale=float(u), spread=float(s),
