@@ -18,8 +18,7 @@ import torch
 START_DAMPING = 1e-3
 EASE, STIFFEN = 3.0, 4.0
 LEAST_DAMPING, MOST_DAMPING = 1e-12, 1e10
-#: Added to the diagonal that the damping scales, so that an unknown no residual depends on (an eps held at 0)
-#: still has a damped, zero step.
+#: Added to the diagonal that the damping scales: an unknown the residuals barely depend on is still damped.
 DIAGONAL_FLOOR = 1e-12
 #: A point below ``settled`` is done once a step gains less than this part of its cost.
 SETTLED_GAIN = 1e-2
@@ -45,7 +44,7 @@ def levenberg_marquardt(residuals: Residuals, normal_equations: NormalEquations,
         settled: a point whose residual norm is below it is done once a step gains less than :data:`SETTLED_GAIN`
             of its cost.
         finished: points and their residual norms ``(K,)`` to the points that need no more steps as they stand
-            ``(K,)`` bool (asked afresh before each step: it may compare the points with one another).
+            ``(K,)`` bool (asked before each step).
 
     Returns:
         ``(x (K, P), residual norms (K,))``.
